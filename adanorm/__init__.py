@@ -1,0 +1,19 @@
+"""adanorm: normalization layers for small-batch 3D networks that never break on any shape."""
+from adanorm.convert import convert, revert
+from adanorm.norm import AdaptiveNorm, AdaptiveNorm1d, AdaptiveNorm2d, AdaptiveNorm3d
+from adanorm.policy import MODES, FallbackError, FallbackWarning, Policy, choose_mode
+from adanorm.presets import PRESETS, MomentumPreset, get_preset
+
+__all__ = [
+    "AdaptiveNorm", "AdaptiveNorm1d", "AdaptiveNorm2d", "AdaptiveNorm3d",
+    "Policy", "choose_mode", "MODES", "FallbackError", "FallbackWarning",
+    "PRESETS", "MomentumPreset", "get_preset", "convert", "revert",
+]
+__version__ = "0.1.0"
+
+try:
+    from adanorm.integrations import monai as _monai_integration
+except ImportError:  # MONAI is optional for the core layers
+    pass
+else:
+    _monai_integration.register()

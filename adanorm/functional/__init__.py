@@ -1,0 +1,97 @@
+"""Stateless normalization core: every mode of the adaptive layers runs through ``adaptive_norm``.
+
+Each mode maps to one fused statistics+affine kernel, picked per memory layout, so no mode
+is ever a chain of Python-level elementwise ops and channels_last_3d input stays channels_last_3d.
+Modules own the parameters and running statistics and pass them in.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adanorm.functional.instance_channels_last import channels_last_instance_norm
+
+__all__ = ["adaptive_norm", "batch_norm", "grouped_norm", "affine_only", "groups_for_mode"]
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    use_batch_stats: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """Statistics over (N, *spatial) per channel; updates running stats when they are given and used."""
+    return F.batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps)
+
+
+def _is_channels_last(input: Tensor) -> bool:
+    if input.dim() == 5:
+        return input.is_contiguous(memory_format=torch.channels_last_3d) and not input.is_contiguous()
+    if input.dim() == 4:
+        return input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+    return False
+
+
+def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    """Per-sample statistics over (C/G)·spatial values: instance (G=C), group, and layer (G=1) modes.
+
+    Native group norm is the fastest fused kernel for these in contiguous layout (faster than
+    native instance norm, which also drops channels_last). For instance mode on channels-last
+    input, a per-sample batch-norm kernel reduces along the contiguous channel axis and is
+    several times faster than either, forward and backward.
+    """
+    if num_groups == input.shape[1] and input.dim() >= 4 and _is_channels_last(input) and input.device.type == "cpu":
+        return channels_last_instance_norm(input, weight, bias, eps)
+    return F.group_norm(input, num_groups, weight, bias, eps)
+
+
+def affine_only(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """γ·x+β as one fused kernel: the identity mode, for shapes with nothing to normalize over."""
+    view = (1, -1) + (1,) * (input.dim() - 2)
+    if weight is not None and bias is not None:
+        return torch.addcmul(bias.view(view), input, weight.view(view))
+    if weight is not None:
+        return input * weight.view(view)
+    if bias is not None:
+        return input + bias.view(view)
+    return input
+
+
+def groups_for_mode(mode: str, num_channels: int, num_groups: int) -> int:
+    """The group count that turns the per-sample modes into one parameterized kernel."""
+    return {"instance": num_channels, "group": num_groups, "layer": 1}[mode]
+
+
+def adaptive_norm(
+    input: Tensor,
+    mode: str,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    *,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    num_groups: int = 1,
+) -> Tensor:
+    """Normalize ``input`` (N, C, *) in ``mode``.
+
+    ``mode`` is one of "batch", "instance", "group", "layer", "identity". Batch mode uses batch
+    statistics in training or when no running statistics are given (as ``nn.BatchNorm``), and
+    updates the running statistics in place in training. Shape checks belong to the caller: this
+    function assumes the mode is usable for the shape.
+    """
+    if mode == "batch":
+        use_batch_stats = training or running_mean is None
+        return batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps)
+    if mode == "identity":
+        return affine_only(input, weight, bias)
+    return grouped_norm(input, groups_for_mode(mode, input.shape[1], num_groups), weight, bias, eps)

@@ -1,0 +1,1 @@
+"""Edges to the ecosystem (MONAI, Lightning). The core modules never import from here."""

@@ -1,0 +1,223 @@
+"""Adaptive normalization modules: the state (parameters, running statistics, telemetry) around
+``adanorm.functional.adaptive_norm``, with ``nn.BatchNorm``'s constructor and state_dict.
+
+The modules derive from ``_NormBase`` (as ``nn.BatchNorm`` and ``nn.InstanceNorm`` do) for the
+identical checkpoint layout, but not from ``_BatchNorm``: ``nn.SyncBatchNorm.convert_sync_batchnorm``
+and Lightning's ``sync_batchnorm=True`` replace every ``_BatchNorm`` and would silently drop the
+adaptive behaviour.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _NormBase
+
+from adanorm.functional import adaptive_norm
+from adanorm.policy import (
+    MODES,
+    FallbackError,
+    FallbackWarning,
+    Policy,
+    check_num_groups,
+    choose_mode,
+    is_fallback,
+    mode_is_usable,
+)
+from adanorm.presets import MomentumPreset, get_preset
+
+MODE_CHOICES = ("auto",) + MODES
+
+
+class AdaptiveNorm(_NormBase):
+    """Normalization that picks batch → instance → group → layer → identity per input shape.
+
+    Accepts (N, C, *) input; the 1d/2d/3d subclasses add the input-rank check of the BatchNorm
+    class they replace. See the README for the fallback table and the eval rule.
+    """
+
+    _input_ranks: Tuple[int, ...] = ()
+    _input_layout = "(N, C, *)"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        bias: bool = True,
+        mode: str = "auto",
+        num_groups: Optional[int] = None,
+        preset: Optional[str] = None,
+        policy: Optional[Policy] = None,
+    ) -> None:
+        name = type(self).__name__
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"{name}: num_features={num_features!r} is invalid; pass the channel count C as a positive integer.")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"{name}: eps={eps!r} is invalid; pass a small positive float such as 1e-5.")
+        if mode not in MODE_CHOICES:
+            raise ValueError(f"{name}: mode={mode!r} is unknown; choose one of {MODE_CHOICES}.")
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"{name}: policy must be an adanorm.Policy, got {type(policy).__name__}; build one with adanorm.Policy(...).")
+        self.momentum_preset = _resolve_momentum(name, momentum, preset)
+        super().__init__(
+            num_features, float(eps), self.momentum_preset.momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+        self.mode = mode
+        self.num_groups = check_num_groups(num_groups, num_features)
+        self.policy = policy if policy is not None else Policy()
+        self.last_mode: Optional[str] = None
+        self.mode_counts: Dict[str, int] = dict.fromkeys(MODES, 0)
+        self._warned_fallback = False
+        self._stats_learned: Optional[bool] = False
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        self._stats_learned = False
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._stats_learned = None
+
+    def has_learned_running_stats(self) -> bool:
+        """Whether eval can use the running statistics: updated in batch mode, or loaded non-default.
+
+        Loaded checkpoints count by value, not only by ``num_batches_tracked``, because checkpoints
+        from old PyTorch versions or other frameworks carry real statistics with a zero counter.
+        """
+        if not self.track_running_stats or self.running_mean is None:
+            return False
+        if self._stats_learned is None:
+            self._stats_learned = bool(
+                self.num_batches_tracked.item() > 0
+                or self.running_mean.ne(0).any().item()
+                or self.running_var.ne(1).any().item()
+            )
+        return self._stats_learned
+
+    def _check_input(self, input: Tensor) -> None:
+        name = type(self).__name__
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{name} expects a torch.Tensor, got {type(input).__name__}.")
+        if not input.is_floating_point():
+            raise TypeError(
+                f"{name} got a {input.dtype} tensor; normalization needs floating point: "
+                f"convert the input with .float() (or .half()/.bfloat16())."
+            )
+        rank_ok = input.dim() in self._input_ranks if self._input_ranks else input.dim() >= 2
+        if not rank_ok:
+            raise ValueError(
+                f"{name} expects {self._input_layout} input, got {input.dim()}-D input of shape {tuple(input.shape)}; "
+                f"use the AdaptiveNorm class that matches your data's dimensionality"
+                f"{' or add the batch dimension with .unsqueeze(0)' if input.dim() == (min(self._input_ranks or (2,)) - 1) else ''}."
+            )
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{name}: expected {self.num_features} channels (num_features) at dim 1, got input of shape "
+                f"{tuple(input.shape)}; set num_features to the previous layer's output channels."
+            )
+
+    def _select_mode(self, shape: Tuple[int, ...]) -> str:
+        if self.mode != "auto":
+            usable = mode_is_usable(self.mode, shape, self.num_groups, None)
+            uses_running_stats = self.mode == "batch" and not self.training and self.track_running_stats
+            if not (usable or uses_running_stats):
+                raise ValueError(
+                    f"{type(self).__name__}(mode={self.mode!r}) cannot normalize input of shape {shape}: it would compute "
+                    f"statistics over a single value. Use mode='auto' to fall back, or a larger batch/patch size."
+                )
+            return self.mode
+        has_stats = self.has_learned_running_stats()
+        mode = choose_mode(shape, self.training, self.policy, self.num_groups, has_stats)
+        if is_fallback(mode, self.training, self.policy, has_stats):
+            self._report_fallback(shape, mode)
+        return mode
+
+    def _report_fallback(self, shape: Tuple[int, ...], mode: str) -> None:
+        message = (
+            f"{type(self).__name__}({self.num_features}) fell back to {mode!r} mode for input of shape {shape} "
+            f"({'training' if self.training else 'eval'}; policy {self.policy})."
+        )
+        if self.policy.strict:
+            raise FallbackError(message + " Policy(strict=True) forbids falling back: change the input shape or the policy.")
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            warnings.warn(message + " Further fallbacks of this layer are counted in .mode_counts.", FallbackWarning, stacklevel=3)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        mode = self._select_mode(tuple(input.shape))
+        self.last_mode = mode
+        self.mode_counts[mode] += 1
+        updates_running_stats = mode == "batch" and self.training and self.track_running_stats
+        factor = 0.0
+        if updates_running_stats:
+            self.num_batches_tracked.add_(1)
+            self._stats_learned = True
+            fixed = self.momentum_preset.momentum is not None and self.momentum_preset.window_samples is None
+            factor = self.momentum_preset.momentum if fixed else self.momentum_preset.factor(
+                input.shape[0], int(self.num_batches_tracked.item())
+            )
+        return adaptive_norm(
+            input,
+            mode,
+            self.weight,
+            self.bias,
+            self.running_mean if (not self.training or self.track_running_stats) else None,
+            self.running_var if (not self.training or self.track_running_stats) else None,
+            training=self.training,
+            momentum=factor,
+            eps=self.eps,
+            num_groups=self.num_groups,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, mode={self.mode}, num_groups={self.num_groups}, "
+            f"preset={self.momentum_preset.name}"
+        )
+
+
+def _resolve_momentum(name: str, momentum: Optional[float], preset: Optional[str]) -> MomentumPreset:
+    if preset is not None:
+        if not isinstance(preset, str):
+            raise ValueError(f"{name}: preset={preset!r} must be a preset name such as 'small_batch'.")
+        if momentum not in (0.1, None) and momentum != get_preset(preset).momentum:
+            raise ValueError(f"{name}: momentum={momentum!r} conflicts with preset={preset!r}; pass one or the other.")
+        return get_preset(preset)
+    if momentum is not None and (
+        isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0
+    ):
+        raise ValueError(f"{name}: momentum={momentum!r} is invalid; use a float in [0, 1], None for a cumulative average, or preset=.")
+    if momentum is None:
+        return get_preset("cumulative")
+    return MomentumPreset("default" if momentum == 0.1 else "custom", float(momentum))
+
+
+class AdaptiveNorm1d(AdaptiveNorm):
+    """Drop-in for ``nn.BatchNorm1d`` / ``nn.InstanceNorm1d`` on (N, C) or (N, C, L) input."""
+
+    _input_ranks = (2, 3)
+    _input_layout = "(N, C) or (N, C, L)"
+
+
+class AdaptiveNorm2d(AdaptiveNorm):
+    """Drop-in for ``nn.BatchNorm2d`` / ``nn.InstanceNorm2d`` on (N, C, H, W) input."""
+
+    _input_ranks = (4,)
+    _input_layout = "(N, C, H, W)"
+
+
+class AdaptiveNorm3d(AdaptiveNorm):
+    """Drop-in for ``nn.BatchNorm3d`` / ``nn.InstanceNorm3d`` / ``nn.GroupNorm`` on (N, C, D, H, W) input."""
+
+    _input_ranks = (5,)
+    _input_layout = "(N, C, D, H, W)"
