@@ -96,6 +96,8 @@ def mode_is_usable(mode: str, shape: Sequence[int], num_groups: int, policy: Opt
     where the native PyTorch layer would raise, and it is what forced modes check.
     """
     batch, channels, spatial = shape[0], shape[1], math.prod(shape[2:])
+    if policy is None and batch * spatial == 0:
+        return True  # as the native layers, a forced mode passes an empty batch through
     floor = MIN_VALUES_PER_STATISTIC
     if mode == "batch":
         enough_samples = policy is None or batch >= policy.min_batch_size
