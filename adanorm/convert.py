@@ -39,6 +39,14 @@ def _native_floor_policy(first_mode: str, base: Optional[Policy]) -> Policy:
     )
 
 
+def _factory_kwargs(module: nn.Module) -> Dict[str, Any]:
+    """Device and dtype of a layer's floating-point state, so the replacement is built in place."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.is_floating_point():
+            return {"device": tensor.device, "dtype": tensor.dtype}
+    return {}
+
+
 def _adaptive_from_native(module: nn.Module, kwargs: Dict[str, Any]) -> AdaptiveNorm:
     adaptive_cls = _ADAPTIVE_BY_NATIVE[type(module)]
     options = dict(kwargs)
@@ -57,15 +65,13 @@ def _adaptive_from_native(module: nn.Module, kwargs: Dict[str, Any]) -> Adaptive
         options["momentum"] = momentum
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
-    reference = next(module.parameters(), None) or next(module.buffers(), None)
     adaptive = adaptive_cls(
         num_features,
         module.eps,
         affine=module.affine,
         track_running_stats=track,
         bias=bias is not None or weight is None,
-        device=reference.device if reference is not None else None,
-        dtype=reference.dtype if reference is not None and reference.is_floating_point() else None,
+        **_factory_kwargs(module),
         **options,
     )
     adaptive.load_state_dict(module.state_dict(), strict=True)
@@ -75,8 +81,7 @@ def _adaptive_from_native(module: nn.Module, kwargs: Dict[str, Any]) -> Adaptive
 
 def _native_from_adaptive(module: AdaptiveNorm) -> nn.Module:
     first_mode = module.mode if module.mode != "auto" else module.policy.chain[0]
-    reference = next(module.parameters(), None) or next(module.buffers(), None)
-    factory = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
+    factory = _factory_kwargs(module)
     has_bias = module.bias is not None or module.weight is None
     if first_mode == "batch":
         native_cls = _BATCH_BY_ADAPTIVE.get(type(module))

@@ -144,7 +144,7 @@ class AdaptiveNorm(_NormBase):
     def _report_fallback(self, shape: Tuple[int, ...], mode: str) -> None:
         message = (
             f"{type(self).__name__}({self.num_features}) fell back to {mode!r} mode for input of shape {shape} "
-            f"({'training' if self.training else 'eval'}; policy {self.policy})."
+            f"in {'training' if self.training else 'eval'}."
         )
         if self.policy.strict:
             raise FallbackError(message + " Policy(strict=True) forbids falling back: change the input shape or the policy.")
