@@ -62,7 +62,7 @@ def _adaptive_from_native(module: nn.Module, kwargs: Dict[str, Any]) -> Adaptive
     if first_mode != "batch" and options.get("mode", "auto") == "auto":
         options["policy"] = _native_floor_policy(first_mode, options.get("policy"))
     if "preset" not in options:
-        options["momentum"] = momentum
+        options.setdefault("momentum", momentum)
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
     adaptive = adaptive_cls(
