@@ -157,22 +157,21 @@ class AdaptiveNorm(_NormBase):
         mode = self._select_mode(tuple(input.shape))
         self.last_mode = mode
         self.mode_counts[mode] += 1
-        updates_running_stats = mode == "batch" and self.training and self.track_running_stats
         factor = 0.0
-        if updates_running_stats:
+        if mode == "batch" and self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
             self._stats_learned = True
-            fixed = self.momentum_preset.momentum is not None and self.momentum_preset.window_samples is None
-            factor = self.momentum_preset.momentum if fixed else self.momentum_preset.factor(
-                input.shape[0], int(self.num_batches_tracked.item())
-            )
+            steps = int(self.num_batches_tracked.item()) if self.momentum_preset.counts_steps else 0
+            factor = self.momentum_preset.factor(input.shape[0], steps)
+        # As nn.BatchNorm: running buffers kept while track_running_stats was switched off are only read in eval.
+        use_buffers = not self.training or self.track_running_stats
         return adaptive_norm(
             input,
             mode,
             self.weight,
             self.bias,
-            self.running_mean if (not self.training or self.track_running_stats) else None,
-            self.running_var if (not self.training or self.track_running_stats) else None,
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
             training=self.training,
             momentum=factor,
             eps=self.eps,

@@ -18,6 +18,11 @@ class MomentumPreset:
     window_samples: Optional[int] = None
     use_when: str = ""
 
+    @property
+    def counts_steps(self) -> bool:
+        """Whether ``factor`` needs the step count (reading it costs a device sync on GPU)."""
+        return self.momentum is None
+
     def factor(self, batch_size: int, num_batches_tracked: int) -> float:
         """The running-statistics update factor for this step (``num_batches_tracked`` includes it).
 
@@ -25,10 +30,12 @@ class MomentumPreset:
         ``batch_size / window_samples`` but never less than the cumulative factor, so early
         steps are not biased toward the initial mean 0 / variance 1.
         """
+        if not self.counts_steps:
+            return self.momentum
         cumulative = 1.0 / max(num_batches_tracked, 1)
         if self.window_samples is not None:
             return min(1.0, max(cumulative, batch_size / self.window_samples))
-        return cumulative if self.momentum is None else self.momentum
+        return cumulative
 
 
 PRESETS: Dict[str, MomentumPreset] = {
