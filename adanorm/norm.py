@@ -155,7 +155,7 @@ class AdaptiveNorm(_NormBase):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         mode = self._select_mode(tuple(input.shape))
-        self.last_mode = mode
+        self.__dict__["last_mode"] = mode  # plain attribute write: skips nn.Module.__setattr__ on the hot path
         self.mode_counts[mode] += 1
         factor = 0.0
         if mode == "batch" and self.training and self.track_running_stats:
