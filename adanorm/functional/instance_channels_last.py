@@ -20,7 +20,7 @@ class _ChannelsLastInstanceNorm(torch.autograd.Function):
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
         batch, channels = input.shape[:2]
         output = torch.empty_like(input)
-        stats_dtype = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+        stats_dtype = weight.dtype if weight is not None else input.dtype  # what native_batch_norm saves
         mean = input.new_empty((batch, channels), dtype=stats_dtype)
         invstd = input.new_empty((batch, channels), dtype=stats_dtype)
         for n in range(batch):
@@ -38,14 +38,18 @@ class _ChannelsLastInstanceNorm(torch.autograd.Function):
         input, weight, mean, invstd = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_output = grad_output.contiguous(memory_format=_memory_format(input))
-        grad_input = torch.empty_like(input) if need_input else None
+        grad_input = torch.empty_like(input) if need_input and input.shape[0] > 1 else None
         grad_weight = grad_bias = None
         for n in range(input.shape[0]):
             dx, dw, db = torch.ops.aten.native_batch_norm_backward(
                 grad_output[n : n + 1], input[n : n + 1], weight, None, None, mean[n], invstd[n],
                 True, ctx.eps, [need_input, need_weight, need_bias],
             )
-            if need_input:
+            if need_input and input.shape[0] == 1 and dx.is_contiguous(memory_format=_memory_format(input)):
+                grad_input = dx  # one sample: the kernel's own channels-last result, no copy
+            elif need_input:
+                if grad_input is None:
+                    grad_input = torch.empty_like(input)
                 grad_input[n : n + 1].copy_(dx)
             if need_weight:
                 grad_weight = dw if grad_weight is None else grad_weight + dw

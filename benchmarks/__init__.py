@@ -1,0 +1,1 @@
+"""Reproducible benchmarks: ``python -m benchmarks.norms [--quick] [--out DIR]``."""
