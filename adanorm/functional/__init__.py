@@ -45,10 +45,17 @@ def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias:
     Native group norm is the fastest fused kernel for these in contiguous layout (faster than
     native instance norm, which also drops channels_last). For instance mode on channels-last
     input, a per-sample batch-norm kernel reduces along the contiguous channel axis and is
-    several times faster than either, forward and backward.
+    several times faster than either, forward and backward. On CUDA, Triton kernels take the
+    layouts the native kernels handle with extra copies (``triton_norm.prefer_triton``).
     """
-    if num_groups == input.shape[1] and input.dim() >= 4 and _is_channels_last(input) and input.device.type == "cpu":
-        return channels_last_instance_norm(input, weight, bias, eps)
+    if input.is_cuda:
+        from adanorm.functional import triton_norm  # on first CUDA call: importing triton is slow and optional
+
+        if triton_norm.prefer_triton(input):
+            return triton_norm.triton_grouped_norm(input, num_groups, weight, bias, eps)
+    if input.device.type == "cpu" and input.dim() >= 4 and _is_channels_last(input):
+        if num_groups == input.shape[1]:
+            return channels_last_instance_norm(input, weight, bias, eps)
     return F.group_norm(input, num_groups, weight, bias, eps)
 
 

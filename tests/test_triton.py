@@ -1,0 +1,302 @@
+"""Triton backend against native PyTorch, on the CPU through Triton's interpreter: no GPU needed.
+
+Triton decides between interpreted and compiled kernels when it decorates them, its own standard
+library included, so ``TRITON_INTERPRET=1`` must be set before triton's first import in the
+process. This module sets it around its own imports (and around each test), then restores it so
+no other test module sees it. When an earlier test module already imported triton, the
+interpreted tests run in a fresh Python process instead.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+_previous_interpret = os.environ.get("TRITON_INTERPRET")
+_INTERPRETER_USABLE = "triton" not in sys.modules or _previous_interpret == "1"
+if _INTERPRETER_USABLE:
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        triton = pytest.importorskip("triton")
+        from adanorm.functional import triton_norm
+    finally:
+        if _previous_interpret is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _previous_interpret
+else:
+    triton = pytest.importorskip("triton")
+    triton_norm = None  # importing it here would mix interpreted kernels with compiled triton
+
+TRITON_NORM_PATH = importlib.util.find_spec("adanorm.functional.triton_norm").origin
+interpreted = pytest.mark.skipif(
+    not _INTERPRETER_USABLE, reason="triton was imported without TRITON_INTERPRET: a fresh process runs this"
+)
+SHAPE = (2, 6, 3, 5, 7)  # 105 spatial values, 6 channels: no power of two anywhere
+LAYOUTS = ["contiguous", "channels_last"]
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    if _INTERPRETER_USABLE:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "contiguous":
+        return x.contiguous()
+    return x.contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
+
+
+def _reference(mode: str, x, weight, bias, eps=1e-5):
+    """The native module each mode stands in for."""
+    if mode == "instance":
+        return F.instance_norm(x, weight=weight, bias=bias, eps=eps)
+    if mode == "group":
+        return F.group_norm(x, 3, weight, bias, eps)
+    return F.group_norm(x, 1, weight, bias, eps)  # nn.GroupNorm(1, C): layer mode
+
+
+def _groups(mode: str, channels: int) -> int:
+    return {"instance": channels, "group": 3, "layer": 1}[mode]
+
+
+def _compare(mode, x, weight, bias, atol, rtol, grad_atol=None):
+    """Outputs and input/weight/bias gradients of the Triton path against a float64 native reference."""
+    grad_atol = atol if grad_atol is None else grad_atol
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    output = triton_norm.triton_grouped_norm(leaves[0], _groups(mode, x.shape[1]), leaves[1], leaves[2], 1e-5)
+    grad_output = torch.randn(output.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(output, leaves, grad_output.to(output.dtype))
+
+    reference_leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    expected = _reference(mode, *reference_leaves)
+    expected_grads = torch.autograd.grad(expected, reference_leaves, grad_output)
+
+    assert output.dtype == x.dtype and output.stride() == x.stride()
+    torch.testing.assert_close(output.double(), expected, atol=atol, rtol=rtol)
+    for grad, expected_grad, name in zip(grads, expected_grads, ("input", "weight", "bias")):
+        assert grad.dtype == x.dtype, name
+        torch.testing.assert_close(grad.double(), expected_grad, atol=grad_atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["instance", "group", "layer"])
+def test_modes_match_native(mode, layout, dtype):
+    x = _in_layout(torch.randn(SHAPE, dtype=dtype) * 2 + 3, layout)
+    weight, bias = torch.randn(SHAPE[1], dtype=dtype), torch.randn(SHAPE[1], dtype=dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    _compare(mode, x, weight, bias, atol=tolerance, rtol=tolerance)
+
+
+@interpreted
+@pytest.mark.parametrize("mode, layout", [("instance", "channels_last"), ("group", "contiguous"), ("layer", "channels_last")])
+def test_small_tiles_exercise_every_merge_loop(mode, layout, monkeypatch):
+    """Tiles of 8 values force spatial chunks, multi-block Welford merges and (layer mode) finalize row loops."""
+    monkeypatch.setattr(triton_norm, "_MAX_TILE", 8)
+    monkeypatch.setattr(triton_norm, "_MAX_CHANNEL_BLOCK", 4)
+    monkeypatch.setattr(triton_norm, "_INTERPRETER_PROGRAMS", 24)
+    x = _in_layout(torch.randn(2, 9, 3, 5, 2, dtype=torch.float64) + 5, layout)
+    geometry = triton_norm._geometry(triton_norm._flat(x), _groups(mode, 9))
+    assert geometry.num_chunks > 1 and geometry.chunk > geometry.block_s
+    weight, bias = torch.randn(9, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
+    _compare(mode, x, weight, bias, atol=1e-12, rtol=1e-12)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_half_precision_accumulates_in_float32(dtype, layout):
+    """An offset of 100 loses every digit of the variance in a half-precision E[x²]−E[x]²."""
+    x = _in_layout((torch.randn(SHAPE) + 100).to(dtype), layout)
+    weight, bias = torch.rand(SHAPE[1]).to(dtype) + 0.5, torch.randn(SHAPE[1]).to(dtype)
+    # One rounding of outputs of magnitude ~4 in the input dtype; gradients sum 105+ rounded terms.
+    atol = 8e-3 if dtype == torch.float16 else 6e-2
+    _compare("instance", x, weight, bias, atol=atol, rtol=1e-2, grad_atol=atol * 4)
+
+
+@interpreted
+def test_large_mean_keeps_float32_precision():
+    x = _in_layout(torch.randn(SHAPE, dtype=torch.float64) + 1e4, "channels_last")
+    weight, bias = torch.ones(SHAPE[1], dtype=torch.float64), torch.zeros(SHAPE[1], dtype=torch.float64)
+    output = triton_norm.triton_grouped_norm(x.float(), SHAPE[1], weight.float(), bias.float(), 1e-5)
+    # Float32 resolves 1e4 to 5e-4, in the mean and in the folded x·scale + shift; a naive
+    # E[x²]−E[x]² in float32 is off by O(1) here, as native CPU channels-last group norm is.
+    torch.testing.assert_close(output.double(), _reference("instance", x.float().double(), weight, bias), atol=2e-3, rtol=0)
+
+
+@interpreted
+@pytest.mark.parametrize("affine", ["none", "weight", "bias"])
+def test_optional_affine(affine):
+    x = torch.randn(2, 4, 3, 5, 2)
+    weight = torch.randn(4) if affine == "weight" else None
+    bias = torch.randn(4) if affine == "bias" else None
+    leaves = [t.requires_grad_() for t in (x, weight, bias) if t is not None]
+    output = triton_norm.triton_grouped_norm(x, 2, weight, bias, 1e-5)
+    # Native backward fails on a bias without weight, so the reference spells out the identity weight.
+    expected = F.group_norm(x, 2, torch.ones(4) if weight is None else weight, bias, 1e-5)
+    grad_output = torch.randn_like(expected)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+    for grad, expected_grad in zip(torch.autograd.grad(output, leaves, grad_output),
+                                   torch.autograd.grad(expected, leaves, grad_output)):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "make_input",
+    [
+        lambda: torch.randn(2, 3, 5, 6).contiguous(memory_format=torch.channels_last),  # 2D, channels-last
+        lambda: torch.randn(3, 4, 11),  # 1D
+        lambda: torch.randn(2, 6, 4, 10)[..., ::2],  # strided: computed from a contiguous copy
+        lambda: torch.randn(2, 3, 1, 1, 1),  # one value per instance: zero variance
+    ],
+    ids=["2d-channels-last", "1d", "strided", "single-value"],
+)
+def test_other_shapes_and_layouts(make_input):
+    x = make_input().requires_grad_()
+    channels = x.shape[1]
+    weight, bias = torch.randn(channels, requires_grad=True), torch.randn(channels, requires_grad=True)
+    output = triton_norm.triton_grouped_norm(x, channels, weight, bias, 1e-5)
+    expected = F.group_norm(x, channels, weight, bias, 1e-5)
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        assert output.stride() == x.stride()
+    grad_output = torch.randn_like(expected)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+    for grad, expected_grad in zip(torch.autograd.grad(output, (x, weight, bias), grad_output),
+                                   torch.autograd.grad(expected, (x, weight, bias), grad_output)):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-4, rtol=1e-4)
+
+
+@interpreted
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_batch_mode_matches_native_with_running_stats(layout):
+    x = _in_layout(torch.randn(3, 5, 4, 3, 7, dtype=torch.float64) * 2 + 4, layout).requires_grad_()
+    weight = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    running = [torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5]
+    expected_running = [t.clone() for t in running]
+    output = triton_norm.triton_batch_norm(x, *running, weight, bias, 0.1, 1e-5)
+    expected = F.batch_norm(x, *expected_running, weight, bias, True, 0.1, 1e-5)
+    grad_output = torch.randn_like(expected)
+    assert output.stride() == x.stride()
+    torch.testing.assert_close(output, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(running, expected_running, atol=1e-12, rtol=1e-12)
+    for grad, expected_grad in zip(torch.autograd.grad(output, (x, weight, bias), grad_output),
+                                   torch.autograd.grad(expected, (x, weight, bias), grad_output)):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=1e-12)
+
+
+@interpreted
+def test_errors_match_native_types():
+    with pytest.raises(RuntimeError, match="divisible"):
+        triton_norm.triton_grouped_norm(torch.randn(2, 6, 4), 4, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="per-channel"):
+        triton_norm.triton_grouped_norm(torch.randn(2, 6, 4), 3, torch.ones(5), None, 1e-5)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        triton_norm.triton_grouped_norm(torch.randn(1, 3, 1), 3, None, None, 1e-5)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        triton_norm.triton_batch_norm(torch.randn(1, 3, 1), None, None, None, None, 0.1, 1e-5)
+
+
+@interpreted
+def test_dispatch_never_sends_cpu_tensors_to_triton():
+    x = torch.randn(2, 4, 3, 3, 3).contiguous(memory_format=torch.channels_last_3d)
+    assert triton_norm.triton_available(x)  # interpreted kernels serve CPU tensors, for these tests
+    assert not triton_norm.prefer_triton(x)  # but production dispatch is CUDA-only
+    assert not triton_norm.triton_available(x.to(torch.int32))
+    assert not triton_norm.triton_available(x[:0])
+
+
+def test_module_imports_without_triton(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    name = "_triton_norm_without_triton"
+    spec = importlib.util.spec_from_file_location(name, TRITON_NORM_PATH)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    assert not module.triton_available(torch.randn(2, 3, 4))
+
+
+@pytest.mark.skipif(_INTERPRETER_USABLE, reason="the interpreted tests run in this process")
+def test_interpreted_tests_in_a_fresh_process():
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+_COMPILE_SCRIPT = textwrap.dedent('''
+    import importlib.util, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    spec = importlib.util.spec_from_file_location("triton_norm", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["triton_norm"] = module
+    spec.loader.exec_module(module)
+    assert not module._KERNELS_INTERPRETED
+
+    def variant(kernel, pointers, scalars, **constants):
+        types = {name: "*" + dtype for names, dtype in pointers for name in names.split()}
+        types.update({name: dtype for names, dtype in scalars for name in names.split()})
+        types.update({name: "constexpr" for name in constants})
+        return kernel, types, constants
+
+    def kernels(data, acc):
+        partial_stats_pointers = [("x_ptr dy_ptr", data), ("stat_mean_ptr partial_a_ptr partial_b_ptr", acc)]
+        partial_stats_scalars = [("C S chunk stat_stride_n channels_per_stat stride_c stride_s", "i32"), ("stride_n", "i64")]
+        return [
+            variant(module._partial_stats_kernel, partial_stats_pointers, partial_stats_scalars,
+                    BACKWARD=True, BLOCK_S=64, BLOCK_C=32),
+            variant(module._partial_stats_kernel, partial_stats_pointers, partial_stats_scalars,
+                    BACKWARD=False, BLOCK_S=2048, BLOCK_C=1),
+            variant(module._apply_kernel,
+                    [("x_ptr dy_ptr out_ptr", data), ("x_scale_ptr shift_ptr dy_scale_ptr", acc)],
+                    [("C S coefficient_stride_n stride_c stride_s", "i32"), ("stride_n", "i64")],
+                    HAS_DY=True, BLOCK_S=64, BLOCK_C=32),
+            variant(module._finalize_stats_kernel,
+                    [("partial_mean_ptr partial_m2_ptr mean_ptr rstd_ptr scale_ptr shift_ptr", acc),
+                     ("weight_ptr bias_ptr", data), ("running_mean_ptr running_var_ptr", "fp32")],
+                    [("C S chunk num_chunks rows cols partial_sample_stride partial_row_stride stat_count", "i32"),
+                     ("momentum eps", "fp32")],
+                    HAS_WEIGHT=True, HAS_BIAS=True, HAS_RUNNING=True, BLOCK_R=16, BLOCK_K=8),
+            variant(module._finalize_grad_kernel,
+                    [("partial_dy_ptr partial_dy_xc_ptr mean_ptr rstd_ptr dy_scale_ptr x_scale_ptr shift_ptr", acc),
+                     ("grad_weight_ptr grad_bias_ptr", acc), ("weight_ptr", data)],
+                    [("C rows cols partial_sample_stride partial_row_stride stat_count", "i32")],
+                    HAS_WEIGHT=True, BLOCK_R=1, BLOCK_K=64),
+        ]
+
+    # Every kernel for half-precision data; float64 only where its math differs (division, sqrt).
+    half_precision = kernels("fp16", "fp32")
+    double_precision = [k for k in kernels("fp64", "fp64") if k[0] is module._finalize_stats_kernel]
+    for kernel, types, constants in half_precision + double_precision:
+        binary = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=constants),
+                                target=GPUTarget("cuda", 90, 32))
+        assert binary.asm["cubin"], kernel.__name__
+''')
+
+
+def test_kernels_compile_for_a_gpu():
+    """Compiles the kernels to sm_90 cubins (Triton ships ptxas): catches what the interpreter tolerates.
+
+    A fresh process, because compiled kernels need a triton that was imported without the interpreter.
+    """
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 2):
+        pytest.skip("ASTSource takes name-keyed signatures from Triton 3.2")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, TRITON_NORM_PATH],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-6000:]
