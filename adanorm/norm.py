@@ -131,7 +131,7 @@ class AdaptiveNorm(_NormBase):
             uses_running_stats = self.mode == "batch" and not self.training and self.track_running_stats
             if not (usable or uses_running_stats):
                 raise ValueError(
-                    f"{type(self).__name__}(mode={self.mode!r}) cannot normalize input of shape {shape}: it would compute "
+                    f"{type(self).__name__}(mode={self.mode!r}) cannot normalize input of shape {tuple(shape)}: it would compute "
                     f"statistics over a single value. Use mode='auto' to fall back, or a larger batch/patch size."
                 )
             return self.mode
@@ -143,7 +143,7 @@ class AdaptiveNorm(_NormBase):
 
     def _report_fallback(self, shape: Tuple[int, ...], mode: str) -> None:
         message = (
-            f"{type(self).__name__}({self.num_features}) fell back to {mode!r} mode for input of shape {shape} "
+            f"{type(self).__name__}({self.num_features}) fell back to {mode!r} mode for input of shape {tuple(shape)} "
             f"in {'training' if self.training else 'eval'}."
         )
         if self.policy.strict:
@@ -154,7 +154,7 @@ class AdaptiveNorm(_NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
-        mode = self._select_mode(tuple(input.shape))
+        mode = self._select_mode(input.shape)
         self.__dict__["last_mode"] = mode  # plain attribute write: skips nn.Module.__setattr__ on the hot path
         self.mode_counts[mode] += 1
         factor = 0.0
