@@ -1,0 +1,92 @@
+"""A Lightning callback that logs which mode every adaptive layer ran, so a run shows what the layer did.
+
+Training and eval forwards are counted apart because the same layer picks differently in the two
+(batch statistics in training, running statistics or per-sample statistics in eval).
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Dict, List
+
+import lightning.pytorch as pl
+from torch.utils.hooks import RemovableHandle
+
+from adanorm.norm import AdaptiveNorm
+from adanorm.policy import MODES, is_fallback
+
+TRAIN, EVAL = "train", "eval"
+
+
+class NormModeMonitor(pl.Callback):
+    """Logs, per epoch and per adaptive layer, how many forwards ran each mode and which share fell back.
+
+    Keys: ``{prefix}/{stage}/{layer}/{mode}`` (forward counts of the modes used),
+    ``{prefix}/{stage}/{layer}/fallback_fraction`` and ``{prefix}/{stage}/fallback_fraction``
+    (all layers together), where stage is ``train`` or ``eval``. A fallback is a forward that
+    ran a later mode than the layer's policy prefers (see ``adanorm.policy.is_fallback``).
+    """
+
+    def __init__(self, prefix: str = "norm") -> None:
+        super().__init__()
+        self.prefix = prefix
+        self._handles: List[RemovableHandle] = []
+        self._layers: List[str] = []
+        self._counts: Dict[str, Dict[str, Counter]] = {TRAIN: defaultdict(Counter), EVAL: defaultdict(Counter)}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+        for name, module in pl_module.named_modules():
+            if isinstance(module, AdaptiveNorm):
+                self._layers.append(name)
+                self._handles.append(module.register_forward_hook(self._hook_for(name)))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._layers = []
+
+    def _hook_for(self, layer: str):
+        def count_mode(module: AdaptiveNorm, inputs, output) -> None:
+            counts = self._counts[TRAIN if module.training else EVAL][layer]
+            counts[module.last_mode] += 1
+            fell_back = module.mode == "auto" and is_fallback(
+                module.last_mode, module.training, module.policy, module.has_learned_running_stats()
+            )
+            counts["fallback"] += int(fell_back)
+
+        return count_mode
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._counts[TRAIN].clear()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_stage(TRAIN, pl_module)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._counts[EVAL].clear()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log_stage(EVAL, pl_module)
+
+    def _log_stage(self, stage: str, pl_module: pl.LightningModule) -> None:
+        if not self._layers:
+            return
+        # Every layer logs every key, even at zero: under DDP each rank must log the same keys.
+        total_forwards = total_fallbacks = 0
+        for layer in self._layers:
+            counts = self._counts[stage][layer]
+            forwards = sum(counts[mode] for mode in MODES)
+            total_forwards += forwards
+            total_fallbacks += counts["fallback"]
+            for mode in MODES:
+                self._log(pl_module, f"{stage}/{layer}/{mode}", counts[mode], "sum")
+            self._log(pl_module, f"{stage}/{layer}/fallback_fraction", counts["fallback"] / max(forwards, 1), "mean")
+        self._log(pl_module, f"{stage}/fallback_fraction", total_fallbacks / max(total_forwards, 1), "mean")
+
+    def _log(self, pl_module: pl.LightningModule, key: str, value: float, reduce_fx: str) -> None:
+        pl_module.log(f"{self.prefix}/{key}", float(value), on_step=False, on_epoch=True, sync_dist=True, reduce_fx=reduce_fx)

@@ -1,0 +1,90 @@
+"""Whole-volume inference with a recipe checkpoint through ``Trainer.predict``.
+
+Lightning supplies the device placement and the progress bar; a prediction writer saves each
+result as soon as its volume is done, so memory does not grow with the number of volumes.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import lightning.pytorch as pl
+import nibabel as nib
+import numpy as np
+from lightning.pytorch.callbacks import BasePredictionWriter
+from monai.data import DataLoader, Dataset
+from torch import Tensor
+
+from adanorm.recipes.data import CLASSIFICATION, case_name, volume_transforms
+from adanorm.recipes.module import RecipeModule, load_recipe_module
+
+PROBABILITIES_CSV = "probabilities.csv"
+
+
+def nifti_inputs(path: Path) -> List[Path]:
+    """One NIfTI file, or every NIfTI file directly inside a folder."""
+    if path.is_file() and case_name(path) is not None:
+        return [path]
+    if path.is_dir():
+        files = [child for child in sorted(path.iterdir()) if child.is_file() and case_name(child) is not None]
+        if files:
+            return files
+    raise FileNotFoundError(f"{path} is neither a .nii/.nii.gz file nor a folder holding some; pass a NIfTI file or folder.")
+
+
+class NiftiPredictionWriter(BasePredictionWriter):
+    """Segmentations as NIfTI on the input's grid (affine and header kept); class probabilities as CSV rows."""
+
+    def __init__(self, output_dir: Path, task: str) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.task = task
+        self.rows: List[Dict[str, Any]] = []
+
+    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Tensor,
+                           batch_indices: Optional[Sequence[int]], batch: Dict[str, Any], batch_idx: int,
+                           dataloader_idx: int = 0) -> None:
+        source = Path(batch["image"].meta["filename_or_obj"][0])
+        if self.task == CLASSIFICATION:
+            probabilities = prediction[0].float().cpu().numpy()
+            row = {"image": str(source), "predicted": int(probabilities.argmax())}
+            row.update({f"p_{index}": round(float(p), 6) for index, p in enumerate(probabilities)})
+            self.rows.append(row)
+            return
+        original = nib.load(source)
+        header = original.header.copy()
+        header.set_data_dtype(np.uint8)
+        labels = prediction[0].cpu().numpy().astype(np.uint8)
+        output = nib.Nifti1Image(labels, original.affine, header)
+        output.header.set_slope_inter(1.0, 0.0)  # labels are stored as they are, whatever the input's scaling
+        nib.save(output, self.output_dir / source.name)
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.rows:
+            return
+        path = self.output_dir / PROBABILITIES_CSV
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        for row in self.rows:
+            print(", ".join(f"{key}={value}" for key, value in row.items()))
+        print(f"class probabilities: {path}")
+
+
+def predict(checkpoint: Path, inputs: Path, output_dir: Path, overlap: float = 0.5, accelerator: str = "auto",
+            num_workers: int = 0) -> Path:
+    """Predicts every input volume at batch 1 and returns the folder the results were written to."""
+    files = nifti_inputs(Path(inputs))
+    module: RecipeModule = load_recipe_module(str(checkpoint))
+    if module.task != CLASSIFICATION:
+        module.hparams.predict_overlap = overlap
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    dataset = Dataset([{"image": str(path)} for path in files],
+                      volume_transforms(module.task, module.patch_size, train=False, with_label=False))
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+                         callbacks=[NiftiPredictionWriter(output_dir, module.task)])
+    trainer.predict(module, DataLoader(dataset, batch_size=1, num_workers=num_workers), return_predictions=False)
+    return output_dir

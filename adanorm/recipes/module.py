@@ -1,0 +1,120 @@
+"""LightningModules for the recipes.
+
+The network arrives as its config (``_target_`` + arguments) and is built here, so a checkpoint
+carries everything needed to rebuild the model: ``predict.py`` needs only the checkpoint.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Sequence, Tuple, Type
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import get_class, instantiate
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from monai.utils import convert_to_tensor
+from torch import Tensor, nn
+
+CLASS_PATH_KEY = "adanorm_module_class"
+
+
+class RecipeModule(pl.LightningModule):
+    """Optimisation and checkpoint plumbing shared by the tasks; subclasses define loss, metric and output.
+
+    ``net`` is a plain dict (Hydra: ``_convert_: all``) so that the checkpoint holds no OmegaConf objects.
+    """
+
+    task: str
+    monitor: str
+
+    def __init__(self, net: Dict[str, Any], num_classes: int, patch_size: Sequence[int], lr: float = 3e-3,
+                 weight_decay: float = 1e-5) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net: nn.Module = instantiate(net, _convert_="all")
+        self.patch_size = tuple(patch_size)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.net(image)
+
+    @staticmethod
+    def tensors(batch: Dict[str, Any], *keys: str) -> Tuple[Tensor, ...]:
+        """The batch's tensors without MONAI metadata, which would otherwise flow into logged metrics and checkpoints."""
+        return tuple(convert_to_tensor(batch[key], track_meta=False) for key in keys)
+
+    def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
+        image, label = self.tensors(batch, "image", "label")
+        loss = self.loss(self.net(image), label)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint[CLASS_PATH_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+
+class SegmentationModule(RecipeModule):
+    """Trains on patches; validates and predicts whole volumes by Gaussian-blended sliding windows."""
+
+    task = "segmentation"
+    monitor = "val/dice"
+
+    def __init__(self, *args: Any, val_overlap: float = 0.25, predict_overlap: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.dice = DiceMetric(include_background=False, reduction="mean")
+
+    def infer(self, image: Tensor, overlap: float, progress: bool = False) -> Tensor:
+        """Logits for whole volumes of any size (padded where smaller than the patch)."""
+        return sliding_window_inference(image, self.patch_size, sw_batch_size=4, predictor=self.net,
+                                        overlap=overlap, mode="gaussian", progress=progress)
+
+    def validation_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
+        image, label = self.tensors(batch, "image", "label")
+        logits = self.infer(image, self.hparams.val_overlap)
+        self.log("val/loss", self.loss(logits, label), batch_size=1)
+        num_classes = self.hparams.num_classes
+        self.dice(one_hot(logits.argmax(1, keepdim=True), num_classes), one_hot(label, num_classes))
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/dice", self.dice.aggregate().item(), prog_bar=True, sync_dist=True)
+        self.dice.reset()
+
+    def predict_step(self, batch: Dict[str, Any], batch_idx: int) -> Tensor:
+        (image,) = self.tensors(batch, "image")
+        return self.infer(image, self.hparams.predict_overlap).argmax(1)
+
+
+class ClassificationModule(RecipeModule):
+    """Whole volumes in, one class per volume out."""
+
+    task = "classification"
+    monitor = "val/accuracy"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss = nn.CrossEntropyLoss()
+
+    def validation_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
+        image, label = self.tensors(batch, "image", "label")
+        logits = self.net(image)
+        self.log("val/loss", self.loss(logits, label), batch_size=logits.shape[0])
+        accuracy = (logits.argmax(1) == label).float().mean()
+        self.log("val/accuracy", accuracy, prog_bar=True, batch_size=logits.shape[0])
+
+    def predict_step(self, batch: Dict[str, Any], batch_idx: int) -> Tensor:
+        (image,) = self.tensors(batch, "image")
+        return self.net(image).softmax(1)
+
+
+def load_recipe_module(checkpoint_path: str, map_location: Any = "cpu") -> RecipeModule:
+    """Rebuilds whichever recipe module wrote the checkpoint."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    if CLASS_PATH_KEY not in checkpoint:
+        raise ValueError(f"{checkpoint_path} was not written by an adanorm recipe (no {CLASS_PATH_KEY!r}); pass a checkpoint from train.py.")
+    module_class: Type[RecipeModule] = get_class(checkpoint[CLASS_PATH_KEY])
+    return module_class.load_from_checkpoint(checkpoint_path, map_location=map_location)

@@ -1,0 +1,158 @@
+"""NiftiFolder: the layouts it reads, and the errors that stop a run before training, naming the file."""
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from adanorm.recipes.data import MNI152Tissue, NiftiFolder, VolumeDataError
+
+SHAPE = (12, 12, 12)
+
+
+def write_volume(path, shape=SHAPE, affine=None, dtype=np.float32):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.random.RandomState(0).rand(*shape).astype(dtype)
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
+    return path
+
+
+def write_pair(root, case, image_suffix="", label_shape=SHAPE, label_affine=None):
+    write_volume(root / "imagesTr" / f"{case}{image_suffix}.nii.gz")
+    label = root / "labelsTr" / f"{case}.nii.gz"
+    label.parent.mkdir(parents=True, exist_ok=True)
+    mask = np.zeros(label_shape, np.uint8)
+    mask[2:6, 2:6, 2:6] = 1
+    nib.save(nib.Nifti1Image(mask, np.eye(4) if label_affine is None else label_affine), label)
+
+
+def folder(root, **kwargs):
+    kwargs.setdefault("patch_size", (8, 8, 8))
+    return NiftiFolder(str(root), **kwargs)
+
+
+def test_pairs_by_name_accepting_nnunet_channel_suffix(tmp_path):
+    write_pair(tmp_path, "a")
+    write_pair(tmp_path, "b", image_suffix="_0000")
+    (tmp_path / "imagesTr" / "._a.nii.gz").write_bytes(b"macOS resource fork")  # hidden files are not volumes
+    training, validation = folder(tmp_path).list_volumes()
+    records = sorted(training + validation, key=lambda r: r["image"])
+    assert [r["image"].rsplit("/", 1)[1] for r in records] == ["a.nii.gz", "b_0000.nii.gz"]
+    assert [r["label"].rsplit("/", 1)[1] for r in records] == ["a.nii.gz", "b.nii.gz"]
+    assert len(validation) == 1
+
+
+def test_setup_loads_patches_for_training_and_whole_volumes_for_validation(tmp_path):
+    for case in "abc":
+        write_pair(tmp_path, case)
+    data = folder(tmp_path, batch_size=2, samples_per_volume=2)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image"].shape == (4, 1, 8, 8, 8) and batch["label"].shape == (4, 1, 8, 8, 8)
+    assert next(iter(data.val_dataloader()))["image"].shape == (1, 1, *SHAPE)
+
+
+@pytest.mark.parametrize("extra, named", [("image", "imagesTr/c.nii.gz"), ("label", "labelsTr/c.nii.gz")])
+def test_unpaired_file_is_named(tmp_path, extra, named):
+    write_pair(tmp_path, "a")
+    write_pair(tmp_path, "b")
+    write_volume(tmp_path / ("imagesTr" if extra == "image" else "labelsTr") / "c.nii.gz")
+    with pytest.raises(VolumeDataError, match=f"unpaired.*{named}.*Name each label exactly like its image"):
+        folder(tmp_path).setup()
+
+
+def test_unreadable_file_is_named(tmp_path):
+    write_pair(tmp_path, "a")
+    write_pair(tmp_path, "b")
+    (tmp_path / "labelsTr" / "b.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(VolumeDataError, match=r"cannot read .*labelsTr/b\.nii\.gz.*readable NIfTI"):
+        folder(tmp_path).setup()
+
+
+def test_shape_mismatch_is_named(tmp_path):
+    write_pair(tmp_path, "a")
+    write_pair(tmp_path, "b", label_shape=(12, 12, 10))
+    with pytest.raises(VolumeDataError, match=r"label .*labelsTr/b\.nii\.gz has shape \(12, 12, 10\).*resample"):
+        folder(tmp_path).setup()
+
+
+def test_affine_mismatch_is_named(tmp_path):
+    write_pair(tmp_path, "a")
+    write_pair(tmp_path, "b", label_affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+    with pytest.raises(VolumeDataError, match=r"labelsTr/b\.nii\.gz and image .*different affines"):
+        folder(tmp_path).setup()
+
+
+def test_wrong_dimensionality_and_channels_are_named(tmp_path):
+    write_pair(tmp_path, "a")
+    write_volume(tmp_path / "imagesTr" / "b.nii.gz", shape=(12, 12, 12, 2))
+    write_volume(tmp_path / "labelsTr" / "b.nii.gz")
+    with pytest.raises(VolumeDataError, match=r"imagesTr/b\.nii\.gz has shape \(12, 12, 12, 2\).*data.in_channels"):
+        folder(tmp_path).setup()
+
+
+def test_missing_or_empty_folder_explains_the_layout(tmp_path):
+    with pytest.raises(VolumeDataError, match="not a folder.*imagesTr"):
+        folder(tmp_path / "nowhere").setup()
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    with pytest.raises(VolumeDataError, match="no NIfTI images"):
+        folder(tmp_path).setup()
+
+
+def test_decathlon_dataset_json_with_explicit_validation(tmp_path):
+    for case in "abc":
+        write_pair(tmp_path, case)
+    entry = {case: {"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"} for case in "abc"}
+    description = {"labels": {"0": "background", "1": "tumour"}, "training": [entry["a"], entry["b"]], "validation": [entry["c"]]}
+    (tmp_path / "dataset.json").write_text(json.dumps(description))
+    training, validation = folder(tmp_path).list_volumes()
+    assert [r["image"] for r in validation] == [str(tmp_path / "imagesTr" / "c.nii.gz")]
+    assert len(training) == 2
+    with pytest.raises(VolumeDataError, match="declares 2 labels.*data.num_classes=3"):
+        folder(tmp_path, num_classes=3).list_volumes()
+
+
+def test_dataset_json_pointing_at_a_missing_file_is_named(tmp_path):
+    write_pair(tmp_path, "a")
+    entries = [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"},
+               {"image": "./imagesTr/gone.nii.gz", "label": "./labelsTr/a.nii.gz"}]
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": entries}))
+    with pytest.raises(VolumeDataError, match=r"imagesTr/gone\.nii\.gz does not exist"):
+        folder(tmp_path).setup()
+
+
+def test_classification_reads_labels_csv(tmp_path):
+    for case in "abcd":
+        write_volume(tmp_path / "scans" / f"{case}.nii.gz")
+    (tmp_path / "labels.csv").write_text("image,label\n" + "".join(f"scans/{c}.nii.gz,{i % 2}\n" for i, c in enumerate("abcd")))
+    data = folder(tmp_path, task="classification", val_fraction=0.25)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image"].shape[1:] == (1, 8, 8, 8) and batch["label"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("csv_text, message", [
+    ("image,label\na.nii.gz,0\nmissing.nii.gz,1\n", r"missing\.nii\.gz does not exist"),
+    ("image,label\na.nii.gz,0\na.nii.gz,tumour\n", r"line 3: label 'tumour'.*data.num_classes"),
+    ("image,label\na.nii.gz,0\na.nii.gz,2\n", r"line 3: label '2'.*0\.\.1"),
+    ("path,class\na.nii.gz,0\n", r"needs a header row 'image,label'"),
+])
+def test_classification_csv_errors_are_named(tmp_path, csv_text, message):
+    write_volume(tmp_path / "a.nii.gz")
+    (tmp_path / "labels.csv").write_text(csv_text)
+    with pytest.raises(VolumeDataError, match=message):
+        folder(tmp_path, task="classification").setup()
+
+
+def test_mni152_tissue_folder_is_built_from_the_packaged_template(tmp_path):
+    pytest.importorskip("nilearn")
+    data = MNI152Tissue(str(tmp_path), patch_size=(16, 16, 16))
+    data.prepare_data()
+    training, validation = data.list_volumes()
+    left, right = nib.load(training[0]["image"]), nib.load(validation[0]["image"])
+    assert left.affine[0, 3] < 0 <= right.affine[0, 3], "trains on the left hemisphere, validates on the right"
+    labels = np.asanyarray(nib.load(training[0]["label"]).dataobj)
+    assert set(np.unique(labels)) == {0, 1, 2}
+    assert json.loads((data.dataset_dir / "dataset.json").read_text())["labels"]["2"] == "white matter"
