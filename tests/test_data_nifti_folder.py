@@ -51,6 +51,8 @@ def test_setup_loads_patches_for_training_and_whole_volumes_for_validation(tmp_p
     batch = next(iter(data.train_dataloader()))
     assert batch["image"].shape == (4, 1, 8, 8, 8) and batch["label"].shape == (4, 1, 8, 8, 8)
     assert next(iter(data.val_dataloader()))["image"].shape == (1, 1, *SHAPE)
+    data.repeats = 3  # few volumes: several passes per epoch
+    assert len(data.train_dataloader()) == 3 * len(data.train_set) // 2
 
 
 @pytest.mark.parametrize("extra, named", [("image", "imagesTr/c.nii.gz"), ("label", "labelsTr/c.nii.gz")])
