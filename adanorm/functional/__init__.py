@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adanorm.functional.instance_channels_last import channels_last_instance_norm
+from adanorm.functional.layout import is_channels_last
 
 __all__ = ["adaptive_norm", "batch_norm", "grouped_norm", "affine_only", "groups_for_mode"]
 
@@ -31,14 +32,6 @@ def batch_norm(
     return F.batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps)
 
 
-def _is_channels_last(input: Tensor) -> bool:
-    if input.dim() == 5:
-        return input.is_contiguous(memory_format=torch.channels_last_3d) and not input.is_contiguous()
-    if input.dim() == 4:
-        return input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
-    return False
-
-
 def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """Per-sample statistics over (C/G)·spatial values: instance (G=C), group, and layer (G=1) modes.
 
@@ -53,7 +46,7 @@ def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias:
 
         if triton_norm.prefer_triton(input):
             return triton_norm.triton_grouped_norm(input, num_groups, weight, bias, eps)
-    if input.device.type == "cpu" and input.dim() >= 4 and _is_channels_last(input):
+    if input.device.type == "cpu" and input.dim() >= 4 and is_channels_last(input):
         if num_groups == input.shape[1]:
             return channels_last_instance_norm(input, weight, bias, eps)
     return F.group_norm(input, num_groups, weight, bias, eps)

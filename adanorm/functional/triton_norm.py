@@ -32,6 +32,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from adanorm.functional.layout import is_channels_last
 from torch.autograd.function import once_differentiable
 
 try:
@@ -308,15 +310,7 @@ def prefer_triton(input: Tensor) -> bool:
     switch = os.environ.get("ADANORM_TRITON", "")
     if switch == "0" or not input.is_cuda or not triton_available(input):
         return False
-    return switch == "1" or _is_channels_last(input)
-
-
-def _is_channels_last(input: Tensor) -> bool:
-    if input.dim() == 5:
-        return input.is_contiguous(memory_format=torch.channels_last_3d) and not input.is_contiguous()
-    if input.dim() == 4:
-        return input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
-    return False
+    return switch == "1" or is_channels_last(input)
 
 
 @dataclass(frozen=True)
@@ -417,7 +411,7 @@ def _finalize_blocks(geometry: _Geometry) -> Tuple[int, int]:
 
 def _kernel_layout(input: Tensor) -> Tensor:
     """``input`` in a layout the kernels address by (n, c, s) strides: contiguous or channels-last."""
-    if input.is_contiguous() or _is_channels_last(input):
+    if input.is_contiguous() or is_channels_last(input):
         return input
     return input.contiguous()
 
