@@ -16,12 +16,7 @@ predict_script = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(predict_script)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny recipe runs: threads only add overhead
 
 
 def trained_checkpoint(tmp_path, model):
