@@ -16,6 +16,9 @@ from adanorm import AdaptiveNorm2d, AdaptiveNorm3d
 from adanorm.functional import adaptive_norm, grouped_norm
 from adanorm.functional.instance_channels_last import channels_last_instance_norm
 
+# Every test here runs on the native CPU kernels and again on the compiled fused ones (conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_backend")
+
 TOL = {torch.float64: (1e-10, 1e-8), torch.float32: (1e-5, 1e-4), torch.bfloat16: (6e-2, 3e-2)}
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": None}  # None: channels_last(_3d) by rank
 SHAPES = {5: [(2, 6, 3, 4, 5), (1, 8, 4, 4, 4)], 4: [(2, 6, 5, 7), (1, 8, 4, 4)]}

@@ -8,6 +8,9 @@ from torch import nn
 import adanorm
 from adanorm.functional import adaptive_norm
 
+# Every test here runs on the native CPU kernels and again on the compiled fused ones (conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_backend")
+
 ADAPTIVE_BY_RANK = {3: adanorm.AdaptiveNorm1d, 4: adanorm.AdaptiveNorm2d, 5: adanorm.AdaptiveNorm3d}
 BATCH_BY_RANK = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 INSTANCE_BY_RANK = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from adanorm.functional.cpu_fused import fused_norm, prefer_fused_cpu
 from adanorm.functional.instance_channels_last import channels_last_instance_norm
 from adanorm.functional.layout import is_channels_last
 
@@ -29,23 +30,28 @@ def batch_norm(
     eps: float,
 ) -> Tensor:
     """Statistics over (N, *spatial) per channel; updates running stats when they are given and used."""
+    if use_batch_stats and prefer_fused_cpu(input, batch_statistics=True):
+        return fused_norm(input, None, weight, bias, eps, running_mean, running_var, momentum)
     return F.batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps)
 
 
 def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """Per-sample statistics over (C/G)·spatial values: instance (G=C), group, and layer (G=1) modes.
 
-    Native group norm is the fastest fused kernel for these in contiguous layout (faster than
-    native instance norm, which also drops channels_last). For instance mode on channels-last
-    input, a per-sample batch-norm kernel reduces along the contiguous channel axis and is
-    several times faster than either, forward and backward. On CUDA, Triton kernels take the
-    layouts the native kernels handle with extra copies (``triton_norm.prefer_triton``).
+    Native group norm is the fastest CPU kernel for these in contiguous layout (faster than native
+    instance norm, which also drops channels_last). On channels-last input the compiled two-pass
+    kernels (``cpu_fused``) take over: native channels-last group norm is slow backward and imprecise
+    at large means. Without a compiler, a per-sample batch-norm kernel still spares instance mode
+    the layout copies of native instance norm. On CUDA, Triton kernels take the layouts the
+    native kernels handle with extra copies (``triton_norm.prefer_triton``).
     """
     if input.is_cuda:
         from adanorm.functional import triton_norm  # on first CUDA call: importing triton is slow and optional
 
         if triton_norm.prefer_triton(input):
             return triton_norm.triton_grouped_norm(input, num_groups, weight, bias, eps)
+    if prefer_fused_cpu(input, batch_statistics=False):
+        return fused_norm(input, num_groups, weight, bias, eps)
     if input.device.type == "cpu" and input.dim() >= 4 and is_channels_last(input):
         if num_groups == input.shape[1]:
             return channels_last_instance_norm(input, weight, bias, eps)

@@ -1,0 +1,426 @@
+// Fused CPU normalization: every statistics mode in two memory passes per direction, either layout.
+//
+// Every mode is "statistics per (sample, channel), pooled over a set of (sample, channel) pairs,
+// then a per-(sample, channel) affine map". The sets are the channels of one group of a sample
+// (instance: one channel, layer: all channels) or one channel across the batch (batch mode).
+// Two kernels cover all modes, both layouts and both directions:
+//
+//   channel_sums    one read pass: per (n, c) the sums of two terms with x shifted by a per-(n, c)
+//                   value. Forward: Σu and Σu² of u = x − shift, shift = one value of the channel,
+//                   so float sums stay accurate for large means. Backward: Σdy and Σdy·(x − μ).
+//   channel_affine  one read+write pass: y = a·x + b forward, dx = a·dy + b·x + c backward, with
+//                   per-(n, c) coefficients, written in the input's own layout.
+//
+// Channels-last input (N, *spatial, C) is reduced along its contiguous channel rows with one
+// accumulator per channel, so no layout copy is ever made; contiguous input (N, C, *spatial) along
+// its contiguous spatial rows. Work is split into (sample, chunk) tasks with per-task partials,
+// so one sample with few channels still keeps every thread busy, and partials are added in task
+// order, so results do not depend on the thread count. Inner sums are float over short blocks
+// (vectorized), flushed into double.
+//
+// Per-sample modes process one sample at a time (statistics, then its affine pass while the
+// sample is still in the last-level cache); batch mode needs every sample before its affine pass.
+
+#include <torch/extension.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunkElements = 1 << 15;  // elements per task: a chunk fits in L2
+constexpr int64_t kBlockValues = 256;  // values per channel summed in float before flushing to double
+// Inputs up to this size make one pass per direction over all samples; larger ones go a sample at
+// a time, so that a sample is still in the last-level cache for its affine pass.
+constexpr int64_t kWholeBatchBytes = 8 << 20;
+
+// Element conversions written as plain integer arithmetic, so that loops over bfloat16 vectorize
+// like float loops (c10::BFloat16's own conversions do not). Rounding is to nearest even, NaN stays NaN.
+template <typename scalar_t>
+inline at::opmath_type<scalar_t> to_acc(scalar_t value) {
+  return static_cast<at::opmath_type<scalar_t>>(value);
+}
+template <>
+inline float to_acc<c10::BFloat16>(c10::BFloat16 value) {
+  const uint32_t bits = static_cast<uint32_t>(value.x) << 16;
+  float result;
+  std::memcpy(&result, &bits, sizeof(result));
+  return result;
+}
+template <typename scalar_t>
+inline scalar_t from_acc(at::opmath_type<scalar_t> value) {
+  return static_cast<scalar_t>(value);
+}
+template <>
+inline c10::BFloat16 from_acc<c10::BFloat16>(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(value != value ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
+struct ForwardTerms {  // Σu, Σu² of u = x − shift
+  template <typename acc_t>
+  static inline void add(acc_t x, acc_t /*dy*/, acc_t shift, acc_t& first, acc_t& second) {
+    const acc_t u = x - shift;
+    first += u;
+    second += u * u;
+  }
+};
+
+struct BackwardTerms {  // Σdy, Σdy·(x − shift)
+  template <typename acc_t>
+  static inline void add(acc_t x, acc_t dy, acc_t shift, acc_t& first, acc_t& second) {
+    first += dy;
+    second += dy * (x - shift);
+  }
+};
+
+// A (N, C, S) tensor in memory: channels-last rows hold the C values of one position, contiguous
+// rows the S values of one channel. A task covers `chunk` rows (channels-last) or `chunk` values
+// of one row (contiguous); `tasks_per_sample` of them cover a sample.
+struct Geometry {
+  int64_t N, C, S;
+  bool channels_last;
+  int64_t chunk, pieces_per_row, tasks_per_sample;
+
+  Geometry(const at::Tensor& x, bool channels_last_) : channels_last(channels_last_) {
+    N = x.size(0);
+    C = x.size(1);
+    S = x.numel() / (N * C);
+    if (channels_last) {
+      chunk = std::max<int64_t>(1, kChunkElements / C);
+      pieces_per_row = 1;
+      tasks_per_sample = (S + chunk - 1) / chunk;
+    } else {
+      chunk = std::min<int64_t>(S, kChunkElements);
+      pieces_per_row = (S + chunk - 1) / chunk;
+      tasks_per_sample = C * pieces_per_row;
+    }
+  }
+  int64_t offset(int64_t n, int64_t c, int64_t s) const { return channels_last ? (n * S + s) * C + c : (n * C + c) * S + s; }
+};
+
+// The samples [first, last) processed together, and the statistics pooled over them: groups > 0
+// pools the channels of each group within a sample, groups == 0 pools each channel over samples.
+struct Unit {
+  int64_t first, last, groups;
+};
+
+// Calls visit(members, count) for every statistic of the unit; members are flat n·C + c indices.
+template <typename Visit>
+void for_each_statistic(const Unit& unit, int64_t C, Visit visit) {
+  std::vector<int64_t> members;
+  if (unit.groups == 0) {
+    for (int64_t c = 0; c < C; ++c) {
+      members.clear();
+      for (int64_t n = unit.first; n < unit.last; ++n) members.push_back(n * C + c);
+      visit(members);
+    }
+    return;
+  }
+  const int64_t per_group = C / unit.groups;
+  for (int64_t n = unit.first; n < unit.last; ++n) {
+    for (int64_t g = 0; g < unit.groups; ++g) {
+      members.clear();
+      for (int64_t k = 0; k < per_group; ++k) members.push_back(n * C + g * per_group + k);
+      visit(members);
+    }
+  }
+}
+
+// Adds per-(n, c) sums of Terms over the unit's samples into first/second (double, N·C).
+template <typename scalar_t, typename Terms>
+void channel_sums(const scalar_t* x, const scalar_t* dy, const double* shift, const Geometry& g,
+                  const Unit& unit, double* first, double* second) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = g.C, S = g.S;
+  const int64_t task_begin = unit.first * g.tasks_per_sample, task_end = unit.last * g.tasks_per_sample;
+  const int64_t width = g.channels_last ? C : 1;  // partial sums per task
+  std::vector<double> partial_first((task_end - task_begin) * width, 0.0);
+  std::vector<double> partial_second((task_end - task_begin) * width, 0.0);
+
+  at::parallel_for(task_begin, task_end, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> block_first(width), block_second(width), shift_acc(width);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / g.tasks_per_sample, piece = task % g.tasks_per_sample;
+      double* out_first = partial_first.data() + (task - task_begin) * width;
+      double* out_second = partial_second.data() + (task - task_begin) * width;
+      if (g.channels_last) {
+        for (int64_t c = 0; c < C; ++c) shift_acc[c] = static_cast<acc_t>(shift[n * C + c]);
+        const int64_t s_begin = piece * g.chunk, s_end = std::min(S, s_begin + g.chunk);
+        const int64_t rows_per_block = kBlockValues;
+        for (int64_t s0 = s_begin; s0 < s_end; s0 += rows_per_block) {
+          std::fill(block_first.begin(), block_first.end(), acc_t(0));
+          std::fill(block_second.begin(), block_second.end(), acc_t(0));
+          const int64_t s1 = std::min(s_end, s0 + rows_per_block);
+          for (int64_t s = s0; s < s1; ++s) {
+            const scalar_t* xr = x + g.offset(n, 0, s);
+            const scalar_t* dyr = dy + g.offset(n, 0, s);
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              Terms::add(to_acc(xr[c]), to_acc(dyr[c]), shift_acc[c], block_first[c],
+                         block_second[c]);
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            out_first[c] += block_first[c];
+            out_second[c] += block_second[c];
+          }
+        }
+      } else {
+        const int64_t c = piece / g.pieces_per_row;
+        const int64_t s_begin = (piece % g.pieces_per_row) * g.chunk, s_end = std::min(S, s_begin + g.chunk);
+        const acc_t row_shift = static_cast<acc_t>(shift[n * C + c]);
+        const scalar_t* xr = x + g.offset(n, c, 0);
+        const scalar_t* dyr = dy + g.offset(n, c, 0);
+        for (int64_t s0 = s_begin; s0 < s_end; s0 += kBlockValues) {
+          const int64_t s1 = std::min(s_end, s0 + kBlockValues);
+          acc_t first_acc = 0, second_acc = 0;
+#pragma omp simd reduction(+ : first_acc, second_acc)
+          for (int64_t s = s0; s < s1; ++s) {
+            Terms::add(to_acc(xr[s]), to_acc(dyr[s]), row_shift, first_acc, second_acc);
+          }
+          out_first[0] += first_acc;
+          out_second[0] += second_acc;
+        }
+      }
+    }
+  });
+
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t n = task / g.tasks_per_sample, piece = task % g.tasks_per_sample;
+    const int64_t local = task - task_begin;
+    if (g.channels_last) {
+      for (int64_t c = 0; c < C; ++c) {
+        first[n * C + c] += partial_first[local * C + c];
+        second[n * C + c] += partial_second[local * C + c];
+      }
+    } else {
+      const int64_t c = piece / g.pieces_per_row;
+      first[n * C + c] += partial_first[local];
+      second[n * C + c] += partial_second[local];
+    }
+  }
+}
+
+// out = a·x + b, or with dy: out = a·dy + b·x + c; coefficients per (n, c), over the unit's samples.
+template <typename scalar_t, bool kHasDy>
+void channel_affine(const scalar_t* x, const scalar_t* dy, const at::opmath_type<scalar_t>* a,
+                    const at::opmath_type<scalar_t>* b, const at::opmath_type<scalar_t>* c_term, const Geometry& g,
+                    const Unit& unit, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = g.C, S = g.S;
+  at::parallel_for(unit.first * g.tasks_per_sample, unit.last * g.tasks_per_sample, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / g.tasks_per_sample, piece = task % g.tasks_per_sample;
+      const acc_t* an = a + n * C;
+      const acc_t* bn = b + n * C;
+      const acc_t* cn = c_term + n * C;
+      if (g.channels_last) {
+        const int64_t s_begin = piece * g.chunk, s_end = std::min(S, s_begin + g.chunk);
+        for (int64_t s = s_begin; s < s_end; ++s) {
+          const int64_t offset = g.offset(n, 0, s);
+          const scalar_t* xr = x + offset;
+          const scalar_t* dyr = dy + offset;
+          scalar_t* outr = out + offset;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t xv = to_acc(xr[c]);
+            outr[c] = from_acc<scalar_t>(kHasDy ? an[c] * to_acc(dyr[c]) + bn[c] * xv + cn[c] : an[c] * xv + bn[c]);
+          }
+        }
+      } else {
+        const int64_t c = piece / g.pieces_per_row;
+        const int64_t s_begin = (piece % g.pieces_per_row) * g.chunk, s_end = std::min(S, s_begin + g.chunk);
+        const acc_t ac = an[c], bc = bn[c], cc = cn[c];
+        const int64_t offset = g.offset(n, c, 0);
+        const scalar_t* xr = x + offset;
+        const scalar_t* dyr = dy + offset;
+        scalar_t* outr = out + offset;
+#pragma omp simd
+        for (int64_t s = s_begin; s < s_end; ++s) {
+          const acc_t xv = to_acc(xr[s]);
+          outr[s] = from_acc<scalar_t>(kHasDy ? ac * to_acc(dyr[s]) + bc * xv + cc : ac * xv + bc);
+        }
+      }
+    }
+  });
+}
+
+at::MemoryFormat layout_format(const at::Tensor& x, bool channels_last) {
+  if (!channels_last) return at::MemoryFormat::Contiguous;
+  return x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+}
+
+void check_input(const at::Tensor& t, const at::Tensor& x, bool channels_last, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "adanorm CPU kernel: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "adanorm CPU kernel: ", name, " dtype ", t.scalar_type(),
+              " differs from the input's ", x.scalar_type());
+  TORCH_CHECK(t.sizes() == x.sizes(), "adanorm CPU kernel: ", name, " shape differs from the input's");
+  TORCH_CHECK(t.is_contiguous(layout_format(x, channels_last)), "adanorm CPU kernel: ", name,
+              " is not dense in the requested layout; call .contiguous(memory_format=...) first");
+}
+
+std::vector<Unit> units_of(const at::Tensor& x, int64_t groups) {
+  const int64_t N = x.size(0);
+  if (groups == 0 || x.nbytes() <= kWholeBatchBytes) return {Unit{0, N, groups}};
+  std::vector<Unit> units;
+  for (int64_t n = 0; n < N; ++n) units.push_back(Unit{n, n + 1, groups});
+  return units;
+}
+
+// γ or β of channel c from an optional float64 copy of the parameter (raw pointer: read per statistic).
+struct ChannelParameter {
+  at::Tensor values;
+  const double* data = nullptr;
+  double missing;
+  ChannelParameter(const c10::optional<at::Tensor>& parameter, double missing_) : missing(missing_) {
+    if (parameter.has_value() && parameter->defined()) {
+      values = parameter->to(at::kDouble).contiguous();
+      data = values.const_data_ptr<double>();
+    }
+  }
+  double operator[](int64_t c) const { return data ? data[c] : missing; }
+};
+
+}  // namespace
+
+// Normalizes x (N, C, *) with statistics of x itself: per (sample, group) for groups > 0, per
+// channel over the batch for groups == 0 (then updates running_mean/var in place when given).
+// Returns (y in x's layout, mean, rstd) with mean and rstd as (N, C) float64 tables.
+std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& bias, int64_t groups, double eps,
+                                     const c10::optional<at::Tensor>& running_mean,
+                                     const c10::optional<at::Tensor>& running_var, double momentum,
+                                     bool channels_last) {
+  check_input(x, x, channels_last, "input");
+  const Geometry g(x, channels_last);
+  TORCH_CHECK(groups == 0 || g.C % groups == 0, "adanorm CPU kernel: ", g.C, " channels do not split into ",
+              groups, " groups");
+  const auto table_options = x.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous);
+  const ChannelParameter gamma(weight, 1.0), beta(bias, 0.0);
+  auto mean = at::empty({g.N, g.C}, table_options);
+  auto rstd = at::empty({g.N, g.C}, table_options);
+  auto batch_mean = at::empty({g.C}, table_options);
+  auto batch_unbiased_var = at::empty({g.C}, table_options);
+  auto y = at::empty_like(x, layout_format(x, channels_last));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adanorm_norm_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    std::vector<double> shift(g.N * g.C), sum_u(g.N * g.C, 0.0), sum_u2(g.N * g.C, 0.0);
+    std::vector<acc_t> scale(g.N * g.C), offset(g.N * g.C);
+    double* mean_data = mean.data_ptr<double>();
+    double* rstd_data = rstd.data_ptr<double>();
+    double* batch_mean_data = batch_mean.data_ptr<double>();
+    double* batch_unbiased_var_data = batch_unbiased_var.data_ptr<double>();
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t c = 0; c < g.C; ++c) shift[n * g.C + c] = static_cast<double>(to_acc(x_data[g.offset(n, c, 0)]));
+
+    for (const Unit& unit : units_of(x, groups)) {
+      channel_sums<scalar_t, ForwardTerms>(x_data, x_data, shift.data(), g, unit, sum_u.data(), sum_u2.data());
+      for_each_statistic(unit, g.C, [&](const std::vector<int64_t>& members) {
+        // Chan's formula over the members' (mean, M2): robust where E[x²] − E[x]² is not.
+        const double count = static_cast<double>(g.S) * members.size();
+        double total = 0.0;
+        for (int64_t i : members) total += shift[i] * g.S + sum_u[i];
+        const double stat_mean = total / count;
+        double m2 = 0.0;
+        for (int64_t i : members) {
+          const double channel_mean = shift[i] + sum_u[i] / g.S;
+          m2 += std::max(sum_u2[i] - sum_u[i] * sum_u[i] / g.S, 0.0) +
+                g.S * (channel_mean - stat_mean) * (channel_mean - stat_mean);
+        }
+        const double stat_rstd = 1.0 / std::sqrt(m2 / count + eps);
+        for (int64_t i : members) {
+          const int64_t c = i % g.C;
+          const double a = gamma[c] * stat_rstd;
+          mean_data[i] = stat_mean;
+          rstd_data[i] = stat_rstd;
+          scale[i] = static_cast<acc_t>(a);
+          offset[i] = static_cast<acc_t>(beta[c] - stat_mean * a);
+        }
+        if (unit.groups == 0) {
+          const int64_t c = members.front() % g.C;
+          batch_mean_data[c] = stat_mean;
+          batch_unbiased_var_data[c] = m2 / std::max(count - 1.0, 1.0);
+        }
+      });
+      channel_affine<scalar_t, false>(x_data, x_data, scale.data(), offset.data(), offset.data(), g, unit,
+                                      y.data_ptr<scalar_t>());
+    }
+  });
+
+  if (groups == 0 && running_mean.has_value() && running_mean->defined()) {
+    running_mean->mul_(1.0 - momentum).add_(batch_mean.to(running_mean->scalar_type()), momentum);
+    running_var->mul_(1.0 - momentum).add_(batch_unbiased_var.to(running_var->scalar_type()), momentum);
+  }
+  return {y, mean, rstd};
+}
+
+// Gradients of norm_forward given its saved (N, C) mean and rstd: (dx or undefined, dγ, dβ as float64).
+std::vector<at::Tensor> norm_backward(const at::Tensor& grad_output, const at::Tensor& x,
+                                      const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                      const at::Tensor& rstd, int64_t groups, bool channels_last,
+                                      bool need_input) {
+  check_input(x, x, channels_last, "input");
+  check_input(grad_output, x, channels_last, "grad_output");
+  const Geometry g(x, channels_last);
+  const auto table_options = x.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous);
+  const ChannelParameter gamma(weight, 1.0);
+  auto grad_weight = at::zeros({g.C}, table_options);
+  auto grad_bias = at::zeros({g.C}, table_options);
+  at::Tensor grad_input = need_input ? at::empty_like(x, layout_format(x, channels_last)) : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adanorm_norm_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    const scalar_t* dy_data = grad_output.const_data_ptr<scalar_t>();
+    const double* mean_data = mean.const_data_ptr<double>();
+    const double* rstd_data = rstd.const_data_ptr<double>();
+    double* grad_weight_data = grad_weight.data_ptr<double>();
+    double* grad_bias_data = grad_bias.data_ptr<double>();
+    std::vector<double> sum_dy(g.N * g.C, 0.0), sum_dy_u(g.N * g.C, 0.0);
+    std::vector<acc_t> dy_scale(g.N * g.C), x_scale(g.N * g.C), shift(g.N * g.C);
+
+    for (const Unit& unit : units_of(x, groups)) {
+      channel_sums<scalar_t, BackwardTerms>(x_data, dy_data, mean_data, g, unit, sum_dy.data(), sum_dy_u.data());
+      for_each_statistic(unit, g.C, [&](const std::vector<int64_t>& members) {
+        // dx = rstd·(γ·dy − mean(γ·dy) − x̂·mean(γ·dy·x̂)) over the statistic's members.
+        const double count = static_cast<double>(g.S) * members.size();
+        const double stat_mean = mean_data[members.front()], stat_rstd = rstd_data[members.front()];
+        double sum_g = 0.0, sum_g_xhat = 0.0;
+        for (int64_t i : members) {
+          const int64_t c = i % g.C;
+          sum_g += gamma[c] * sum_dy[i];
+          sum_g_xhat += gamma[c] * stat_rstd * sum_dy_u[i];
+          grad_weight_data[c] += stat_rstd * sum_dy_u[i];
+          grad_bias_data[c] += sum_dy[i];
+        }
+        const double mean_g = sum_g / count, mean_g_xhat = sum_g_xhat / count;
+        for (int64_t i : members) {
+          const int64_t c = i % g.C;
+          dy_scale[i] = static_cast<acc_t>(stat_rstd * gamma[c]);
+          x_scale[i] = static_cast<acc_t>(-stat_rstd * stat_rstd * mean_g_xhat);
+          shift[i] = static_cast<acc_t>(stat_rstd * (stat_rstd * stat_mean * mean_g_xhat - mean_g));
+        }
+      });
+      if (need_input) {
+        channel_affine<scalar_t, true>(x_data, dy_data, dy_scale.data(), x_scale.data(), shift.data(), g, unit,
+                                       grad_input.data_ptr<scalar_t>());
+      }
+    }
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("norm_forward", &norm_forward, "statistics + affine in two passes (see norm_cpu.cpp)");
+  m.def("norm_backward", &norm_backward, "gradient sums + dx in two passes (see norm_cpu.cpp)");
+}

@@ -1,0 +1,206 @@
+"""The compiled CPU kernels (adanorm/csrc/norm_cpu.cpp via adanorm.functional.cpu_fused).
+
+References are PyTorch's own kernels (F.batch_norm, F.group_norm) and float64 math; shapes are
+chosen so the kernels' chunking (several tasks per sample and per row), float-block flushing and
+per-sample units are all reached. The module-level tests in test_forced_modes.py and
+test_fast_paths.py also run on these kernels (the ``cpu_backend`` fixture).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adanorm import AdaptiveNorm3d
+from adanorm.functional import cpu_fused
+from adanorm.functional.cpu_fused import cpu_kernels, fused_norm, prefer_fused_cpu
+
+TOL = {torch.float64: (1e-10, 1e-8), torch.float32: (2e-5, 1e-4), torch.bfloat16: (6e-2, 3e-2), torch.float16: (1e-2, 1e-2)}
+LAYOUTS = ["contiguous", "channels_last"]
+# (shape, groups): groups None is batch mode. Shapes reach: one sample, odd sizes, C not a multiple
+# of the vector width, several channels-last tasks per sample (S·C > 2^15) and several contiguous
+# pieces per row (S > 2^15), and a sample above the whole-batch size (per-sample units).
+CASES = [
+    ((2, 6, 3, 4, 5), None), ((2, 6, 3, 4, 5), 6), ((2, 6, 3, 4, 5), 3), ((2, 6, 3, 4, 5), 1),
+    ((1, 8, 4, 4, 4), None), ((1, 8, 4, 4, 4), 8),
+    ((3, 5, 2, 3, 7), 5), ((2, 7, 5, 6), None), ((2, 7, 5, 6), 7), ((4, 3, 17), 3), ((4, 3, 17), None),
+    ((1, 3, 40, 40, 25), None), ((1, 3, 40, 40, 25), 3), ((2, 64, 12, 12, 12), 64), ((2, 64, 12, 12, 12), 8),
+]
+
+
+def _memory_format(layout: str, dim: int) -> torch.memory_format:
+    if layout == "contiguous" or dim < 4:
+        return torch.contiguous_format
+    return torch.channels_last_3d if dim == 5 else torch.channels_last
+
+
+def _data(shape, dtype, layout, mean=3.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    fmt = _memory_format(layout, len(shape))
+    x = (torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + mean).to(dtype).contiguous(memory_format=fmt)
+    dy = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+    weight = (torch.rand(shape[1], generator=generator, dtype=torch.float64) + 0.5).to(dtype)
+    bias = torch.randn(shape[1], generator=generator, dtype=torch.float64).to(dtype)
+    return x, dy, weight, bias
+
+
+def _native(x, groups, weight, bias, running_mean=None, running_var=None):
+    if groups is None:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5)
+    return F.group_norm(x, groups, weight, bias, 1e-5)
+
+
+def _step(norm, x, dy, weight, bias, **kwargs):
+    leaves = [t.detach().clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, weight, bias)]
+    y = norm(leaves[0], *kwargs.pop("args"), leaves[1], leaves[2], **kwargs)
+    y.backward(dy)
+    return [y] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize(
+    "case,dtype,layout",
+    list(itertools.product(CASES, [torch.float64, torch.float32, torch.bfloat16, torch.float16], LAYOUTS)),
+    ids=str,
+)
+def test_matches_native_kernels(case, dtype, layout):
+    shape, groups = case
+    x, dy, weight, bias = _data(shape, dtype, layout)
+    # The reference is the native kernels in float64: in float32 native channels-last group norm is
+    # itself off by ~1e-5, and in bfloat16/float16 it rounds differently.
+    reference_dtype = torch.float64
+    stats = (torch.zeros(shape[1], dtype=dtype), torch.ones(shape[1], dtype=dtype))
+    native_stats = tuple(t.to(reference_dtype) for t in stats)
+    fused = _step(fused_norm, x, dy, weight, bias, args=(groups,), eps=1e-5,
+                  running_mean=stats[0] if groups is None else None, running_var=stats[1] if groups is None else None)
+    reference = _step(
+        lambda x_, g, w, b: _native(x_, g, w, b, *native_stats if groups is None else (None, None)),
+        x.to(reference_dtype), dy.to(reference_dtype), weight.to(reference_dtype), bias.to(reference_dtype), args=(groups,),
+    )
+    atol, rtol = TOL[dtype]
+    fmt = _memory_format(layout, len(shape))
+    for name, got, want in zip(["output", "grad_input", "grad_weight", "grad_bias"], fused, reference):
+        assert got.dtype == dtype, name
+        tolerance = (atol * shape[0] * 32, rtol) if name in ("grad_weight", "grad_bias") and dtype != torch.float64 else (atol, rtol)
+        torch.testing.assert_close(got.double(), want.double(), atol=tolerance[0], rtol=tolerance[1], msg=lambda m: f"{name}: {m}")
+    assert fused[0].is_contiguous(memory_format=fmt) and fused[1].is_contiguous(memory_format=fmt)
+    if groups is None:
+        for got, want in zip(stats, native_stats):
+            torch.testing.assert_close(got.double(), want.double(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("groups,layout", list(itertools.product([None, 8, 2, 1], LAYOUTS)))
+def test_gradcheck_and_gradgradcheck(groups, layout):
+    x, _, weight, bias = _data((2, 8, 3, 4, 5), torch.float64, layout)
+    inputs = tuple(t.detach().requires_grad_() for t in (x, weight, bias))
+    function = lambda x_, w, b: fused_norm(x_, groups, w, b, 1e-5)  # noqa: E731
+    assert torch.autograd.gradcheck(function, inputs)
+    # Second derivatives (gradient penalties) go through the native kernels' double backward.
+    assert torch.autograd.gradgradcheck(function, inputs)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("groups", [None, 16, 4])
+def test_large_mean_keeps_float32_precision(groups, layout):
+    """Shifted sums: a mean of 1e4 with unit spread must not cost float32 its digits (native
+    channels-last group norm is off by ~1e3 here; E[x²]−E[x]² would be too)."""
+    x, dy, weight, bias = _data((2, 16, 16, 16, 16), torch.float32, layout, mean=1e4)
+    expected = _native(x.double(), groups, weight.double(), bias.double())
+    torch.testing.assert_close(fused_norm(x, groups, weight, bias, 1e-5).double(), expected, atol=5e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_results_do_not_depend_on_thread_count(layout):
+    x, dy, weight, bias = _data((2, 16, 24, 24, 24), torch.float32, layout)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(_step(fused_norm, x, dy, weight, bias, args=(4,), eps=1e-5))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            assert torch.equal(got, want)
+
+
+def test_input_that_is_not_dense_is_made_dense_first():
+    x, dy, weight, bias = _data((2, 6, 8, 8, 16), torch.float32, "contiguous")
+    strided = x[..., ::2]
+    torch.testing.assert_close(fused_norm(strided, 3, weight, bias, 1e-5), F.group_norm(strided, 3, weight, bias, 1e-5))
+
+
+def test_kernel_rejects_mismatched_operands_with_a_clear_error():
+    kernels = cpu_kernels()
+    x = torch.randn(2, 4, 3, 3, 3)
+    with pytest.raises(RuntimeError, match="not dense in the requested layout"):
+        kernels.norm_forward(x, None, None, 4, 1e-5, None, None, 0.1, True)
+    with pytest.raises(RuntimeError, match="do not split into 3 groups"):
+        kernels.norm_forward(x, None, None, 3, 1e-5, None, None, 0.1, False)
+    with pytest.raises(RuntimeError, match="grad_output dtype"):
+        kernels.norm_backward(x.double(), x, None, torch.zeros(2, 4, dtype=torch.float64),
+                              torch.ones(2, 4, dtype=torch.float64), 4, False, True)
+
+
+def test_dispatch_rules():
+    channels_last = torch.randn(2, 32, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+    contiguous = torch.randn(2, 32, 16, 16, 16)
+    assert prefer_fused_cpu(channels_last, batch_statistics=False)
+    assert not prefer_fused_cpu(contiguous, batch_statistics=False)  # native group norm is as fast there
+    assert prefer_fused_cpu(contiguous, batch_statistics=True)
+    assert not prefer_fused_cpu(torch.randn(2, 8, 4, 4, 4), batch_statistics=True)  # small: native overhead wins
+    assert not prefer_fused_cpu(channels_last.to(torch.int32), batch_statistics=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not prefer_fused_cpu(channels_last, batch_statistics=False)
+
+
+def test_layer_uses_the_fused_kernels_on_channels_last_input(monkeypatch):
+    calls = []
+    kernels = cpu_kernels()
+
+    class Spy:
+        def norm_forward(self, *args):
+            calls.append("forward")
+            return kernels.norm_forward(*args)
+
+        def norm_backward(self, *args):
+            calls.append("backward")
+            return kernels.norm_backward(*args)
+
+    monkeypatch.setattr(cpu_fused, "cpu_kernels", lambda: Spy())
+    layer = AdaptiveNorm3d(32, mode="instance")
+    x = torch.randn(2, 32, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    layer(x).sum().backward()
+    assert calls == ["forward", "backward"]
+
+
+def test_disabled_by_environment_variable():
+    code = "from adanorm.functional.cpu_fused import cpu_kernels; print(cpu_kernels() is None)"
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ADANORM_CPU_KERNEL": "0"},
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True"
+
+
+def test_missing_toolchain_warns_and_falls_back(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    cpu_kernels.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not compile its CPU kernels.*pip install ninja"):
+            assert cpu_kernels() is None
+        x = torch.randn(2, 8, 16, 16, 16).contiguous(memory_format=torch.channels_last_3d)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert not prefer_fused_cpu(x, batch_statistics=False)
+    finally:
+        cpu_kernels.cache_clear()
