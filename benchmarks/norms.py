@@ -453,15 +453,18 @@ def machine_info() -> str:
                 break
     except OSError:
         cpu = platform.processor() or cpu
+    from adanorm.functional.cpu_fused import cpu_kernels
+
+    kernels = "compiled adanorm CPU kernels" if cpu_kernels() is not None else "native kernels only (ADANORM_CPU_KERNEL=0 or no compiler)"
     return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+            f"Python {platform.python_version()}, {platform.system()} {platform.release()}; {kernels}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a subset of the grid with fewer repeats (~2 minutes)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output directory")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per group (default 5 quick, 7 full)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per group (default 3 quick, 5 full; cheap groups get more within a time budget)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: memory,tiny,unet")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated forced modes to time")
     parser.add_argument("--_memory-worker", dest="memory_worker", default=None, help=argparse.SUPPRESS)
@@ -479,7 +482,7 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     modes = tuple(m for m in args.modes.split(",") if m)
     started = time.perf_counter()
-    command = "python -m benchmarks.norms" + (" --quick" if args.quick else "") + (f" --out {args.out}" if argv and "--out" in argv else "")
+    command = " ".join(["python -m benchmarks.norms", *(sys.argv[1:] if argv is None else argv)])
     print(f"machine: {machine_info()}")
 
     grid = run_grid(QUICK_SHAPES if args.quick else FULL_SHAPES, repeats, min_sample_s, modes=modes, budget_s=budget_s)

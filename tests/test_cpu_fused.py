@@ -136,16 +136,9 @@ def test_input_that_is_not_dense_is_made_dense_first():
     torch.testing.assert_close(fused_norm(strided, 3, weight, bias, 1e-5), F.group_norm(strided, 3, weight, bias, 1e-5))
 
 
-def test_kernel_rejects_mismatched_operands_with_a_clear_error():
-    kernels = cpu_kernels()
-    x = torch.randn(2, 4, 3, 3, 3)
-    with pytest.raises(RuntimeError, match="not dense in the requested layout"):
-        kernels.norm_forward(x, None, None, 4, 1e-5, None, None, 0.1, True)
-    with pytest.raises(RuntimeError, match="do not split into 3 groups"):
-        kernels.norm_forward(x, None, None, 3, 1e-5, None, None, 0.1, False)
-    with pytest.raises(RuntimeError, match="grad_output dtype"):
-        kernels.norm_backward(x.double(), x, None, torch.zeros(2, 4, dtype=torch.float64),
-                              torch.ones(2, 4, dtype=torch.float64), 4, False, True)
+def test_groups_that_do_not_divide_the_channels_are_rejected():
+    with pytest.raises(RuntimeError, match="4 channels do not split into 3 groups"):
+        fused_norm(torch.randn(2, 4, 3, 3, 3), 3, None, None, 1e-5)
 
 
 def test_dispatch_rules():
@@ -165,19 +158,15 @@ def test_layer_uses_the_fused_kernels_on_channels_last_input(monkeypatch):
     kernels = cpu_kernels()
 
     class Spy:
-        def norm_forward(self, *args):
-            calls.append("forward")
-            return kernels.norm_forward(*args)
-
-        def norm_backward(self, *args):
-            calls.append("backward")
-            return kernels.norm_backward(*args)
+        def fused_norm(self, *args):
+            calls.append(args[3])  # groups
+            return kernels.fused_norm(*args)
 
     monkeypatch.setattr(cpu_fused, "cpu_kernels", lambda: Spy())
-    layer = AdaptiveNorm3d(32, mode="instance")
     x = torch.randn(2, 32, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
-    layer(x).sum().backward()
-    assert calls == ["forward", "backward"]
+    AdaptiveNorm3d(32, mode="instance")(x).sum().backward()
+    AdaptiveNorm3d(32, mode="batch")(torch.randn(4, 32, 16, 16, 16))  # 2^19 values: batch statistics fused too
+    assert calls == [32, 0]
 
 
 def test_disabled_by_environment_variable():

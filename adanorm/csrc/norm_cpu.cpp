@@ -420,7 +420,81 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_output, const at::T
   return {grad_input, grad_weight, grad_bias};
 }
 
+namespace {
+
+c10::optional<at::Tensor> present(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+// Channels-last when the input is dense in channels_last(_3d) and not also plain contiguous;
+// anything else is made contiguous (a no-op for convolution outputs).
+std::pair<at::Tensor, bool> dense_layout(const at::Tensor& input) {
+  if (input.dim() >= 4 && !input.is_contiguous() && input.is_contiguous(layout_format(input, true))) {
+    return {input, true};
+  }
+  return {input.contiguous(), false};
+}
+
+// Autograd in C++: the Python-level autograd.Function cost more per call than small layers' kernels.
+struct FusedNorm : public torch::autograd::Function<FusedNorm> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
+                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                            int64_t groups, double eps, const c10::optional<at::Tensor>& running_mean,
+                            const c10::optional<at::Tensor>& running_var, double momentum) {
+    const auto [x, channels_last] = dense_layout(input);
+    auto results = norm_forward(x, weight, bias, groups, eps, running_mean, running_var, momentum, channels_last);
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), results[1], results[2]});
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["eps"] = eps;
+    return results[0];
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &weight = saved[1], &bias = saved[2];
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    // Absent optional arguments have no graph edge, so edge indices skip them.
+    const int64_t weight_edge = 1, bias_edge = weight.defined() ? 2 : 1;
+    const bool need[3] = {ctx->needs_input_grad(0), weight.defined() && ctx->needs_input_grad(weight_edge),
+                          bias.defined() && ctx->needs_input_grad(bias_edge)};
+    torch::autograd::variable_list grads(8);
+    if (at::GradMode::is_enabled()) {
+      // Gradients that must themselves be differentiable (create_graph=True, e.g. gradient
+      // penalties): recomputed through the native kernels, which autograd can differentiate twice.
+      const double eps = ctx->saved_data["eps"].toDouble();
+      const at::Tensor output = groups == 0
+          ? at::batch_norm(input, weight, bias, {}, {}, true, 0.0, eps, false)
+          : at::group_norm(input, groups, weight, bias, eps, false);
+      torch::autograd::variable_list wanted;
+      for (int i = 0; i < 3; ++i)
+        if (need[i]) wanted.push_back(saved[i]);
+      const auto computed = torch::autograd::grad({output}, wanted, {grad_outputs[0]}, true, true);
+      for (int i = 0, k = 0; i < 3; ++i)
+        if (need[i]) grads[i] = computed[k++];
+      return grads;
+    }
+    const auto [x, channels_last] = dense_layout(input);
+    const at::Tensor dy = grad_outputs[0].contiguous(layout_format(x, channels_last));
+    auto computed = norm_backward(dy, x, present(weight), saved[3], saved[4], groups, channels_last, need[0]);
+    if (need[0]) grads[0] = computed[0];
+    if (need[1]) grads[1] = computed[1].to(weight.scalar_type());
+    if (need[2]) grads[2] = computed[2].to(bias.scalar_type());
+    return grads;
+  }
+};
+
+at::Tensor fused_norm(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                      const c10::optional<at::Tensor>& bias, int64_t groups, double eps,
+                      const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+                      double momentum) {
+  return FusedNorm::apply(input, weight, bias, groups, eps, running_mean, running_var, momentum);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("norm_forward", &norm_forward, "statistics + affine in two passes (see norm_cpu.cpp)");
-  m.def("norm_backward", &norm_backward, "gradient sums + dx in two passes (see norm_cpu.cpp)");
+  m.def("fused_norm", &fused_norm,
+        "normalize with the input's own statistics: per (sample, group), or per channel over the batch for "
+        "groups=0 (updating running statistics when given); differentiable, output in the input's layout");
 }

@@ -2,19 +2,21 @@
 
 Native CPU kernels pay for layout and generality: ``instance_norm`` copies channels_last_3d input
 to contiguous and back, channels-last ``group_norm`` parallelizes over groups (starved with one
-group per channel) and loses float32 precision at large means, and ``batch_norm`` makes extra
-passes for its statistics. Here every mode is the same three steps, mirroring the Triton backend:
+group per channel), is slow backward and loses float32 precision at large means, and
+``batch_norm`` makes extra passes for its statistics. In ``csrc/norm_cpu.cpp`` every mode is the
+same three steps, mirroring the Triton backend:
 
-1. one read pass: shifted per-(sample, channel) sums (``channel_sums`` in ``csrc/norm_cpu.cpp``);
-2. pooling those (N, C) tables over the mode's set — channels of a group, or samples for batch
-   mode — with Chan's formula, and folding γ, β into a per-(n, c) scale and shift (tiny tensors);
-3. one read+write pass: ``y = scale·x + shift`` in the input's own layout (``channel_affine``).
+1. one read pass: shifted per-(sample, channel) sums;
+2. pooling those (N, C) tables over the mode's set (the channels of a group, or the samples for
+   batch mode) with Chan's formula, and folding γ, β into a per-(n, c) scale and shift;
+3. one read+write pass: ``y = scale·x + shift`` in the input's own layout.
 
 Backward is the same shape: Σdy and Σdy·(x−μ) in one pass, then dx = A·dy + B·x + C in one pass.
+Autograd is wired in C++ too, so a call costs a few microseconds beyond its two passes.
 
-The C++ source compiles once per machine on first use (``torch.utils.cpp_extension``, about
-40 s, cached under ``TORCH_EXTENSIONS_DIR``). Without a compiler, or with
-``ADANORM_CPU_KERNEL=0``, callers keep the native kernels.
+The source compiles once per machine and torch version on first use (``torch.utils.cpp_extension``,
+about a minute, cached under ``TORCH_EXTENSIONS_DIR``; ``python -m adanorm.build`` does it ahead of
+time). Without a compiler, or with ``ADANORM_CPU_KERNEL=0``, callers keep the native kernels.
 """
 from __future__ import annotations
 
@@ -24,10 +26,9 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from adanorm.functional.layout import is_channels_last
@@ -91,65 +92,6 @@ def prefer_fused_cpu(input: Tensor, batch_statistics: bool) -> bool:
     return worth_it and not torch.is_autocast_enabled("cpu") and cpu_kernels() is not None
 
 
-def _layout(input: Tensor) -> Tuple[Tensor, bool]:
-    """The input made dense in its own layout (a no-op for conv outputs), and whether that is channels-last."""
-    if is_channels_last(input):
-        return input, True
-    return input.contiguous(), False
-
-
-class _FusedNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                num_groups: Optional[int], eps: float, running_mean: Optional[Tensor],
-                running_var: Optional[Tensor], momentum: float) -> Tensor:
-        x, channels_last = _layout(input)
-        groups = 0 if num_groups is None else num_groups
-        output, mean, rstd = cpu_kernels().norm_forward(
-            x, weight, bias, groups, eps, running_mean, running_var, momentum, channels_last
-        )
-        ctx.save_for_backward(input, weight, bias, mean, rstd)
-        ctx.groups, ctx.eps = groups, eps
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        input, weight, bias, mean, rstd = ctx.saved_tensors
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():
-            return _differentiable_backward(ctx, grad_output, input, weight, bias)
-        x, channels_last = _layout(input)
-        memory_format = _memory_format(x) if channels_last else torch.contiguous_format
-        grad_input, grad_weight, grad_bias = cpu_kernels().norm_backward(
-            grad_output.contiguous(memory_format=memory_format), x, weight, mean, rstd, ctx.groups,
-            channels_last, need_input,
-        )
-        return (
-            grad_input if need_input else None,
-            grad_weight.to(weight.dtype) if need_weight else None,
-            grad_bias.to(bias.dtype) if need_bias else None,
-            None, None, None, None, None,
-        )
-
-
-def _differentiable_backward(ctx, grad_output: Tensor, input: Tensor, weight: Optional[Tensor],
-                             bias: Optional[Tensor]):
-    """Gradients that are themselves differentiable (``create_graph=True``, e.g. gradient penalties):
-    recomputed through the native kernels, which PyTorch can differentiate twice."""
-    with torch.enable_grad():
-        if ctx.groups == 0:
-            output = F.batch_norm(input, None, None, weight, bias, True, 0.0, ctx.eps)
-        else:
-            output = F.group_norm(input, ctx.groups, weight, bias, ctx.eps)
-        wanted = [t for t, need in zip((input, weight, bias), ctx.needs_input_grad[:3]) if need]
-        grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True))
-    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3]) + (None,) * 5
-
-
-def _memory_format(input: Tensor) -> torch.memory_format:
-    return torch.channels_last_3d if input.dim() == 5 else torch.channels_last
-
-
 def fused_norm(
     input: Tensor,
     num_groups: Optional[int],
@@ -164,5 +106,6 @@ def fused_norm(
     or per channel over the batch (``num_groups=None``, batch mode), updating running statistics
     in place when given. Output keeps the input's layout. Call only where ``prefer_fused_cpu``.
     """
-    return _FusedNorm.apply(input, weight, bias, num_groups, eps, running_mean, running_var, momentum)
+    groups = 0 if num_groups is None else num_groups
+    return cpu_kernels().fused_norm(input, weight, bias, groups, eps, running_mean, running_var, momentum)
 

@@ -1,0 +1,15 @@
+"""The benchmark script runs end to end and writes what BENCHMARKS.md promises (a one-repeat, one-mode smoke run)."""
+import csv
+
+from benchmarks import norms
+
+
+def test_quick_benchmark_writes_tables_and_chart(tmp_path, capsys):
+    assert norms.main(["--quick", "--repeats", "1", "--modes", "instance", "--skip", "memory,tiny,unet", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "norms.csv").open()))
+    assert {row["mode"] for row in rows} == {"instance"}
+    assert {row["layout"] for row in rows} == {"contiguous", "channels_last_3d"}
+    summary = (tmp_path / "summary.md").read_text()
+    assert "target 2" in summary and "## Target 1" in summary
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "target 1" in capsys.readouterr().out
