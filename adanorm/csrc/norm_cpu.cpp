@@ -275,19 +275,35 @@ std::vector<Unit> units_of(const at::Tensor& x, int64_t groups) {
   return units;
 }
 
-// γ or β of channel c from an optional float64 copy of the parameter (raw pointer: read per statistic).
+// γ or β of channel c as a double, read once from a parameter of any floating dtype (elementwise
+// tensor ops on such tiny vectors cost more than the loops).
 struct ChannelParameter {
-  at::Tensor values;
-  const double* data = nullptr;
+  std::vector<double> values;
   double missing;
   ChannelParameter(const c10::optional<at::Tensor>& parameter, double missing_) : missing(missing_) {
-    if (parameter.has_value() && parameter->defined()) {
-      values = parameter->to(at::kDouble).contiguous();
-      data = values.const_data_ptr<double>();
-    }
+    if (!parameter.has_value() || !parameter->defined()) return;
+    const at::Tensor dense = parameter->contiguous();
+    values.resize(dense.numel());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dense.scalar_type(), "adanorm_read_parameter", [&] {
+      const scalar_t* data = dense.const_data_ptr<scalar_t>();
+      for (size_t c = 0; c < values.size(); ++c) values[c] = static_cast<double>(data[c]);
+    });
   }
-  double operator[](int64_t c) const { return data ? data[c] : missing; }
+  double operator[](int64_t c) const { return values.empty() ? missing : values[c]; }
 };
+
+// running ← (1 − momentum)·running + momentum·value, in the buffer's own dtype, as nn.BatchNorm.
+void blend_running(at::Tensor& running, const std::vector<double>& value, double momentum) {
+  TORCH_CHECK(running.is_contiguous() && running.numel() == static_cast<int64_t>(value.size()),
+              "adanorm CPU kernel: running statistics must be contiguous with one value per channel");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running.scalar_type(), "adanorm_running_stats", [&] {
+    scalar_t* data = running.data_ptr<scalar_t>();
+    for (size_t c = 0; c < value.size(); ++c) {
+      data[c] = static_cast<scalar_t>((1.0 - momentum) * static_cast<double>(data[c]) + momentum * value[c]);
+    }
+  });
+  torch::autograd::impl::bump_version(running);  // an in-place update, as autograd must see it
+}
 
 }  // namespace
 
@@ -307,8 +323,7 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
   const ChannelParameter gamma(weight, 1.0), beta(bias, 0.0);
   auto mean = at::empty({g.N, g.C}, table_options);
   auto rstd = at::empty({g.N, g.C}, table_options);
-  auto batch_mean = at::empty({g.C}, table_options);
-  auto batch_unbiased_var = at::empty({g.C}, table_options);
+  std::vector<double> batch_mean(g.C), batch_unbiased_var(g.C);
   auto y = at::empty_like(x, layout_format(x, channels_last));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adanorm_norm_forward", [&] {
@@ -318,8 +333,6 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
     std::vector<acc_t> scale(g.N * g.C), offset(g.N * g.C);
     double* mean_data = mean.data_ptr<double>();
     double* rstd_data = rstd.data_ptr<double>();
-    double* batch_mean_data = batch_mean.data_ptr<double>();
-    double* batch_unbiased_var_data = batch_unbiased_var.data_ptr<double>();
     for (int64_t n = 0; n < g.N; ++n)
       for (int64_t c = 0; c < g.C; ++c) shift[n * g.C + c] = static_cast<double>(to_acc(x_data[g.offset(n, c, 0)]));
 
@@ -348,8 +361,8 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
         }
         if (unit.groups == 0) {
           const int64_t c = members.front() % g.C;
-          batch_mean_data[c] = stat_mean;
-          batch_unbiased_var_data[c] = m2 / std::max(count - 1.0, 1.0);
+          batch_mean[c] = stat_mean;
+          batch_unbiased_var[c] = m2 / std::max(count - 1.0, 1.0);
         }
       });
       channel_affine<scalar_t, false>(x_data, x_data, scale.data(), offset.data(), offset.data(), g, unit,
@@ -358,8 +371,10 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
   });
 
   if (groups == 0 && running_mean.has_value() && running_mean->defined()) {
-    running_mean->mul_(1.0 - momentum).add_(batch_mean.to(running_mean->scalar_type()), momentum);
-    running_var->mul_(1.0 - momentum).add_(batch_unbiased_var.to(running_var->scalar_type()), momentum);
+    TORCH_CHECK(running_var.has_value() && running_var->defined(), "adanorm CPU kernel: running_var missing");
+    at::Tensor running_mean_buffer = *running_mean, running_var_buffer = *running_var;
+    blend_running(running_mean_buffer, batch_mean, momentum);
+    blend_running(running_var_buffer, batch_unbiased_var, momentum);
   }
   return {y, mean, rstd};
 }

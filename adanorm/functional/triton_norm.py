@@ -114,6 +114,18 @@ if triton is not None:
         tl.store(partial_a_ptr + partial, a, mask=channel_mask)
         tl.store(partial_b_ptr + partial, b, mask=channel_mask)
 
+    @triton.jit
+    def _partial_tile(base, r0, j0, rows, cols, partial_row_stride, chunk, S, num_chunks,
+                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Offsets, mask and value counts of one (channel rows x partial columns) tile of the partials."""
+        r = r0 + tl.arange(0, BLOCK_R)
+        j = j0 + tl.arange(0, BLOCK_K)
+        mask = (r < rows)[:, None] & (j < cols)[None, :]
+        offsets = base + r[:, None].to(tl.int64) * partial_row_stride + j[None, :]
+        # Partial column j covers chunk j % num_chunks; the last chunk may be short.
+        chunk_size = tl.minimum(chunk, S - (j % num_chunks) * chunk)
+        return offsets, mask, tl.where(mask, chunk_size[None, :], 0)
+
     @triton.jit(do_not_specialize=["stat_count"])
     def _finalize_stats_kernel(
         partial_mean_ptr, partial_m2_ptr, weight_ptr, bias_ptr,
@@ -135,30 +147,21 @@ if triton is not None:
         reference = tl.load(partial_mean_ptr + base)
         weighted_sum = tl.zeros([BLOCK_R, BLOCK_K], acc_dtype)
         for r0 in range(0, rows, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
             for j0 in range(0, cols, BLOCK_K):
-                j = j0 + tl.arange(0, BLOCK_K)
-                mask = (r < rows)[:, None] & (j < cols)[None, :]
-                offsets = base + r[:, None].to(tl.int64) * partial_row_stride + j[None, :]
-                # Partial column j covers chunk j % num_chunks; the last chunk may be short.
-                chunk_size = tl.minimum(chunk, S - (j % num_chunks) * chunk)
-                count = tl.where(mask, chunk_size[None, :], 0).to(acc_dtype)
+                offsets, mask, count = _partial_tile(base, r0, j0, rows, cols, partial_row_stride, chunk, S, num_chunks,
+                                                     BLOCK_R, BLOCK_K)
                 part_mean = tl.load(partial_mean_ptr + offsets, mask=mask, other=0.0)
-                weighted_sum += count * (part_mean - reference)
+                weighted_sum += count.to(acc_dtype) * (part_mean - reference)
         mean = reference + tl.sum(weighted_sum) / total
 
         m2_sum = tl.zeros([BLOCK_R, BLOCK_K], acc_dtype)
         for r0 in range(0, rows, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
             for j0 in range(0, cols, BLOCK_K):
-                j = j0 + tl.arange(0, BLOCK_K)
-                mask = (r < rows)[:, None] & (j < cols)[None, :]
-                offsets = base + r[:, None].to(tl.int64) * partial_row_stride + j[None, :]
-                chunk_size = tl.minimum(chunk, S - (j % num_chunks) * chunk)
-                count = tl.where(mask, chunk_size[None, :], 0).to(acc_dtype)
+                offsets, mask, count = _partial_tile(base, r0, j0, rows, cols, partial_row_stride, chunk, S, num_chunks,
+                                                     BLOCK_R, BLOCK_K)
                 part_mean = tl.load(partial_mean_ptr + offsets, mask=mask, other=0.0)
                 part_m2 = tl.load(partial_m2_ptr + offsets, mask=mask, other=0.0)
-                m2_sum += part_m2 + count * (part_mean - mean) * (part_mean - mean)
+                m2_sum += part_m2 + count.to(acc_dtype) * (part_mean - mean) * (part_mean - mean)
         var = tl.sum(m2_sum) / total
         rstd = 1.0 / tl.sqrt(var + eps)
         tl.store(mean_ptr + stat, mean)
