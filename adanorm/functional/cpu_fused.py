@@ -41,7 +41,7 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16
 # Smallest inputs worth the fused kernels, measured on a 2-core x86 CPU with benchmarks/norms.py:
 # below these, the native kernels' lower fixed cost per call wins. Contiguous per-sample modes stay
 # native at every size: native group norm already makes two cache-local passes per group there.
-MIN_NUMEL_BATCH = 1 << 18
+MIN_NUMEL_BATCH = 1 << 14
 MIN_NUMEL_PER_SAMPLE_CHANNELS_LAST = 1 << 12
 
 
