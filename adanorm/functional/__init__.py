@@ -50,10 +50,10 @@ def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias:
 
         if triton_norm.prefer_triton(input):
             return triton_norm.triton_grouped_norm(input, num_groups, weight, bias, eps)
-    if prefer_fused_cpu(input, batch_statistics=False):
-        return fused_norm(input, num_groups, weight, bias, eps)
-    if input.device.type == "cpu" and input.dim() >= 4 and is_channels_last(input):
-        if num_groups == input.shape[1]:
+    elif is_channels_last(input):
+        if prefer_fused_cpu(input, batch_statistics=False):
+            return fused_norm(input, num_groups, weight, bias, eps)
+        if num_groups == input.shape[1] and input.device.type == "cpu":
             return channels_last_instance_norm(input, weight, bias, eps)
     return F.group_norm(input, num_groups, weight, bias, eps)
 
