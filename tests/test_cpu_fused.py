@@ -153,6 +153,16 @@ def test_dispatch_rules():
         assert not prefer_fused_cpu(channels_last, batch_statistics=False)
 
 
+def test_traced_model_stays_correct():
+    """torch.jit.trace (and ONNX export, which traces) only records dispatcher ops: the layer must take
+    native kernels there, or the traced graph would return the example input's output forever."""
+    layer = AdaptiveNorm3d(32, mode="instance")
+    example = torch.randn(2, 32, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+    traced = torch.jit.trace(layer, example)
+    other = torch.randn(2, 32, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d) * 3 + 1
+    torch.testing.assert_close(traced(other), layer(other))
+
+
 def test_layer_uses_the_fused_kernels_on_channels_last_input(monkeypatch):
     calls = []
     kernels = cpu_kernels()
