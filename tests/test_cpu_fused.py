@@ -163,6 +163,13 @@ def test_traced_model_stays_correct():
     torch.testing.assert_close(traced(other), layer(other))
 
 
+def test_torch_compile_traces_the_layer_without_graph_breaks():
+    layer = AdaptiveNorm3d(32, mode="instance")
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)  # fullgraph: a graph break would raise
+    x = torch.randn(2, 32, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
 def test_layer_uses_the_fused_kernels_on_channels_last_input(monkeypatch):
     calls = []
     kernels = cpu_kernels()

@@ -53,8 +53,8 @@ def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias:
     elif is_channels_last(input):
         if prefer_fused_cpu(input, batch_statistics=False):
             return fused_norm(input, num_groups, weight, bias, eps)
-        if num_groups == input.shape[1] and input.device.type == "cpu":
-            return channels_last_instance_norm(input, weight, bias, eps)
+        if num_groups == input.shape[1] and input.device.type == "cpu" and not torch.compiler.is_compiling():
+            return channels_last_instance_norm(input, weight, bias, eps)  # out= slices: not traceable by dynamo
     return F.group_norm(input, num_groups, weight, bias, eps)
 
 

@@ -81,7 +81,7 @@ def _is_built(cpp_extension: ModuleType) -> bool:
 def prefer_fused_cpu(input: Tensor, batch_statistics: bool) -> bool:
     """Whether ``fused_norm`` is the faster kernel for this input: batch statistics (batch mode) or
     per-sample ones (instance, group, layer), on a CPU tensor of a supported dtype, outside autocast
-    (whose dtype policy the native ops carry) and outside ``torch.jit.trace`` / ONNX export."""
+    (whose dtype policy the native ops carry), ``torch.jit.trace`` / ONNX export and ``torch.compile``."""
     if input.device.type != "cpu" or input.dtype not in _SUPPORTED_DTYPES or input.dim() < 3:
         return False
     if batch_statistics:
@@ -93,6 +93,7 @@ def prefer_fused_cpu(input: Tensor, batch_statistics: bool) -> bool:
         worth_it
         and not torch.is_autocast_enabled("cpu")
         and not torch.jit.is_tracing()  # the tracer records dispatcher ops only; it would freeze our output
+        and not torch.compiler.is_compiling()  # torch.compile fuses the native ops itself, without graph breaks
         and cpu_kernels() is not None
     )
 
