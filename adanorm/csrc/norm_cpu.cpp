@@ -29,14 +29,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kChunkElements = 1 << 15;  // elements per task: a chunk fits in L2
 constexpr int64_t kBlockValues = 256;  // values per channel summed in float before flushing to double
-constexpr int64_t kLanes = 16;         // channels reduced together in registers (two AVX2 vectors of float)
 // Inputs up to this size make one pass per direction over all samples; larger ones go a sample at
 // a time, so that a sample is still in the last-level cache for its affine pass.
 constexpr int64_t kWholeBatchBytes = 8 << 20;
@@ -148,41 +146,31 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, const double* shift, co
   std::vector<double> partial_second((task_end - task_begin) * width, 0.0);
 
   at::parallel_for(task_begin, task_end, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> block_first(width), block_second(width), shift_acc(width);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / g.tasks_per_sample, piece = task % g.tasks_per_sample;
       double* out_first = partial_first.data() + (task - task_begin) * width;
       double* out_second = partial_second.data() + (task - task_begin) * width;
       if (g.channels_last) {
-        // Register blocking: kLanes channels at a time over the task's rows (which stay in L2), so
-        // the accumulators live in registers instead of costing a load and a store per value.
+        for (int64_t c = 0; c < C; ++c) shift_acc[c] = static_cast<acc_t>(shift[n * C + c]);
         const int64_t s_begin = piece * g.chunk, s_end = std::min(S, s_begin + g.chunk);
-        for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
-          acc_t lane_shift[kLanes] = {};
-          const int64_t lanes = std::min(kLanes, C - c0);
-          for (int64_t k = 0; k < lanes; ++k) lane_shift[k] = static_cast<acc_t>(shift[n * C + c0 + k]);
-          // Called with a compile-time lane count for full blocks (vectorized) and a runtime one for the tail.
-          auto accumulate = [&](auto lane_count) {
-            for (int64_t s0 = s_begin; s0 < s_end; s0 += kBlockValues) {
-              const int64_t s1 = std::min(s_end, s0 + kBlockValues);
-              acc_t block_first[kLanes] = {}, block_second[kLanes] = {};
-              for (int64_t s = s0; s < s1; ++s) {
-                const scalar_t* xr = x + g.offset(n, c0, s);
-                const scalar_t* dyr = dy + g.offset(n, c0, s);
+        const int64_t rows_per_block = kBlockValues;
+        for (int64_t s0 = s_begin; s0 < s_end; s0 += rows_per_block) {
+          std::fill(block_first.begin(), block_first.end(), acc_t(0));
+          std::fill(block_second.begin(), block_second.end(), acc_t(0));
+          const int64_t s1 = std::min(s_end, s0 + rows_per_block);
+          for (int64_t s = s0; s < s1; ++s) {
+            const scalar_t* xr = x + g.offset(n, 0, s);
+            const scalar_t* dyr = dy + g.offset(n, 0, s);
 #pragma omp simd
-                for (int64_t k = 0; k < static_cast<int64_t>(lane_count); ++k) {
-                  Terms::add(to_acc(xr[k]), to_acc(dyr[k]), lane_shift[k], block_first[k], block_second[k]);
-                }
-              }
-              for (int64_t k = 0; k < static_cast<int64_t>(lane_count); ++k) {
-                out_first[c0 + k] += block_first[k];
-                out_second[c0 + k] += block_second[k];
-              }
+            for (int64_t c = 0; c < C; ++c) {
+              Terms::add(to_acc(xr[c]), to_acc(dyr[c]), shift_acc[c], block_first[c],
+                         block_second[c]);
             }
-          };
-          if (lanes == kLanes) {
-            accumulate(std::integral_constant<int64_t, kLanes>{});
-          } else {
-            accumulate(lanes);
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            out_first[c] += block_first[c];
+            out_second[c] += block_second[c];
           }
         }
       } else {
