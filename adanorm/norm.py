@@ -163,8 +163,9 @@ class AdaptiveNorm(_NormBase):
             self._stats_learned = True
             steps = int(self.num_batches_tracked.item()) if self.momentum_preset.counts_steps else 0
             factor = self.momentum_preset.factor(input.shape[0], steps)
-        # As nn.BatchNorm: running buffers kept while track_running_stats was switched off are only read in eval.
-        use_buffers = not self.training or self.track_running_stats
+        # As nn.BatchNorm: running buffers kept while track_running_stats was switched off are only read in
+        # eval. Only batch mode reads them (skipping the lookups saves per-call time on small layers).
+        use_buffers = mode == "batch" and (not self.training or self.track_running_stats)
         return adaptive_norm(
             input,
             mode,
