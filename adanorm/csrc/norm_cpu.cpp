@@ -18,8 +18,9 @@
 // order, so results do not depend on the thread count. Inner sums are float over short blocks
 // (vectorized), flushed into double.
 //
-// Per-sample modes process one sample at a time (statistics, then its affine pass while the
-// sample is still in the last-level cache); batch mode needs every sample before its affine pass.
+// Per-sample modes on inputs above kWholeBatchBytes go one sample at a time (statistics, then its
+// affine pass while the sample is still in the last-level cache); batch mode needs every sample
+// before its affine pass. FusedNorm (at the end) wires both directions into autograd.
 
 #include <torch/extension.h>
 #include <ATen/OpMathType.h>
@@ -112,7 +113,7 @@ struct Unit {
   int64_t first, last, groups;
 };
 
-// Calls visit(members, count) for every statistic of the unit; members are flat n·C + c indices.
+// Calls visit(members) for every statistic of the unit; members are flat n·C + c indices.
 template <typename Visit>
 void for_each_statistic(const Unit& unit, int64_t C, Visit visit) {
   std::vector<int64_t> members;
