@@ -105,7 +105,7 @@ def test_gradcheck_and_gradgradcheck(groups, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("groups", [None, 16, 4])
+@pytest.mark.parametrize("groups", [None, 16, 4, 1])
 def test_large_mean_keeps_float32_precision(groups, layout):
     """Shifted sums: a mean of 1e4 with unit spread must not cost float32 its digits (native
     channels-last group norm is off by ~1e3 here; E[x²]−E[x]² would be too)."""

@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -90,10 +91,10 @@ struct Geometry {
   bool channels_last;
   int64_t chunk, pieces_per_row, tasks_per_sample;
 
-  Geometry(const at::Tensor& x, bool channels_last_) : channels_last(channels_last_) {
-    N = x.size(0);
-    C = x.size(1);
-    S = x.numel() / (N * C);
+  Geometry(const at::Tensor& x, bool channels_last_)
+      : Geometry(x.size(0), x.size(1), x.numel() / (x.size(0) * x.size(1)), channels_last_) {}
+
+  Geometry(int64_t N_, int64_t C_, int64_t S_, bool channels_last_) : N(N_), C(C_), S(S_), channels_last(channels_last_) {
     if (channels_last) {
       chunk = std::max<int64_t>(1, kChunkElements / C);
       pieces_per_row = 1;
@@ -330,28 +331,44 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adanorm_norm_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    std::vector<double> shift(g.N * g.C), sum_u(g.N * g.C, 0.0), sum_u2(g.N * g.C, 0.0);
+    // Layer mode on channels-last input: a sample is one contiguous run of C·S values, so its
+    // statistics come from a flat reduction, read as a contiguous (N, 1, C·S) tensor, instead of
+    // per-channel accumulators pooled afterwards. The affine pass still uses the real geometry.
+    const Geometry stats_g = channels_last && groups == 1 ? Geometry(g.N, 1, g.C * g.S, false) : g;
+    const int64_t tables = stats_g.N * stats_g.C;
+    std::vector<double> shift(tables), sum_u(tables, 0.0), sum_u2(tables, 0.0);
     std::vector<acc_t> scale(g.N * g.C), offset(g.N * g.C);
     double* mean_data = mean.data_ptr<double>();
     double* rstd_data = rstd.data_ptr<double>();
-    for (int64_t n = 0; n < g.N; ++n)
-      for (int64_t c = 0; c < g.C; ++c) shift[n * g.C + c] = static_cast<double>(to_acc(x_data[g.offset(n, c, 0)]));
+    for (int64_t n = 0; n < stats_g.N; ++n)
+      for (int64_t c = 0; c < stats_g.C; ++c)
+        shift[n * stats_g.C + c] = static_cast<double>(to_acc(x_data[stats_g.offset(n, c, 0)]));
 
     for (const Unit& unit : units_of(x, groups)) {
-      channel_sums<scalar_t, ForwardTerms>(x_data, x_data, shift.data(), g, unit, sum_u.data(), sum_u2.data());
-      for_each_statistic(unit, g.C, [&](const std::vector<int64_t>& members) {
+      channel_sums<scalar_t, ForwardTerms>(x_data, x_data, shift.data(), stats_g, unit, sum_u.data(), sum_u2.data());
+      std::vector<std::pair<double, double>> statistics;  // (mean, rstd) in for_each_statistic's order
+      for_each_statistic(unit, stats_g.C, [&](const std::vector<int64_t>& members) {
         // Chan's formula over the members' (mean, M2): robust where E[x²] − E[x]² is not.
-        const double count = static_cast<double>(g.S) * members.size();
+        const double S = static_cast<double>(stats_g.S);
+        const double count = S * members.size();
         double total = 0.0;
-        for (int64_t i : members) total += shift[i] * g.S + sum_u[i];
+        for (int64_t i : members) total += shift[i] * S + sum_u[i];
         const double stat_mean = total / count;
         double m2 = 0.0;
         for (int64_t i : members) {
-          const double channel_mean = shift[i] + sum_u[i] / g.S;
-          m2 += std::max(sum_u2[i] - sum_u[i] * sum_u[i] / g.S, 0.0) +
-                g.S * (channel_mean - stat_mean) * (channel_mean - stat_mean);
+          const double channel_mean = shift[i] + sum_u[i] / S;
+          m2 += std::max(sum_u2[i] - sum_u[i] * sum_u[i] / S, 0.0) + S * (channel_mean - stat_mean) * (channel_mean - stat_mean);
         }
-        const double stat_rstd = 1.0 / std::sqrt(m2 / count + eps);
+        statistics.emplace_back(stat_mean, 1.0 / std::sqrt(m2 / count + eps));
+        if (unit.groups == 0) {
+          const int64_t c = members.front() % g.C;
+          batch_mean[c] = stat_mean;
+          batch_unbiased_var[c] = m2 / std::max(count - 1.0, 1.0);
+        }
+      });
+      size_t next = 0;
+      for_each_statistic(unit, g.C, [&](const std::vector<int64_t>& members) {
+        const auto [stat_mean, stat_rstd] = statistics[next++];
         for (int64_t i : members) {
           const int64_t c = i % g.C;
           const double a = gamma[c] * stat_rstd;
@@ -359,11 +376,6 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
           rstd_data[i] = stat_rstd;
           scale[i] = static_cast<acc_t>(a);
           offset[i] = static_cast<acc_t>(beta[c] - stat_mean * a);
-        }
-        if (unit.groups == 0) {
-          const int64_t c = members.front() % g.C;
-          batch_mean[c] = stat_mean;
-          batch_unbiased_var[c] = m2 / std::max(count - 1.0, 1.0);
         }
       });
       channel_affine<scalar_t, false>(x_data, x_data, scale.data(), offset.data(), offset.data(), g, unit,
