@@ -36,7 +36,12 @@ from adanorm.functional.layout import is_channels_last
 __all__ = ["cpu_kernels", "prefer_fused_cpu", "fused_norm"]
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "norm_cpu.cpp"
-_EXTENSION = "adanorm_norm_cpu"
+# Instruction-set flags follow the vector level PyTorch itself dispatches to, never -march=native: a
+# build cached in a shared home directory must also run on the other nodes of a cluster. The level
+# is part of the extension's name, so nodes with different levels keep separate builds.
+_CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability().lower()
+_EXTENSION = f"adanorm_norm_cpu_{_CPU_CAPABILITY}"
+_ISA_FLAGS = ["-mavx2", "-mfma", "-mf16c"] if _CPU_CAPABILITY in ("avx2", "avx512") else []
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Smallest inputs worth the fused kernels, measured on a 2-core x86 CPU with benchmarks/norms.py:
 # below these, the native kernels' lower fixed cost per call wins. Contiguous per-sample modes stay
@@ -57,7 +62,7 @@ def cpu_kernels() -> Optional[ModuleType]:
               file=sys.stderr, flush=True)
     try:
         return cpp_extension.load(name=_EXTENSION, sources=[str(_SOURCE)],
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
+                                  extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS], verbose=False)
     except Exception as error:  # no compiler or ninja: native kernels still give the same numbers
         warnings.warn(
             f"adanorm: could not compile its CPU kernels ({type(error).__name__}: {error}); using PyTorch's "
