@@ -115,6 +115,13 @@ if triton is not None:
         tl.store(partial_b_ptr + partial, b, mask=channel_mask)
 
     @triton.jit
+    def _times_weight(weight_ptr, channels, mask, values, HAS_WEIGHT: tl.constexpr):
+        """γ·values per channel, or the values themselves for a layer without weight."""
+        if HAS_WEIGHT:
+            return tl.load(weight_ptr + channels, mask=mask, other=0.0).to(values.dtype) * values
+        return values
+
+    @triton.jit
     def _partial_tile(base, r0, j0, rows, cols, partial_row_stride, chunk, S, num_chunks,
                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
         """Offsets, mask and value counts of one (channel rows x partial columns) tile of the partials."""
@@ -179,10 +186,7 @@ if triton is not None:
             r = r0 + tl.arange(0, BLOCK_R)
             row_mask = r < rows
             channels = first_channel + r
-            if HAS_WEIGHT:
-                scale = tl.load(weight_ptr + channels, mask=row_mask, other=0.0).to(acc_dtype) * rstd
-            else:
-                scale = tl.zeros([BLOCK_R], acc_dtype) + rstd
+            scale = _times_weight(weight_ptr, channels, row_mask, tl.zeros([BLOCK_R], acc_dtype) + rstd, HAS_WEIGHT)
             if HAS_BIAS:
                 shift = tl.load(bias_ptr + channels, mask=row_mask, other=0.0).to(acc_dtype) - mean * scale
             else:
@@ -224,13 +228,8 @@ if triton is not None:
             row_dy_xc = tl.sum(dy_xc_tile, axis=1)
             tl.store(grad_bias_ptr + sample * C + channels, row_dy, mask=row_mask)
             tl.store(grad_weight_ptr + sample * C + channels, row_dy_xc * rstd, mask=row_mask)
-            if HAS_WEIGHT:
-                weight = tl.load(weight_ptr + channels, mask=row_mask, other=0.0).to(acc_dtype)
-                weighted_dy += weight * row_dy
-                weighted_dy_xc += weight * row_dy_xc
-            else:
-                weighted_dy += row_dy
-                weighted_dy_xc += row_dy_xc
+            weighted_dy += _times_weight(weight_ptr, channels, row_mask, row_dy, HAS_WEIGHT)
+            weighted_dy_xc += _times_weight(weight_ptr, channels, row_mask, row_dy_xc, HAS_WEIGHT)
         total = stat_count.to(acc_dtype)
         # dx = rstd·(γ·dy − mean(γ·dy) − x̂·mean(γ·dy·x̂)), with x̂ = (x − μ)·rstd.
         x_scale = -rstd * rstd * rstd * (tl.sum(weighted_dy_xc) / total)
@@ -240,10 +239,7 @@ if triton is not None:
             r = r0 + tl.arange(0, BLOCK_R)
             row_mask = r < rows
             channels = first_channel + r
-            if HAS_WEIGHT:
-                dy_scale = tl.load(weight_ptr + channels, mask=row_mask, other=0.0).to(acc_dtype) * rstd
-            else:
-                dy_scale = tl.zeros([BLOCK_R], acc_dtype) + rstd
+            dy_scale = _times_weight(weight_ptr, channels, row_mask, tl.zeros([BLOCK_R], acc_dtype) + rstd, HAS_WEIGHT)
             coefficient = sample * C + channels
             tl.store(dy_scale_ptr + coefficient, dy_scale, mask=row_mask)
             tl.store(x_scale_ptr + coefficient, tl.zeros([BLOCK_R], acc_dtype) + x_scale, mask=row_mask)
