@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 MODES: Tuple[str, ...] = ("batch", "instance", "group", "layer", "identity")
 """Every mode, in the order auto mode tries them."""
@@ -89,7 +89,8 @@ def check_num_groups(num_groups: Optional[int], num_channels: int) -> int:
     return num_groups
 
 
-def mode_is_usable(mode: str, shape: Sequence[int], num_groups: int, policy: Optional[Policy]) -> bool:
+@lru_cache(maxsize=4096)
+def mode_is_usable(mode: str, shape: Tuple[int, ...], num_groups: int, policy: Optional[Policy]) -> bool:
     """Whether ``mode`` has enough values per statistic for ``shape``.
 
     With ``policy=None`` only the hard floor applies (more than one value per statistic): that is
@@ -136,6 +137,7 @@ def choose_mode(
     return "identity"
 
 
+@lru_cache(maxsize=4096)
 def is_fallback(mode: str, training: bool, policy: Policy, has_running_stats: bool) -> bool:
     """Whether ``mode`` is a step down from the first mode the chain would prefer."""
     if not training and has_running_stats and "batch" in policy.chain:

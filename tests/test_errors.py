@@ -58,3 +58,16 @@ def test_integer_and_bool_input(dtype):
 def test_forced_mode_on_unsupported_shape():
     with pytest.raises(ValueError, match=r"mode='instance'.*\(2, 8, 1, 1, 1\).*single value.*mode='auto'"):
         adanorm.AdaptiveNorm3d(8, mode="instance")(torch.randn(2, 8, 1, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "mode,shape", [("batch", (1, 8, 1, 1, 1)), ("instance", (2, 8, 1, 1, 1)), ("group", (2, 4, 1, 1)), ("layer", (3, 1, 1))]
+)
+def test_functional_core_refuses_single_value_statistics(mode, shape):
+    """The core calls the aten kernels directly, so it must still raise where F.batch_norm/F.group_norm
+    would, instead of returning β for every value."""
+    weight, bias = torch.randn(shape[1]), torch.randn(shape[1])
+    with pytest.raises(ValueError, match=r"single value.*mode='auto'"):
+        adanorm.functional.adaptive_norm(torch.randn(shape), mode, weight, bias, training=True, num_groups=4)
+    empty = torch.randn((0,) + shape[1:])
+    assert adanorm.functional.adaptive_norm(empty, mode, weight, bias, training=True, num_groups=4).shape == empty.shape

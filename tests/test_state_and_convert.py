@@ -132,3 +132,22 @@ def test_momentum_presets():
         auto_layer(x)
     expected_mean = torch.stack([x.mean((0, 2, 3, 4)) for x in batches]).mean(0)  # cumulative while under the window
     torch.testing.assert_close(auto_layer.running_mean, expected_mean)
+
+
+@pytest.mark.parametrize("mode", ["batch", "group"])
+def test_parametrized_weight_is_used(mode):
+    """The forward reads parameters from the module's dicts for speed; a parametrization (or weight
+    norm) moves the weight out of them, and must still be what the layer applies."""
+    layer = adanorm.AdaptiveNorm3d(4, mode=mode, num_groups=2)
+    reference = nn.BatchNorm3d(4) if mode == "batch" else nn.GroupNorm(2, 4)
+    for module in (layer, reference):
+        nn.utils.parametrize.register_parametrization(module, "weight", _Doubled())
+    x = torch.randn(2, 4, 3, 3, 3)
+    expected = reference(x)
+    torch.testing.assert_close(layer(x), expected)
+    assert not torch.allclose(expected, nn.BatchNorm3d(4)(x) if mode == "batch" else nn.GroupNorm(2, 4)(x))
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight + 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from adanorm.functional.cpu_fused import fused_norm, prefer_fused_cpu
@@ -30,9 +29,13 @@ def batch_norm(
     eps: float,
 ) -> Tensor:
     """Statistics over (N, *spatial) per channel; updates running stats when they are given and used."""
-    if use_batch_stats and prefer_fused_cpu(input, batch_statistics=True):
-        return fused_norm(input, None, weight, bias, eps, running_mean, running_var, momentum)
-    return F.batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps)
+    if use_batch_stats:
+        _require_several_values(input, input.shape[1], "batch", "the batch size or the patch size")
+        if prefer_fused_cpu(input, batch_statistics=True):
+            return fused_norm(input, None, weight, bias, eps, running_mean, running_var, momentum)
+    return torch.batch_norm(
+        input, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps, torch.backends.cudnn.enabled
+    )
 
 
 def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
@@ -45,6 +48,7 @@ def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias:
     the layout copies of native instance norm. On CUDA, Triton kernels take the layouts the
     native kernels handle with extra copies (``triton_norm.prefer_triton``).
     """
+    _require_several_values(input, input.shape[0] * num_groups, "per-sample", "the patch size or num_groups")
     if input.is_cuda:
         from adanorm.functional import triton_norm  # on first CUDA call: importing triton is slow and optional
 
@@ -55,7 +59,19 @@ def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias:
             return fused_norm(input, num_groups, weight, bias, eps)
         if num_groups == input.shape[1] and input.device.type == "cpu" and not torch.compiler.is_compiling():
             return channels_last_instance_norm(input, weight, bias, eps)  # out= slices: not traceable by dynamo
-    return F.group_norm(input, num_groups, weight, bias, eps)
+    return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+
+
+def _require_several_values(input: Tensor, num_statistics: int, kind: str, remedy: str) -> None:
+    """The one-value check of ``F.batch_norm``/``F.group_norm``, at a fraction of their per-call cost
+    (the kernels above are called directly: this layer runs after every convolution). A statistic
+    of one value would silently turn the output into β; empty input passes through, as natively.
+    """
+    if input.numel() == num_statistics and num_statistics > 0:
+        raise ValueError(
+            f"{kind} statistics of input of shape {tuple(input.shape)} would each be over a single value; "
+            f"increase {remedy}, or use an AdaptiveNorm layer in mode='auto', which falls back instead."
+        )
 
 
 def affine_only(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
