@@ -36,6 +36,11 @@
 namespace {
 
 constexpr int64_t kChunkElements = 1 << 15;  // elements per task: a chunk fits in L2
+#ifndef ADANORM_MIN_ELEMENTS_PER_THREAD
+#define ADANORM_MIN_ELEMENTS_PER_THREAD (1 << 14)
+#endif
+// Below this many elements per thread a pass runs faster on one thread than split (fork/join costs more).
+constexpr int64_t kMinElementsPerThread = ADANORM_MIN_ELEMENTS_PER_THREAD;
 constexpr int64_t kBlockValues = 256;  // values per channel summed in float before flushing to double
 // Inputs up to this size make one pass per direction over all samples; larger ones go a sample at
 // a time, so that a sample is still in the last-level cache for its affine pass.
@@ -105,6 +110,8 @@ struct Geometry {
       tasks_per_sample = C * pieces_per_row;
     }
   }
+  // Tasks per thread at least, so that each thread gets kMinElementsPerThread elements.
+  int64_t grain() const { return std::max<int64_t>(1, kMinElementsPerThread / (channels_last ? chunk * C : chunk)); }
   int64_t offset(int64_t n, int64_t c, int64_t s) const { return channels_last ? (n * S + s) * C + c : (n * C + c) * S + s; }
 };
 
@@ -114,26 +121,32 @@ struct Unit {
   int64_t first, last, groups;
 };
 
-// Calls visit(members) for every statistic of the unit; members are flat n·C + c indices.
+// The flat n·C + c indices that one statistic pools: `count` of them, `stride` apart from `first`
+// (the channels of a group are adjacent; a channel across samples is C apart).
+struct Members {
+  int64_t first, count, stride;
+  struct Iterator {
+    int64_t index, stride;
+    int64_t operator*() const { return index; }
+    Iterator& operator++() { index += stride; return *this; }
+    bool operator!=(const Iterator& other) const { return index != other.index; }
+  };
+  Iterator begin() const { return {first, stride}; }
+  Iterator end() const { return {first + count * stride, stride}; }
+  int64_t front() const { return first; }
+  int64_t size() const { return count; }
+};
+
+// Calls visit(members) for every statistic of the unit.
 template <typename Visit>
 void for_each_statistic(const Unit& unit, int64_t C, Visit visit) {
-  std::vector<int64_t> members;
   if (unit.groups == 0) {
-    for (int64_t c = 0; c < C; ++c) {
-      members.clear();
-      for (int64_t n = unit.first; n < unit.last; ++n) members.push_back(n * C + c);
-      visit(members);
-    }
+    for (int64_t c = 0; c < C; ++c) visit(Members{unit.first * C + c, unit.last - unit.first, C});
     return;
   }
   const int64_t per_group = C / unit.groups;
-  for (int64_t n = unit.first; n < unit.last; ++n) {
-    for (int64_t g = 0; g < unit.groups; ++g) {
-      members.clear();
-      for (int64_t k = 0; k < per_group; ++k) members.push_back(n * C + g * per_group + k);
-      visit(members);
-    }
-  }
+  for (int64_t n = unit.first; n < unit.last; ++n)
+    for (int64_t g = 0; g < unit.groups; ++g) visit(Members{n * C + g * per_group, per_group, 1});
 }
 
 // Adds per-(n, c) sums of Terms over the unit's samples into first/second (double, N·C).
@@ -147,7 +160,7 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, const double* shift, co
   std::vector<double> partial_first((task_end - task_begin) * width, 0.0);
   std::vector<double> partial_second((task_end - task_begin) * width, 0.0);
 
-  at::parallel_for(task_begin, task_end, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(task_begin, task_end, g.grain(), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> block_first(width), block_second(width), shift_acc(width);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / g.tasks_per_sample, piece = task % g.tasks_per_sample;
@@ -218,7 +231,7 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, const at::opmath_type
                     const Unit& unit, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = g.C, S = g.S;
-  at::parallel_for(unit.first * g.tasks_per_sample, unit.last * g.tasks_per_sample, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(unit.first * g.tasks_per_sample, unit.last * g.tasks_per_sample, g.grain(), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / g.tasks_per_sample, piece = task % g.tasks_per_sample;
       const acc_t* an = a + n * C;
@@ -347,7 +360,7 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
     for (const Unit& unit : units_of(x, groups)) {
       channel_sums<scalar_t, ForwardTerms>(x_data, x_data, shift.data(), stats_g, unit, sum_u.data(), sum_u2.data());
       std::vector<std::pair<double, double>> statistics;  // (mean, rstd) in for_each_statistic's order
-      for_each_statistic(unit, stats_g.C, [&](const std::vector<int64_t>& members) {
+      for_each_statistic(unit, stats_g.C, [&](const Members& members) {
         // Chan's formula over the members' (mean, M2): robust where E[x²] − E[x]² is not.
         const double S = static_cast<double>(stats_g.S);
         const double count = S * members.size();
@@ -367,7 +380,7 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
         }
       });
       size_t next = 0;
-      for_each_statistic(unit, g.C, [&](const std::vector<int64_t>& members) {
+      for_each_statistic(unit, g.C, [&](const Members& members) {
         const auto [stat_mean, stat_rstd] = statistics[next++];
         for (int64_t i : members) {
           const int64_t c = i % g.C;
@@ -419,7 +432,7 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_output, const at::T
 
     for (const Unit& unit : units_of(x, groups)) {
       channel_sums<scalar_t, BackwardTerms>(x_data, dy_data, mean_data, g, unit, sum_dy.data(), sum_dy_u.data());
-      for_each_statistic(unit, g.C, [&](const std::vector<int64_t>& members) {
+      for_each_statistic(unit, g.C, [&](const Members& members) {
         // dx = rstd·(γ·dy − mean(γ·dy) − x̂·mean(γ·dy·x̂)) over the statistic's members.
         const double count = static_cast<double>(g.S) * members.size();
         const double stat_mean = mean_data[members.front()], stat_rstd = rstd_data[members.front()];
