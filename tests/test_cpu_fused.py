@@ -115,6 +115,27 @@ def test_large_mean_keeps_float32_precision(groups, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("groups", [None, 8, 1])
+def test_inference_path_equals_the_graph_path(groups, layout):
+    """Without a graph to record (no_grad, or nothing requiring grad) the kernels skip the autograd
+    node; outputs and running-statistics updates must be the same bits as with one."""
+    x, _, weight, bias = _data((2, 8, 6, 6, 6), torch.float32, layout)
+    batch = groups is None
+    results = []
+    for graph in (True, False):
+        stats = (torch.zeros(8), torch.ones(8)) if batch else (None, None)
+        with torch.set_grad_enabled(graph):
+            output = fused_norm(x.detach().requires_grad_(graph), groups, weight, bias, 1e-5, *stats)
+        assert (output.grad_fn is not None) == graph
+        results.append((output,) + (stats if batch else ()))
+    assert results[1][0].is_contiguous(memory_format=_memory_format(layout, 5))
+    for with_graph, without in zip(*results):
+        assert torch.equal(with_graph.detach(), without)
+    if batch:
+        assert not torch.equal(results[1][2], torch.ones(8))  # the inference path updated the running variance too
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_results_do_not_depend_on_thread_count(layout):
     x, dy, weight, bias = _data((2, 16, 24, 24, 24), torch.float32, layout)
     threads = torch.get_num_threads()

@@ -529,6 +529,12 @@ at::Tensor fused_norm(const at::Tensor& input, const c10::optional<at::Tensor>& 
                       const c10::optional<at::Tensor>& bias, int64_t groups, double eps,
                       const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
                       double momentum) {
+  const auto requires_grad = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); };
+  if (!at::GradMode::is_enabled() || !(input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    // Inference (no_grad, sliding-window prediction): no graph node, nothing saved.
+    const auto [x, channels_last] = dense_layout(input);
+    return norm_forward(x, weight, bias, groups, eps, running_mean, running_var, momentum, channels_last)[0];
+  }
   return FusedNorm::apply(input, weight, bias, groups, eps, running_mean, running_var, momentum);
 }
 
