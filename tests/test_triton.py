@@ -216,6 +216,38 @@ def test_dispatch_never_sends_cpu_tensors_to_triton():
     assert not triton_norm.triton_available(x[:0])
 
 
+class _ReportsCuda:
+    """A CPU tensor that says it is on CUDA: the dispatch rule reads only device, dtype, shape and layout."""
+
+    is_cuda = True
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._tensor = tensor
+
+    def __getattr__(self, name):
+        return getattr(self._tensor, name)
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "switch,layout,batch_statistics,expected",
+    [
+        ("", "channels_last", False, True),  # native instance/group norm copies channels-last: Triton
+        ("", "contiguous", False, False),
+        ("", "channels_last", True, False),  # native batch norm has channels-last kernels
+        ("1", "contiguous", False, True),
+        ("1", "channels_last", True, True),
+        ("0", "channels_last", False, False),
+    ],
+)
+def test_cuda_dispatch_rule(switch, layout, batch_statistics, expected, monkeypatch):
+    monkeypatch.setenv("ADANORM_TRITON", switch)
+    x = torch.randn(2, 4, 3, 3, 3)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    assert triton_norm.prefer_triton(_ReportsCuda(x), batch_statistics) is expected
+
+
 def test_module_imports_without_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)

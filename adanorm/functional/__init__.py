@@ -6,6 +6,7 @@ Modules own the parameters and running statistics and pass them in.
 """
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Optional
 
 import torch
@@ -31,6 +32,9 @@ def batch_norm(
     """Statistics over (N, *spatial) per channel; updates running stats when they are given and used."""
     if use_batch_stats:
         _require_several_values(input, input.shape[1], "batch", "the batch size or the patch size")
+        triton = _triton_backend(input, batch_statistics=True)
+        if triton is not None:
+            return triton.triton_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps)
         if prefer_fused_cpu(input, batch_statistics=True):
             return fused_norm(input, None, weight, bias, eps, running_mean, running_var, momentum)
     return torch.batch_norm(
@@ -49,17 +53,25 @@ def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias:
     native kernels handle with extra copies (``triton_norm.prefer_triton``).
     """
     _require_several_values(input, input.shape[0] * num_groups, "per-sample", "the patch size or num_groups")
-    if input.is_cuda:
-        from adanorm.functional import triton_norm  # on first CUDA call: importing triton is slow and optional
-
-        if triton_norm.prefer_triton(input):
-            return triton_norm.triton_grouped_norm(input, num_groups, weight, bias, eps)
-    elif is_channels_last(input):
+    triton = _triton_backend(input, batch_statistics=False)
+    if triton is not None:
+        return triton.triton_grouped_norm(input, num_groups, weight, bias, eps)
+    if is_channels_last(input):  # the CPU paths below check the device themselves
         if prefer_fused_cpu(input, batch_statistics=False):
             return fused_norm(input, num_groups, weight, bias, eps)
         if num_groups == input.shape[1] and input.device.type == "cpu" and not torch.compiler.is_compiling():
             return channels_last_instance_norm(input, weight, bias, eps)  # out= slices: not traceable by dynamo
     return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+
+
+def _triton_backend(input: Tensor, batch_statistics: bool) -> Optional[ModuleType]:
+    """The Triton backend when it should take this input (``triton_norm.prefer_triton``), else None.
+    Imported on the first CUDA call only: importing triton is slow, and optional."""
+    if not input.is_cuda:
+        return None
+    from adanorm.functional import triton_norm
+
+    return triton_norm if triton_norm.prefer_triton(input, batch_statistics) else None
 
 
 def _require_several_values(input: Tensor, num_statistics: int, kind: str, remedy: str) -> None:

@@ -298,18 +298,20 @@ def triton_available(input: Tensor) -> bool:
     return input.is_cuda or (input.device.type == "cpu" and _KERNELS_INTERPRETED)
 
 
-def prefer_triton(input: Tensor) -> bool:
+def prefer_triton(input: Tensor, batch_statistics: bool = False) -> bool:
     """Dispatch rule for CUDA tensors: Triton where native kernels are known to pay extra passes.
 
     Native CUDA group/instance norm copies channels-last input to contiguous and returns a
     contiguous output, which the next channels-last convolution copies back; the Triton kernels
-    read and write channels-last in place. Contiguous input keeps the native kernels unless
-    ``ADANORM_TRITON=1``; ``ADANORM_TRITON=0`` turns the backend off.
+    read and write channels-last in place. Native CUDA batch norm has channels-last kernels of its
+    own, so batch statistics, like contiguous input, keep the native kernels unless
+    ``ADANORM_TRITON=1`` (until a GPU measurement says otherwise); ``ADANORM_TRITON=0`` turns the
+    backend off.
     """
     switch = os.environ.get("ADANORM_TRITON", "")
     if switch == "0" or not input.is_cuda or not triton_available(input):
         return False
-    return switch == "1" or is_channels_last(input)
+    return switch == "1" or (not batch_statistics and is_channels_last(input))
 
 
 @dataclass(frozen=True)
