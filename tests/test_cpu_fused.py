@@ -162,16 +162,21 @@ def test_groups_that_do_not_divide_the_channels_are_rejected():
         fused_norm(torch.randn(2, 4, 3, 3, 3), 3, None, None, 1e-5)
 
 
-def test_dispatch_rules():
+def test_dispatch_rules(monkeypatch):
     channels_last = torch.randn(2, 32, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d)
     contiguous = torch.randn(2, 32, 16, 16, 16)
-    assert prefer_fused_cpu(channels_last, batch_statistics=False)
-    assert not prefer_fused_cpu(contiguous, batch_statistics=False)  # native group norm is as fast there
-    assert prefer_fused_cpu(contiguous, batch_statistics=True)
-    assert not prefer_fused_cpu(torch.randn(2, 8, 4, 4, 4), batch_statistics=True)  # small: native overhead wins
-    assert not prefer_fused_cpu(channels_last.to(torch.int32), batch_statistics=False)
+    assert prefer_fused_cpu(channels_last, num_groups=32)
+    assert not prefer_fused_cpu(contiguous, num_groups=32)  # native group norm is as fast there
+    assert prefer_fused_cpu(contiguous, num_groups=None)
+    assert not prefer_fused_cpu(torch.randn(2, 8, 4, 4, 4), num_groups=None)  # small: native overhead wins
+    assert not prefer_fused_cpu(channels_last.to(torch.int32), num_groups=32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not prefer_fused_cpu(channels_last, batch_statistics=False)
+        assert not prefer_fused_cpu(channels_last, num_groups=32)
+    # Native group norm runs a (sample, group) pair per thread: fewer pairs than threads leave some idle.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert prefer_fused_cpu(contiguous, num_groups=1)  # 2 pairs, 4 threads
+    assert not prefer_fused_cpu(contiguous, num_groups=2)  # 4 pairs
+    assert not prefer_fused_cpu(torch.randn(2, 32, 4, 8, 8), num_groups=1)  # small: native overhead wins
 
 
 def test_traced_model_stays_correct():
@@ -228,6 +233,6 @@ def test_missing_toolchain_warns_and_falls_back(monkeypatch):
         x = torch.randn(2, 8, 16, 16, 16).contiguous(memory_format=torch.channels_last_3d)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            assert not prefer_fused_cpu(x, batch_statistics=False)
+            assert not prefer_fused_cpu(x, num_groups=4)
     finally:
         cpu_kernels.cache_clear()

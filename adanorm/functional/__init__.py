@@ -35,7 +35,7 @@ def batch_norm(
         triton = _triton_backend(input, batch_statistics=True)
         if triton is not None:
             return triton.triton_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps)
-        if prefer_fused_cpu(input, batch_statistics=True):
+        if prefer_fused_cpu(input, num_groups=None):
             return fused_norm(input, None, weight, bias, eps, running_mean, running_var, momentum)
     return torch.batch_norm(
         input, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps, torch.backends.cudnn.enabled
@@ -46,9 +46,10 @@ def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias:
     """Per-sample statistics over (C/G)·spatial values: instance (G=C), group, and layer (G=1) modes.
 
     Native group norm is the fastest CPU kernel for these in contiguous layout (faster than native
-    instance norm, which also drops channels_last). On channels-last input the compiled two-pass
-    kernels (``cpu_fused``) take over: native channels-last group norm is slow backward and imprecise
-    at large means. Without a compiler, a per-sample batch-norm kernel still spares instance mode
+    instance norm, which also drops channels_last) while it has a (sample, group) pair for every
+    thread. On channels-last input, and with fewer pairs than threads, the compiled two-pass kernels
+    (``cpu_fused``) take over: native channels-last group norm is slow backward and imprecise at
+    large means, and runs each pair on one thread. Without a compiler, a per-sample batch-norm kernel still spares instance mode
     the layout copies of native instance norm. On CUDA, Triton kernels take the layouts the
     native kernels handle with extra copies (``triton_norm.prefer_triton``).
     """
@@ -56,11 +57,11 @@ def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias:
     triton = _triton_backend(input, batch_statistics=False)
     if triton is not None:
         return triton.triton_grouped_norm(input, num_groups, weight, bias, eps)
-    if is_channels_last(input):  # the CPU paths below check the device themselves
-        if prefer_fused_cpu(input, batch_statistics=False):
-            return fused_norm(input, num_groups, weight, bias, eps)
-        if num_groups == input.shape[1] and input.device.type == "cpu" and not torch.compiler.is_compiling():
-            return channels_last_instance_norm(input, weight, bias, eps)  # out= slices: not traceable by dynamo
+    if prefer_fused_cpu(input, num_groups):
+        return fused_norm(input, num_groups, weight, bias, eps)
+    if (num_groups == input.shape[1] and input.device.type == "cpu" and is_channels_last(input)
+            and not torch.compiler.is_compiling()):
+        return channels_last_instance_norm(input, weight, bias, eps)  # out= slices: not traceable by dynamo
     return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
 
 

@@ -45,9 +45,12 @@ _ISA_FLAGS = ["-mavx2", "-mfma", "-mf16c"] if _CPU_CAPABILITY in ("avx2", "avx51
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Smallest inputs worth the fused kernels, measured on a 2-core x86 CPU with benchmarks/norms.py:
 # below these, the native kernels' lower fixed cost per call wins. Contiguous per-sample modes stay
-# native at every size: native group norm already makes two cache-local passes per group there.
+# native while there are at least as many (sample, group) pairs as threads: native group norm makes
+# two cache-local passes per pair there, but runs each pair on one thread, so with fewer pairs than
+# threads (layer mode at batch 1) it leaves threads idle that the fused kernels' chunked tasks use.
 MIN_NUMEL_BATCH = 1 << 14
 MIN_NUMEL_PER_SAMPLE_CHANNELS_LAST = 1 << 12
+MIN_NUMEL_PER_SAMPLE_FEW_GROUPS = 1 << 16
 
 
 @lru_cache(maxsize=None)
@@ -83,17 +86,21 @@ def _is_built(cpp_extension: ModuleType) -> bool:
     return (build_directory / f"{_EXTENSION}.so").exists()
 
 
-def prefer_fused_cpu(input: Tensor, batch_statistics: bool) -> bool:
-    """Whether ``fused_norm`` is the faster kernel for this input: batch statistics (batch mode) or
-    per-sample ones (instance, group, layer), on a CPU tensor of a supported dtype, outside autocast
-    (whose dtype policy the native ops carry), ``torch.jit.trace`` / ONNX export and ``torch.compile``."""
+def prefer_fused_cpu(input: Tensor, num_groups: Optional[int]) -> bool:
+    """Whether ``fused_norm`` is the faster kernel for this input, with statistics per (sample, group)
+    for ``num_groups`` groups (instance, group, layer) or over the batch for None (batch mode): on a
+    CPU tensor of a supported dtype, outside autocast (whose dtype policy the native ops carry),
+    ``torch.jit.trace`` / ONNX export and ``torch.compile``."""
     if input.device.type != "cpu" or input.dtype not in _SUPPORTED_DTYPES or input.dim() < 3:
         return False
-    if batch_statistics:
+    numel = input.numel()
+    if num_groups is None:
         # More than one value per channel, or native batch norm's error must be raised instead.
-        worth_it = input.numel() >= MIN_NUMEL_BATCH and input.numel() > input.shape[1]
+        worth_it = numel >= MIN_NUMEL_BATCH and numel > input.shape[1]
+    elif is_channels_last(input):
+        worth_it = numel >= MIN_NUMEL_PER_SAMPLE_CHANNELS_LAST
     else:
-        worth_it = input.numel() >= MIN_NUMEL_PER_SAMPLE_CHANNELS_LAST and is_channels_last(input)
+        worth_it = numel >= MIN_NUMEL_PER_SAMPLE_FEW_GROUPS and input.shape[0] * num_groups < torch.get_num_threads()
     return (
         worth_it
         and not torch.is_autocast_enabled("cpu")
