@@ -59,7 +59,7 @@ def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias:
         return triton.triton_grouped_norm(input, num_groups, weight, bias, eps)
     if prefer_fused_cpu(input, num_groups):
         return fused_norm(input, num_groups, weight, bias, eps)
-    if (num_groups == input.shape[1] and input.device.type == "cpu" and is_channels_last(input)
+    if (num_groups == input.shape[1] and input.is_cpu and is_channels_last(input)
             and not torch.compiler.is_compiling()):
         return channels_last_instance_norm(input, weight, bias, eps)  # out= slices: not traceable by dynamo
     return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)

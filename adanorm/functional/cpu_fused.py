@@ -91,7 +91,7 @@ def prefer_fused_cpu(input: Tensor, num_groups: Optional[int]) -> bool:
     for ``num_groups`` groups (instance, group, layer) or over the batch for None (batch mode): on a
     CPU tensor of a supported dtype, outside autocast (whose dtype policy the native ops carry),
     ``torch.jit.trace`` / ONNX export and ``torch.compile``."""
-    if input.device.type != "cpu" or input.dtype not in _SUPPORTED_DTYPES or input.dim() < 3:
+    if not input.is_cpu or input.dim() < 3:  # cheapest tests first: this runs on every call of a layer
         return False
     numel = input.numel()
     if num_groups is None:
@@ -103,6 +103,7 @@ def prefer_fused_cpu(input: Tensor, num_groups: Optional[int]) -> bool:
         worth_it = numel >= MIN_NUMEL_PER_SAMPLE_FEW_GROUPS and input.shape[0] * num_groups < torch.get_num_threads()
     return (
         worth_it
+        and input.dtype in _SUPPORTED_DTYPES
         and not torch.is_autocast_enabled("cpu")
         and not torch.jit.is_tracing()  # the tracer records dispatcher ops only; it would freeze our output
         and not torch.compiler.is_compiling()  # torch.compile fuses the native ops itself, without graph breaks
