@@ -164,9 +164,10 @@ def test_groups_that_do_not_divide_the_channels_are_rejected():
 
 def test_dispatch_rules(monkeypatch):
     channels_last = torch.randn(2, 32, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d)
-    contiguous = torch.randn(2, 32, 16, 16, 16)
+    contiguous = torch.randn(2, 32, 8, 16, 16)
     assert prefer_fused_cpu(channels_last, num_groups=32)
-    assert not prefer_fused_cpu(contiguous, num_groups=32)  # native group norm is as fast there
+    assert not prefer_fused_cpu(contiguous, num_groups=32)  # 2^17 values: native's lower fixed cost wins
+    assert prefer_fused_cpu(torch.randn(2, 32, 16, 16, 16), num_groups=32)  # 2^18: the cache-local kernels win
     assert prefer_fused_cpu(contiguous, num_groups=None)
     assert not prefer_fused_cpu(torch.randn(2, 8, 4, 4, 4), num_groups=None)  # small: native overhead wins
     assert not prefer_fused_cpu(channels_last.to(torch.int32), num_groups=32)

@@ -88,6 +88,36 @@ struct BackwardTerms {  // Σdy, Σdy·(x − shift)
   }
 };
 
+// Adds Σ of Terms over x[begin, end) (and dy) into first/second, in kLanes independent lanes
+// added pairwise at the end. `omp simd reduction` adds its lanes one after another through the
+// stack: a chain of ~100 cycles per call that cost more than the sums of a 64-value row.
+constexpr int kLanes = 16;
+template <typename Terms, typename scalar_t, typename acc_t>
+inline void row_sums(const scalar_t* x, const scalar_t* dy, acc_t shift, int64_t begin, int64_t end, acc_t& first,
+                     acc_t& second) {
+  acc_t lanes_first[kLanes] = {}, lanes_second[kLanes] = {};
+  int64_t s = begin;
+  for (; s + kLanes <= end; s += kLanes) {
+#pragma omp simd
+    for (int lane = 0; lane < kLanes; ++lane) {
+      Terms::add(to_acc(x[s + lane]), to_acc(dy[s + lane]), shift, lanes_first[lane], lanes_second[lane]);
+    }
+  }
+  for (; s < end; ++s) {  // the tail into one accumulator: a lane picked at run time would pin the lanes to memory
+    Terms::add(to_acc(x[s]), to_acc(dy[s]), shift, first, second);
+  }
+#pragma GCC unroll 4
+  for (int width = kLanes / 2; width > 0; width /= 2) {  // unrolled, so that the lanes stay in registers
+#pragma GCC unroll 8
+    for (int lane = 0; lane < width; ++lane) {
+      lanes_first[lane] += lanes_first[lane + width];
+      lanes_second[lane] += lanes_second[lane + width];
+    }
+  }
+  first += lanes_first[0];
+  second += lanes_second[0];
+}
+
 // A (N, C, S) tensor in memory: channels-last rows hold the C values of one position, contiguous
 // rows the S values of one channel. A task covers `chunk` rows (channels-last) or `chunk` values
 // of one row (contiguous); `tasks_per_sample` of them cover a sample.
@@ -113,6 +143,17 @@ struct Geometry {
   // Tasks per thread at least, so that each thread gets kMinElementsPerThread elements.
   int64_t grain() const { return std::max<int64_t>(1, kMinElementsPerThread / (channels_last ? chunk * C : chunk)); }
   int64_t offset(int64_t n, int64_t c, int64_t s) const { return channels_last ? (n * S + s) * C + c : (n * C + c) * S + s; }
+
+  // Contiguous layout: a task's row (its flat n·C + c index) and its values [begin, end) in that
+  // row, with no division when rows are whole tasks (short rows, where per-task cost shows).
+  struct RowPiece {
+    int64_t row, begin, end;
+  };
+  RowPiece row_piece(int64_t task) const {
+    if (pieces_per_row == 1) return {task, 0, S};
+    const int64_t begin = task % pieces_per_row * chunk;
+    return {task / pieces_per_row, begin, std::min(S, begin + chunk)};
+  }
 };
 
 // The samples [first, last) processed together, and the statistics pooled over them: groups > 0
@@ -163,10 +204,10 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, const double* shift, co
   at::parallel_for(task_begin, task_end, g.grain(), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> block_first(width), block_second(width), shift_acc(width);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / g.tasks_per_sample, piece = task % g.tasks_per_sample;
       double* out_first = partial_first.data() + (task - task_begin) * width;
       double* out_second = partial_second.data() + (task - task_begin) * width;
       if (g.channels_last) {
+        const int64_t n = task / g.tasks_per_sample, piece = task % g.tasks_per_sample;
         for (int64_t c = 0; c < C; ++c) shift_acc[c] = static_cast<acc_t>(shift[n * C + c]);
         const int64_t s_begin = piece * g.chunk, s_end = std::min(S, s_begin + g.chunk);
         const int64_t rows_per_block = kBlockValues;
@@ -189,18 +230,13 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, const double* shift, co
           }
         }
       } else {
-        const int64_t c = piece / g.pieces_per_row;
-        const int64_t s_begin = (piece % g.pieces_per_row) * g.chunk, s_end = std::min(S, s_begin + g.chunk);
-        const acc_t row_shift = static_cast<acc_t>(shift[n * C + c]);
-        const scalar_t* xr = x + g.offset(n, c, 0);
-        const scalar_t* dyr = dy + g.offset(n, c, 0);
-        for (int64_t s0 = s_begin; s0 < s_end; s0 += kBlockValues) {
-          const int64_t s1 = std::min(s_end, s0 + kBlockValues);
+        const auto piece = g.row_piece(task);
+        const acc_t row_shift = static_cast<acc_t>(shift[piece.row]);
+        const scalar_t* xr = x + piece.row * S;
+        const scalar_t* dyr = dy + piece.row * S;
+        for (int64_t s0 = piece.begin; s0 < piece.end; s0 += kBlockValues) {
           acc_t first_acc = 0, second_acc = 0;
-#pragma omp simd reduction(+ : first_acc, second_acc)
-          for (int64_t s = s0; s < s1; ++s) {
-            Terms::add(to_acc(xr[s]), to_acc(dyr[s]), row_shift, first_acc, second_acc);
-          }
+          row_sums<Terms>(xr, dyr, row_shift, s0, std::min(piece.end, s0 + kBlockValues), first_acc, second_acc);
           out_first[0] += first_acc;
           out_second[0] += second_acc;
         }
@@ -209,17 +245,17 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, const double* shift, co
   });
 
   for (int64_t task = task_begin; task < task_end; ++task) {
-    const int64_t n = task / g.tasks_per_sample, piece = task % g.tasks_per_sample;
     const int64_t local = task - task_begin;
     if (g.channels_last) {
+      const int64_t n = task / g.tasks_per_sample;
       for (int64_t c = 0; c < C; ++c) {
         first[n * C + c] += partial_first[local * C + c];
         second[n * C + c] += partial_second[local * C + c];
       }
     } else {
-      const int64_t c = piece / g.pieces_per_row;
-      first[n * C + c] += partial_first[local];
-      second[n * C + c] += partial_second[local];
+      const int64_t row = g.row_piece(task).row;
+      first[row] += partial_first[local];
+      second[row] += partial_second[local];
     }
   }
 }
@@ -233,11 +269,11 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, const at::opmath_type
   const int64_t C = g.C, S = g.S;
   at::parallel_for(unit.first * g.tasks_per_sample, unit.last * g.tasks_per_sample, g.grain(), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / g.tasks_per_sample, piece = task % g.tasks_per_sample;
-      const acc_t* an = a + n * C;
-      const acc_t* bn = b + n * C;
-      const acc_t* cn = c_term + n * C;
       if (g.channels_last) {
+        const int64_t n = task / g.tasks_per_sample, piece = task % g.tasks_per_sample;
+        const acc_t* an = a + n * C;
+        const acc_t* bn = b + n * C;
+        const acc_t* cn = c_term + n * C;
         const int64_t s_begin = piece * g.chunk, s_end = std::min(S, s_begin + g.chunk);
         for (int64_t s = s_begin; s < s_end; ++s) {
           const int64_t offset = g.offset(n, 0, s);
@@ -251,15 +287,14 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, const at::opmath_type
           }
         }
       } else {
-        const int64_t c = piece / g.pieces_per_row;
-        const int64_t s_begin = (piece % g.pieces_per_row) * g.chunk, s_end = std::min(S, s_begin + g.chunk);
-        const acc_t ac = an[c], bc = bn[c], cc = cn[c];
-        const int64_t offset = g.offset(n, c, 0);
+        const auto piece = g.row_piece(task);
+        const acc_t ac = a[piece.row], bc = b[piece.row], cc = c_term[piece.row];
+        const int64_t offset = piece.row * S;
         const scalar_t* xr = x + offset;
         const scalar_t* dyr = dy + offset;
         scalar_t* outr = out + offset;
 #pragma omp simd
-        for (int64_t s = s_begin; s < s_end; ++s) {
+        for (int64_t s = piece.begin; s < piece.end; ++s) {
           const acc_t xv = to_acc(xr[s]);
           outr[s] = from_acc<scalar_t>(kHasDy ? ac * to_acc(dyr[s]) + bc * xv + cc : ac * xv + bc);
         }
@@ -282,12 +317,56 @@ void check_input(const at::Tensor& t, const at::Tensor& x, bool channels_last, c
               " is not dense in the requested layout; call .contiguous(memory_format=...) first");
 }
 
-std::vector<Unit> units_of(const at::Tensor& x, int64_t groups) {
-  const int64_t N = x.size(0);
-  if (groups == 0 || x.nbytes() <= kWholeBatchBytes) return {Unit{0, N, groups}};
+// How one call walks its input: the geometry of its affine passes and of its forward sums, the
+// units it processes, and whether units run side by side (each on one thread) or one after
+// another (each split over the threads).
+struct Plan {
+  Geometry g, stats;
   std::vector<Unit> units;
-  for (int64_t n = 0; n < N; ++n) units.push_back(Unit{n, n + 1, groups});
-  return units;
+  bool across_units;
+};
+
+Plan plan_of(const at::Tensor& x, int64_t groups, bool channels_last) {
+  Geometry g(x, channels_last);
+  if (!channels_last && groups > 0) {
+    // Contiguous per-sample statistics: each (sample, group) pair's values are one contiguous
+    // block, so the input reads as (N·G, C/G, S) with one statistic per pseudo-sample.
+    g = Geometry(g.N * groups, g.C / groups, g.S, false);
+    groups = 1;
+  }
+  // A statistic over one contiguous run of values (a pseudo-sample above, or a channels-last
+  // sample in layer mode) is summed as that flat run, (N, 1, C·S), not per channel and pooled.
+  const Geometry stats = groups == 1 ? Geometry(g.N, 1, g.C * g.S, false) : g;
+  std::vector<Unit> units;
+  const int64_t threads = at::get_num_threads();
+  if (!channels_last && groups > 0 && g.N >= threads && (g.N % threads == 0 || g.N >= 8 * threads)) {
+    // Pseudo-samples that share out evenly over the threads: threads take whole units of them and
+    // run a unit's affine pass right after its sums, while the unit is still in the core's cache,
+    // in both directions. A unit holds about a chunk of values (fewer, cheaper units per call),
+    // and there are a multiple of the thread count of them, sizes differing by one at most.
+    const int64_t per_unit = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(g.C * g.S, 1));
+    const int64_t count = std::min(g.N, threads * ((g.N + threads * per_unit - 1) / (threads * per_unit)));
+    for (int64_t u = 0; u < count; ++u) units.push_back(Unit{u * g.N / count, (u + 1) * g.N / count, groups});
+    return {g, stats, std::move(units), true};
+  }
+  if (groups == 0 || x.nbytes() <= kWholeBatchBytes) return {g, stats, {Unit{0, g.N, groups}}, false};
+  for (int64_t n = 0; n < g.N; ++n) units.push_back(Unit{n, n + 1, groups});
+  return {g, stats, std::move(units), false};
+}
+
+// Calls body(unit) for every unit of the plan, side by side or in turn as the plan says (the
+// passes' own parallel_for runs inline inside a parallel region).
+template <typename Body>
+void for_each_unit(const Plan& plan, const Body& body) {
+  if (!plan.across_units) {
+    for (const Unit& unit : plan.units) body(unit);
+    return;
+  }
+  const int64_t unit_elements = plan.g.N / static_cast<int64_t>(plan.units.size()) * plan.g.C * plan.g.S;
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(unit_elements, 1));
+  at::parallel_for(0, static_cast<int64_t>(plan.units.size()), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) body(plan.units[u]);
+  });
 }
 
 // γ or β of channel c as a double, read once from a parameter of any floating dtype (elementwise
@@ -331,23 +410,22 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
                                      const c10::optional<at::Tensor>& running_var, double momentum,
                                      bool channels_last) {
   check_input(x, x, channels_last, "input");
-  const Geometry g(x, channels_last);
-  TORCH_CHECK(groups == 0 || g.C % groups == 0, "adanorm CPU kernel: ", g.C, " channels do not split into ",
-              groups, " groups");
+  const int64_t channels = x.size(1);
+  TORCH_CHECK(groups == 0 || channels % groups == 0, "adanorm CPU kernel: ", channels,
+              " channels do not split into ", groups, " groups");
+  const Plan plan = plan_of(x, groups, channels_last);
+  const Geometry& g = plan.g;  // flat (n, c) table indices are the same in the plan's geometry
   const auto table_options = x.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous);
   const ChannelParameter gamma(weight, 1.0), beta(bias, 0.0);
-  auto mean = at::empty({g.N, g.C}, table_options);
-  auto rstd = at::empty({g.N, g.C}, table_options);
-  std::vector<double> batch_mean(g.C), batch_unbiased_var(g.C);
+  auto mean = at::empty({x.size(0), channels}, table_options);
+  auto rstd = at::empty({x.size(0), channels}, table_options);
+  std::vector<double> batch_mean(channels), batch_unbiased_var(channels);
   auto y = at::empty_like(x, layout_format(x, channels_last));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adanorm_norm_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    // Layer mode on channels-last input: a sample is one contiguous run of C·S values, so its
-    // statistics come from a flat reduction, read as a contiguous (N, 1, C·S) tensor, instead of
-    // per-channel accumulators pooled afterwards. The affine pass still uses the real geometry.
-    const Geometry stats_g = channels_last && groups == 1 ? Geometry(g.N, 1, g.C * g.S, false) : g;
+    const Geometry& stats_g = plan.stats;
     const int64_t tables = stats_g.N * stats_g.C;
     std::vector<double> shift(tables), sum_u(tables, 0.0), sum_u2(tables, 0.0);
     std::vector<acc_t> scale(g.N * g.C), offset(g.N * g.C);
@@ -357,7 +435,7 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
       for (int64_t c = 0; c < stats_g.C; ++c)
         shift[n * stats_g.C + c] = static_cast<double>(to_acc(x_data[stats_g.offset(n, c, 0)]));
 
-    for (const Unit& unit : units_of(x, groups)) {
+    for_each_unit(plan, [&](const Unit& unit) {
       channel_sums<scalar_t, ForwardTerms>(x_data, x_data, shift.data(), stats_g, unit, sum_u.data(), sum_u2.data());
       std::vector<std::pair<double, double>> statistics;  // (mean, rstd) in for_each_statistic's order
       for_each_statistic(unit, stats_g.C, [&](const Members& members) {
@@ -374,7 +452,7 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
         }
         statistics.emplace_back(stat_mean, 1.0 / std::sqrt(m2 / count + eps));
         if (unit.groups == 0) {
-          const int64_t c = members.front() % g.C;
+          const int64_t c = members.front() % channels;
           batch_mean[c] = stat_mean;
           batch_unbiased_var[c] = m2 / std::max(count - 1.0, 1.0);
         }
@@ -383,7 +461,7 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
       for_each_statistic(unit, g.C, [&](const Members& members) {
         const auto [stat_mean, stat_rstd] = statistics[next++];
         for (int64_t i : members) {
-          const int64_t c = i % g.C;
+          const int64_t c = i % channels;
           const double a = gamma[c] * stat_rstd;
           mean_data[i] = stat_mean;
           rstd_data[i] = stat_rstd;
@@ -393,7 +471,7 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
       });
       channel_affine<scalar_t, false>(x_data, x_data, scale.data(), offset.data(), offset.data(), g, unit,
                                       y.data_ptr<scalar_t>());
-    }
+    });
   });
 
   if (groups == 0 && running_mean.has_value() && running_mean->defined()) {
@@ -412,11 +490,13 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_output, const at::T
                                       bool need_input) {
   check_input(x, x, channels_last, "input");
   check_input(grad_output, x, channels_last, "grad_output");
-  const Geometry g(x, channels_last);
+  const int64_t channels = x.size(1);
+  const Plan plan = plan_of(x, groups, channels_last);
+  const Geometry& g = plan.g;
   const auto table_options = x.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous);
   const ChannelParameter gamma(weight, 1.0);
-  auto grad_weight = at::zeros({g.C}, table_options);
-  auto grad_bias = at::zeros({g.C}, table_options);
+  auto grad_weight = at::zeros({channels}, table_options);
+  auto grad_bias = at::zeros({channels}, table_options);
   at::Tensor grad_input = need_input ? at::empty_like(x, layout_format(x, channels_last)) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adanorm_norm_backward", [&] {
@@ -430,7 +510,7 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_output, const at::T
     std::vector<double> sum_dy(g.N * g.C, 0.0), sum_dy_u(g.N * g.C, 0.0);
     std::vector<acc_t> dy_scale(g.N * g.C), x_scale(g.N * g.C), shift(g.N * g.C);
 
-    for (const Unit& unit : units_of(x, groups)) {
+    for_each_unit(plan, [&](const Unit& unit) {
       channel_sums<scalar_t, BackwardTerms>(x_data, dy_data, mean_data, g, unit, sum_dy.data(), sum_dy_u.data());
       for_each_statistic(unit, g.C, [&](const Members& members) {
         // dx = rstd·(γ·dy − mean(γ·dy) − x̂·mean(γ·dy·x̂)) over the statistic's members.
@@ -438,15 +518,13 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_output, const at::T
         const double stat_mean = mean_data[members.front()], stat_rstd = rstd_data[members.front()];
         double sum_g = 0.0, sum_g_xhat = 0.0;
         for (int64_t i : members) {
-          const int64_t c = i % g.C;
+          const int64_t c = i % channels;
           sum_g += gamma[c] * sum_dy[i];
           sum_g_xhat += gamma[c] * stat_rstd * sum_dy_u[i];
-          grad_weight_data[c] += stat_rstd * sum_dy_u[i];
-          grad_bias_data[c] += sum_dy[i];
         }
         const double mean_g = sum_g / count, mean_g_xhat = sum_g_xhat / count;
         for (int64_t i : members) {
-          const int64_t c = i % g.C;
+          const int64_t c = i % channels;
           dy_scale[i] = static_cast<acc_t>(stat_rstd * gamma[c]);
           x_scale[i] = static_cast<acc_t>(-stat_rstd * stat_rstd * mean_g_xhat);
           shift[i] = static_cast<acc_t>(stat_rstd * (stat_rstd * stat_mean * mean_g_xhat - mean_g));
@@ -456,6 +534,11 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_output, const at::T
         channel_affine<scalar_t, true>(x_data, dy_data, dy_scale.data(), x_scale.data(), shift.data(), g, unit,
                                        grad_input.data_ptr<scalar_t>());
       }
+    });
+    // dγ, dβ sum over samples, so after every unit: units may run side by side.
+    for (int64_t i = 0; i < g.N * g.C; ++i) {
+      grad_weight_data[i % channels] += rstd_data[i] * sum_dy_u[i];
+      grad_bias_data[i % channels] += sum_dy[i];
     }
   });
   return {grad_input, grad_weight, grad_bias};

@@ -45,13 +45,14 @@ def batch_norm(
 def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """Per-sample statistics over (C/G)·spatial values: instance (G=C), group, and layer (G=1) modes.
 
-    Native group norm is the fastest CPU kernel for these in contiguous layout (faster than native
-    instance norm, which also drops channels_last) while it has a (sample, group) pair for every
-    thread. On channels-last input, and with fewer pairs than threads, the compiled two-pass kernels
-    (``cpu_fused``) take over: native channels-last group norm is slow backward and imprecise at
-    large means, and runs each pair on one thread. Without a compiler, a per-sample batch-norm kernel still spares instance mode
-    the layout copies of native instance norm. On CUDA, Triton kernels take the layouts the
-    native kernels handle with extra copies (``triton_norm.prefer_triton``).
+    On the CPU the compiled two-pass kernels (``cpu_fused``) take every input big enough to repay
+    their fixed cost: native channels-last group norm is slow backward and imprecise at large
+    means, native instance norm copies channels-last input twice, and on contiguous input they
+    beat native group norm's cache-local passes with cheaper sums. Small contiguous inputs stay on
+    native group norm (faster than native instance norm). Without a compiler, a per-sample
+    batch-norm kernel still spares instance mode the layout copies of native instance norm. On
+    CUDA, Triton kernels take the layouts the native kernels handle with extra copies
+    (``triton_norm.prefer_triton``).
     """
     _require_several_values(input, input.shape[0] * num_groups, "per-sample", "the patch size or num_groups")
     triton = _triton_backend(input, batch_statistics=False)

@@ -41,17 +41,21 @@ _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "norm_cpu.cpp"
 # is part of the extension's name, so nodes with different levels keep separate builds.
 _CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability().lower()
 _EXTENSION = f"adanorm_norm_cpu_{_CPU_CAPABILITY}"
-_ISA_FLAGS = ["-mavx2", "-mfma", "-mf16c"] if _CPU_CAPABILITY in ("avx2", "avx512") else []
+_ISA_FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+}.get(_CPU_CAPABILITY, [])
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-# Smallest inputs worth the fused kernels, measured on a 2-core x86 CPU with benchmarks/norms.py:
-# below these, the native kernels' lower fixed cost per call wins. Contiguous per-sample modes stay
-# native while there are at least as many (sample, group) pairs as threads: native group norm makes
-# two cache-local passes per pair there, but runs each pair on one thread, so with fewer pairs than
-# threads (layer mode at batch 1) it leaves threads idle that the fused kernels' chunked tasks use.
+# Smallest inputs worth the fused kernels, measured on 2-core x86 CPUs with benchmarks/norms.py:
+# below these, the native kernels' lower fixed cost per call wins. Contiguous per-sample modes
+# compete with native group norm, which makes two cache-local passes per (sample, group) pair as the
+# compiled kernels do; they win there from 2^18 values (cheaper sums, and a backward that reuses a
+# pair while it is in cache), and from 2^16 when there are fewer pairs than threads: native group
+# norm runs each pair on one thread, so layer mode at batch 1 would leave threads idle.
 MIN_NUMEL_BATCH = 1 << 14
 MIN_NUMEL_PER_SAMPLE_CHANNELS_LAST = 1 << 12
+MIN_NUMEL_PER_SAMPLE_CONTIGUOUS = 1 << 18
 MIN_NUMEL_PER_SAMPLE_FEW_GROUPS = 1 << 16
-
 
 @lru_cache(maxsize=None)
 def cpu_kernels() -> Optional[ModuleType]:
@@ -100,7 +104,8 @@ def prefer_fused_cpu(input: Tensor, num_groups: Optional[int]) -> bool:
     elif is_channels_last(input):
         worth_it = numel >= MIN_NUMEL_PER_SAMPLE_CHANNELS_LAST
     else:
-        worth_it = numel >= MIN_NUMEL_PER_SAMPLE_FEW_GROUPS and input.shape[0] * num_groups < torch.get_num_threads()
+        worth_it = numel >= MIN_NUMEL_PER_SAMPLE_CONTIGUOUS or (
+            numel >= MIN_NUMEL_PER_SAMPLE_FEW_GROUPS and input.shape[0] * num_groups < torch.get_num_threads())
     return (
         worth_it
         and input.dtype in _SUPPORTED_DTYPES
