@@ -18,9 +18,12 @@
 // order, so results do not depend on the thread count. Inner sums are float over short blocks
 // (vectorized), flushed into double.
 //
-// Per-sample modes on inputs above kWholeBatchBytes go one sample at a time (statistics, then its
-// affine pass while the sample is still in the last-level cache); batch mode needs every sample
-// before its affine pass. FusedNorm (at the end) wires both directions into autograd.
+// Contiguous per-sample modes read the input as (N·G, C/G, S): each (sample, group) block is one
+// pseudo-sample whose statistic is summed as one flat run. With enough of them, each thread takes
+// whole cache-sized units and runs a unit's affine pass right after its sums (plan_of). Other
+// per-sample inputs above kWholeBatchBytes go one sample at a time (statistics, then its affine
+// pass while the sample is still in the last-level cache); batch mode needs every sample before
+// its affine pass. FusedNorm (at the end) wires both directions into autograd.
 
 #include <torch/extension.h>
 #include <ATen/OpMathType.h>
@@ -328,7 +331,8 @@ struct Plan {
 
 Plan plan_of(const at::Tensor& x, int64_t groups, bool channels_last) {
   Geometry g(x, channels_last);
-  if (!channels_last && groups > 0) {
+  const bool pseudo_samples = !channels_last && groups > 0;
+  if (pseudo_samples) {
     // Contiguous per-sample statistics: each (sample, group) pair's values are one contiguous
     // block, so the input reads as (N·G, C/G, S) with one statistic per pseudo-sample.
     g = Geometry(g.N * groups, g.C / groups, g.S, false);
@@ -339,7 +343,7 @@ Plan plan_of(const at::Tensor& x, int64_t groups, bool channels_last) {
   const Geometry stats = groups == 1 ? Geometry(g.N, 1, g.C * g.S, false) : g;
   std::vector<Unit> units;
   const int64_t threads = at::get_num_threads();
-  if (!channels_last && groups > 0 && g.N >= threads && (g.N % threads == 0 || g.N >= 8 * threads)) {
+  if (pseudo_samples && g.N >= threads && (g.N % threads == 0 || g.N >= 8 * threads)) {
     // Pseudo-samples that share out evenly over the threads: threads take whole units of them and
     // run a unit's affine pass right after its sums, while the unit is still in the core's cache,
     // in both directions. A unit holds about a chunk of values (fewer, cheaper units per call),
