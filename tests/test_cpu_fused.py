@@ -25,12 +25,14 @@ TOL = {torch.float64: (1e-10, 1e-8), torch.float32: (2e-5, 1e-4), torch.bfloat16
 LAYOUTS = ["contiguous", "channels_last"]
 # (shape, groups): groups None is batch mode. Shapes reach: one sample, odd sizes, C not a multiple
 # of the vector width, several channels-last tasks per sample (S·C > 2^15) and several contiguous
-# pieces per row (S > 2^15), and a sample above the whole-batch size (per-sample units).
+# pieces per row (S > 2^15), (sample, group) blocks that share out evenly over two threads (units
+# side by side) or do not (3 blocks), and float64 input above the whole-batch size (units in turn).
 CASES = [
     ((2, 6, 3, 4, 5), None), ((2, 6, 3, 4, 5), 6), ((2, 6, 3, 4, 5), 3), ((2, 6, 3, 4, 5), 1),
     ((1, 8, 4, 4, 4), None), ((1, 8, 4, 4, 4), 8),
     ((3, 5, 2, 3, 7), 5), ((2, 7, 5, 6), None), ((2, 7, 5, 6), 7), ((4, 3, 17), 3), ((4, 3, 17), None),
     ((1, 3, 40, 40, 25), None), ((1, 3, 40, 40, 25), 3), ((2, 64, 12, 12, 12), 64), ((2, 64, 12, 12, 12), 8),
+    ((3, 4, 24, 64, 64), 1),
 ]
 
 

@@ -57,6 +57,7 @@ MIN_NUMEL_PER_SAMPLE_CHANNELS_LAST = 1 << 12
 MIN_NUMEL_PER_SAMPLE_CONTIGUOUS = 1 << 18
 MIN_NUMEL_PER_SAMPLE_FEW_GROUPS = 1 << 16
 
+
 @lru_cache(maxsize=None)
 def cpu_kernels() -> Optional[ModuleType]:
     """The compiled kernels, or None (disabled, or no toolchain: a warning says how to get them)."""
