@@ -6,8 +6,9 @@
 // Two kernels cover all modes, both layouts and both directions:
 //
 //   channel_sums    one read pass: per (n, c) the sums of two terms with x shifted by a per-(n, c)
-//                   value. Forward: Σu and Σu² of u = x − shift, shift = one value of the channel,
-//                   so float sums stay accurate for large means. Backward: Σdy and Σdy·(x − μ).
+//                   value. Forward: Σu and Σu² of u = x − shift, shift = one value of the channel
+//                   (of the run, where a statistic is summed as one flat run: see plan_of), so
+//                   float sums stay accurate for large means. Backward: Σdy and Σdy·(x − μ).
 //   channel_affine  one read+write pass: y = a·x + b forward, dx = a·dy + b·x + c backward, with
 //                   per-(n, c) coefficients, written in the input's own layout.
 //
