@@ -17,11 +17,15 @@ def main(argv=None) -> None:
     parser.add_argument("--output", type=Path, default=Path("predictions"), help="output folder (default: predictions/)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, 0 to <1 (default: 0.5)")
     parser.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default: auto)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="let the checkpoint build a network outside MONAI and adanorm (runs its constructor): "
+                             "only for checkpoints you wrote yourself")
     args = parser.parse_args(argv)
 
     from adanorm.recipes.inference import predict  # imported here so that --help answers fast
 
-    output = predict(args.checkpoint, args.inputs, args.output, overlap=args.overlap, accelerator=args.accelerator)
+    output = predict(args.checkpoint, args.inputs, args.output, overlap=args.overlap, accelerator=args.accelerator,
+                     trust_checkpoint=args.trust_checkpoint)
     print(f"predictions: {output}")
 
 

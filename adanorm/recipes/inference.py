@@ -17,7 +17,8 @@ from monai.data import DataLoader, Dataset
 from torch import Tensor
 
 from adanorm.recipes.data import CLASSIFICATION, case_name, volume_transforms
-from adanorm.recipes.module import RecipeModule, load_recipe_module
+from adanorm.recipes.checkpoint import load_recipe_module
+from adanorm.recipes.module import RecipeModule
 
 PROBABILITIES_CSV = "probabilities.csv"
 
@@ -74,10 +75,14 @@ class NiftiPredictionWriter(BasePredictionWriter):
 
 
 def predict(checkpoint: Path, inputs: Path, output_dir: Path, overlap: float = 0.5, accelerator: str = "auto",
-            num_workers: int = 0) -> Path:
-    """Predicts every input volume at batch 1 and returns the folder the results were written to."""
+            num_workers: int = 0, trust_checkpoint: bool = False) -> Path:
+    """Predicts every input volume at batch 1 and returns the folder the results were written to.
+
+    ``trust_checkpoint`` lets the checkpoint build a network outside MONAI and adanorm
+    (see ``adanorm.recipes.checkpoint``): only for checkpoints you wrote yourself.
+    """
     files = nifti_inputs(Path(inputs))
-    module: RecipeModule = load_recipe_module(str(checkpoint))
+    module: RecipeModule = load_recipe_module(checkpoint, trust_checkpoint=trust_checkpoint)
     if module.task != CLASSIFICATION:
         module.hparams.predict_overlap = overlap
     output_dir = Path(output_dir)

@@ -9,7 +9,7 @@ from typing import Any, Dict, Sequence, Tuple, Type
 
 import lightning.pytorch as pl
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
@@ -18,6 +18,7 @@ from monai.utils import convert_to_tensor
 from torch import Tensor, nn
 
 CLASS_PATH_KEY = "adanorm_module_class"
+"""Checkpoint key naming the recipe module that wrote it, as a key of ``RECIPE_MODULES``."""
 
 
 class RecipeModule(pl.LightningModule):
@@ -54,7 +55,7 @@ class RecipeModule(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        checkpoint[CLASS_PATH_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint[CLASS_PATH_KEY] = type(self).__name__
 
 
 class SegmentationModule(RecipeModule):
@@ -111,10 +112,5 @@ class ClassificationModule(RecipeModule):
         return self.net(image).softmax(1)
 
 
-def load_recipe_module(checkpoint_path: str, map_location: Any = "cpu") -> RecipeModule:
-    """Rebuilds whichever recipe module wrote the checkpoint."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    if CLASS_PATH_KEY not in checkpoint:
-        raise ValueError(f"{checkpoint_path} was not written by an adanorm recipe (no {CLASS_PATH_KEY!r}); pass a checkpoint from train.py.")
-    module_class: Type[RecipeModule] = get_class(checkpoint[CLASS_PATH_KEY])
-    return module_class.load_from_checkpoint(checkpoint_path, map_location=map_location)
+RECIPE_MODULES: Dict[str, Type[RecipeModule]] = {cls.__name__: cls for cls in (SegmentationModule, ClassificationModule)}
+"""The modules a checkpoint may name: looked up here by name, never imported from a path in the file."""
