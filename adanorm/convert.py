@@ -1,19 +1,20 @@
 """Whole-model conversion between native norm layers and adaptive ones, keeping the state.
 
 A converted layer must behave exactly like the layer it replaced wherever that layer could run,
-so InstanceNorm and GroupNorm start their fallback chain at their own mode, with thresholds at
-the native layer's own limit (more than one value per statistic).
+in training and in eval, for every combination of affine, track_running_stats and momentum, so
+each gets a policy that encodes the native semantics (``_faithful_policy``), and ``revert``
+rebuilds the very configuration it came from.
 """
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Dict, Optional, Type
+from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
 from torch import nn
 
 from adanorm.norm import AdaptiveNorm, AdaptiveNorm1d, AdaptiveNorm2d, AdaptiveNorm3d
-from adanorm.policy import MIN_VALUES_PER_STATISTIC, Policy
+from adanorm.policy import MIN_VALUES_PER_STATISTIC, MODES, Policy
 
 _ADAPTIVE_BY_NATIVE: Dict[Type[nn.Module], Type[AdaptiveNorm]] = {
     nn.BatchNorm1d: AdaptiveNorm1d,
@@ -29,13 +30,48 @@ _BATCH_BY_ADAPTIVE = {AdaptiveNorm1d: nn.BatchNorm1d, AdaptiveNorm2d: nn.BatchNo
 _INSTANCE_BY_ADAPTIVE = {AdaptiveNorm1d: nn.InstanceNorm1d, AdaptiveNorm2d: nn.InstanceNorm2d, AdaptiveNorm3d: nn.InstanceNorm3d}
 
 
-def _native_floor_policy(first_mode: str, base: Optional[Policy]) -> Policy:
-    chain = ("instance", "group", "layer", "identity") if first_mode == "instance" else ("group", "layer", "identity")
+SMALL_BATCH_FINE_TUNING = 2
+"""``min_batch_size`` of converted BatchNorm layers: fine-tuning a BatchNorm checkpoint at batch 2–7
+keeps batch statistics (and keeps the running statistics it evaluates with current) instead of
+dropping to instance mode as a fresh adaptive layer (``min_batch_size=8``) would."""
+
+
+def _native_config(module: nn.Module) -> Dict[str, Any]:
+    """The constructor arguments that rebuild ``module`` exactly (``revert`` uses them)."""
+    if isinstance(module, nn.GroupNorm):
+        return {"num_groups": module.num_groups, "num_channels": module.num_channels, "eps": module.eps,
+                "affine": module.affine, "bias": module.bias is not None or module.weight is None}
+    config = {"num_features": module.num_features, "eps": module.eps, "momentum": module.momentum,
+              "affine": module.affine, "track_running_stats": module.track_running_stats,
+              "bias": module.bias is not None or module.weight is None}
+    if isinstance(module, nn.SyncBatchNorm):
+        config["process_group"] = module.process_group
+    return config
+
+
+def _faithful_policy(module: nn.Module, base: Optional[Policy]) -> Policy:
+    """A policy under which the adaptive layer normalizes as ``module`` does wherever ``module`` can run,
+    in training and in eval, and falls back only where it would raise.
+
+    BatchNorm keeps batch statistics from ``SMALL_BATCH_FINE_TUNING`` samples (unless ``base`` says
+    otherwise), uses its running statistics in eval even at their initial values (as native does),
+    and without running statistics uses batch statistics in eval too. InstanceNorm and GroupNorm start
+    the chain at their own mode with thresholds at the native floor; InstanceNorm with running
+    statistics updates and evaluates with them as ``F.instance_norm`` does.
+    """
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        policy = base or Policy(min_batch_size=SMALL_BATCH_FINE_TUNING)
+        return replace(policy, native_eval_rule=module.track_running_stats,
+                       eval_batch_stats=not module.track_running_stats)
+    first_mode = "group" if isinstance(module, nn.GroupNorm) else "instance"
+    tracks = first_mode == "instance" and module.track_running_stats
     return replace(
         base or Policy(),
-        chain=chain,
+        chain=MODES[MODES.index(first_mode):],
         min_instance_size=MIN_VALUES_PER_STATISTIC,
         min_group_size=MIN_VALUES_PER_STATISTIC,
+        native_eval_rule=tracks,
+        instance_running_stats=tracks,
     )
 
 
@@ -48,62 +84,60 @@ def _factory_kwargs(module: nn.Module) -> Dict[str, Any]:
 
 
 def _adaptive_from_native(module: nn.Module, kwargs: Dict[str, Any]) -> AdaptiveNorm:
-    adaptive_cls = _ADAPTIVE_BY_NATIVE[type(module)]
+    config = _native_config(module)
     options = dict(kwargs)
-    first_mode = "batch"
     if isinstance(module, nn.GroupNorm):
-        num_features, momentum, track = module.num_channels, 0.1, False
-        options.setdefault("num_groups", module.num_groups)
-        first_mode = "group"
+        options.setdefault("num_groups", config["num_groups"])
+        num_features, momentum, track = config["num_channels"], 0.1, False
     else:
-        num_features, momentum, track = module.num_features, module.momentum, module.track_running_stats
-        if isinstance(module, nn.modules.instancenorm._InstanceNorm):
-            first_mode = "instance"
-    if first_mode != "batch" and options.get("mode", "auto") == "auto":
-        options["policy"] = _native_floor_policy(first_mode, options.get("policy"))
+        num_features, momentum, track = config["num_features"], config["momentum"], config["track_running_stats"]
+        if momentum is None and isinstance(module, nn.modules.instancenorm._InstanceNorm):
+            momentum = 0.0  # F.instance_norm reads momentum=None as 0: its running statistics never move
+    if options.get("mode", "auto") == "auto":
+        options["policy"] = _faithful_policy(module, options.get("policy"))
     if "preset" not in options:
         options.setdefault("momentum", momentum)
-    weight = getattr(module, "weight", None)
-    bias = getattr(module, "bias", None)
-    adaptive = adaptive_cls(
-        num_features,
-        module.eps,
-        affine=module.affine,
-        track_running_stats=track,
-        bias=bias is not None or weight is None,
-        **_factory_kwargs(module),
-        **options,
+    adaptive = _ADAPTIVE_BY_NATIVE[type(module)](
+        num_features, config["eps"], affine=config["affine"], track_running_stats=track, bias=config["bias"],
+        **_factory_kwargs(module), **options,
     )
     adaptive.load_state_dict(module.state_dict(), strict=True)
     adaptive.train(module.training)
+    adaptive._native_spec = (type(module), config)
     return adaptive
 
 
 def _native_from_adaptive(module: AdaptiveNorm) -> nn.Module:
-    first_mode = module.mode if module.mode != "auto" else module.policy.chain[0]
-    factory = _factory_kwargs(module)
-    has_bias = module.bias is not None or module.weight is None
-    if first_mode == "batch":
-        native_cls = _BATCH_BY_ADAPTIVE.get(type(module))
-        if native_cls is None:
-            raise TypeError(
-                "revert: a dimension-agnostic AdaptiveNorm in batch mode has no single native class; "
-                "use AdaptiveNorm1d/2d/3d so revert can pick BatchNorm1d/2d/3d."
-            )
-        native = native_cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, bias=has_bias, **factory)
-    elif first_mode == "instance" and type(module) in _INSTANCE_BY_ADAPTIVE:
-        native = _INSTANCE_BY_ADAPTIVE[type(module)](
-            module.num_features, module.eps, module.momentum or 0.1, module.affine, module.track_running_stats, bias=has_bias, **factory
-        )
-    else:
-        groups = {"instance": module.num_features, "layer": 1}.get(first_mode, module.num_groups)
-        native = nn.GroupNorm(groups, module.num_features, module.eps, module.affine, bias=has_bias, **factory)
+    native_cls, config = module._native_spec or _native_for_first_mode(module)
+    native = native_cls(**config, **_factory_kwargs(module))
     state = module.state_dict()
     if isinstance(native, nn.GroupNorm):
         state = {k: v for k, v in state.items() if k in ("weight", "bias")}
     native.load_state_dict(state, strict=True)
     native.train(module.training)
     return native
+
+
+def _native_for_first_mode(module: AdaptiveNorm) -> Tuple[Type[nn.Module], Dict[str, Any]]:
+    """For layers built as adaptive (not converted): the native class of the mode they start with."""
+    first_mode = module.mode if module.mode != "auto" else module.policy.chain[0]
+    has_bias = module.bias is not None or module.weight is None
+    config = {"eps": module.eps, "affine": module.affine, "bias": has_bias}
+    if first_mode == "batch":
+        if type(module) not in _BATCH_BY_ADAPTIVE:
+            raise TypeError(
+                "revert: a dimension-agnostic AdaptiveNorm in batch mode has no single native class; "
+                "use AdaptiveNorm1d/2d/3d so revert can pick BatchNorm1d/2d/3d."
+            )
+        return _BATCH_BY_ADAPTIVE[type(module)], {
+            "num_features": module.num_features, "momentum": module.momentum,
+            "track_running_stats": module.track_running_stats, **config}
+    if first_mode == "instance" and type(module) in _INSTANCE_BY_ADAPTIVE:
+        return _INSTANCE_BY_ADAPTIVE[type(module)], {
+            "num_features": module.num_features, "momentum": module.momentum or 0.1,
+            "track_running_stats": module.track_running_stats, **config}
+    groups = {"instance": module.num_features, "layer": 1}.get(first_mode, module.num_groups)
+    return nn.GroupNorm, {"num_groups": groups, "num_channels": module.num_features, **config}
 
 
 def _replace_modules(model: nn.Module, should_replace, build) -> nn.Module:

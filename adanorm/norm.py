@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,6 +21,7 @@ from adanorm.policy import (
     MODES,
     FallbackError,
     FallbackWarning,
+    NonFiniteStatsWarning,
     Policy,
     check_num_groups,
     choose_mode,
@@ -30,6 +31,8 @@ from adanorm.policy import (
 from adanorm.presets import MomentumPreset, get_preset
 
 MODE_CHOICES = ("auto",) + MODES
+BALANCE_DECAY = 0.9
+"""Weight of the past in ``running_stats_balance``: about the last ten training steps decide."""
 
 
 class AdaptiveNorm(_NormBase):
@@ -61,8 +64,8 @@ class AdaptiveNorm(_NormBase):
         name = type(self).__name__
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{name}: num_features={num_features!r} is invalid; pass the channel count C as a positive integer.")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"{name}: eps={eps!r} is invalid; pass a small positive float such as 1e-5.")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"{name}: eps={eps!r} is invalid; pass a small non-negative float such as 1e-5.")
         if mode not in MODE_CHOICES:
             raise ValueError(f"{name}: mode={mode!r} is unknown; choose one of {MODE_CHOICES}.")
         if policy is not None and not isinstance(policy, Policy):
@@ -77,31 +80,93 @@ class AdaptiveNorm(_NormBase):
         self.last_mode: Optional[str] = None
         self.mode_counts: Dict[str, int] = dict.fromkeys(MODES, 0)
         self._warned_fallback = False
-        self._stats_learned: Optional[bool] = False
+        self._warned_nonfinite = 0
+        self._native_spec: Optional[Tuple[type, Dict[str, Any]]] = None  # set by adanorm.convert, read by revert
+        if self.track_running_stats:
+            # Non-persistent buffers: the state dict keeps BatchNorm's keys, yet every copy of the
+            # buffers (deepcopy, .to(), AveragedModel, EMA loops over .buffers(), DDP broadcast) carries them.
+            self.register_buffer("running_stats_balance", torch.zeros((), device=device), persistent=False)
+            self.register_buffer("nonfinite_skips", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        else:
+            self.register_buffer("running_stats_balance", None, persistent=False)
+            self.register_buffer("nonfinite_skips", None, persistent=False)
+        self._eval_rule_key: Tuple[int, ...] = ()
+        self._eval_rule = False
+        self._refresh_eval_rule()
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
-        self._stats_learned = False
+        if getattr(self, "running_stats_balance", None) is not None:  # None while _NormBase.__init__ runs
+            self.running_stats_balance.zero_()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        self._stats_learned = None
+        if self.running_stats_balance is not None:
+            self.running_stats_balance.zero_()  # loaded statistics describe the loaded weights until training says otherwise
+        self._refresh_eval_rule()
+
+    def train(self, mode: bool = True) -> "AdaptiveNorm":
+        super().train(mode)
+        self._refresh_eval_rule()  # eager, outside any compiled region: what a compiled eval forward reads
+        self._warn_nonfinite_skips()
+        return self
 
     def has_learned_running_stats(self) -> bool:
-        """Whether eval can use the running statistics: updated in batch mode, or loaded non-default.
+        """Whether eval normalizes with the running statistics (the eval rule; see the README).
 
-        Loaded checkpoints count by value, not only by ``num_batches_tracked``, because checkpoints
-        from old PyTorch versions or other frameworks carry real statistics with a zero counter.
+        They must be tracked, learned (``num_batches_tracked > 0`` or values other than the initial
+        0/1, since old checkpoints carry real statistics with a zero counter; or any values under
+        ``policy.native_eval_rule``) and current: ``running_stats_balance >= 0``, i.e. the layer's
+        recent training steps mostly updated them. The rule reads the buffers themselves, so any way
+        they change counts (``copy_``, ``AveragedModel``, ``load_state_dict``, ``.to()``, a DDP
+        broadcast); the answer is cached against the buffers' version counters and recomputed (one
+        host sync) only after a write.
         """
-        if not self.track_running_stats:
-            return False
-        if self._stats_learned is None:
-            self._stats_learned = self.running_mean is not None and bool(
-                self.num_batches_tracked.item() > 0
-                or self.running_mean.ne(0).any().item()
-                or self.running_var.ne(1).any().item()
-            )
-        return self._stats_learned
+        if not torch.compiler.is_compiling():
+            self._refresh_eval_rule()
+        return self._eval_rule
+
+    def _refresh_eval_rule(self) -> None:
+        if not self.track_running_stats or self.running_mean is None:
+            self._eval_rule_key, self._eval_rule = (), False
+            return
+        buffers = (self.num_batches_tracked, self.running_mean, self.running_var, self.running_stats_balance)
+        key = tuple(value for buffer in buffers for value in (id(buffer), buffer._version))
+        if key == self._eval_rule_key:
+            return
+        current = bool(self.running_stats_balance.item() >= 0)
+        learned = self.policy.native_eval_rule or bool(
+            self.num_batches_tracked.item() > 0
+            or self.running_mean.ne(0).any().item()
+            or self.running_var.ne(1).any().item()
+        )
+        self._eval_rule_key, self._eval_rule = key, current and learned
+
+    def _record_training_step(self, updated_running_stats: bool) -> None:
+        """Move the balance toward +1 for a step that updated the running statistics, −1 for one that
+        left them behind (a per-sample mode), weighting the last ~10 steps (``BALANCE_DECAY``).
+
+        One step decides after a load; a run of about seven steps decides after long training in the
+        other regime. So a smaller last batch per epoch does not switch a batch-trained layer's eval
+        to per-sample statistics, while fine-tuning that really moved to a per-sample mode does.
+        """
+        step = (1.0 - BALANCE_DECAY) * (1.0 if updated_running_stats else -1.0)
+        self.running_stats_balance.mul_(BALANCE_DECAY).add_(step)
+
+    def _warn_nonfinite_skips(self) -> None:
+        if self.nonfinite_skips is None or torch.compiler.is_compiling():
+            return
+        skips = int(self.nonfinite_skips.item())
+        if skips > self._warned_nonfinite:
+            if not self._warned_nonfinite:
+                warnings.warn(
+                    f"{type(self).__name__}({self.num_features}): a batch-mode step had NaN or Inf statistics; its running-"
+                    f"statistics update was skipped so the buffers stay finite (count in .nonfinite_skips). Check the input "
+                    f"for NaN/Inf (under AMP, an fp16 overflow); Policy(skip_nonfinite=False) updates them as native BatchNorm does.",
+                    NonFiniteStatsWarning,
+                    stacklevel=3,
+                )
+            self._warned_nonfinite = skips
 
     def _check_input(self, input: Tensor) -> None:
         name = type(self).__name__
@@ -135,7 +200,7 @@ class AdaptiveNorm(_NormBase):
                     f"statistics over a single value. Use mode='auto' to fall back, or a larger batch/patch size."
                 )
             return self.mode
-        has_stats = self.has_learned_running_stats()
+        has_stats = not self.training and self.has_learned_running_stats()
         mode = choose_mode(shape, self.training, self.policy, self.num_groups, has_stats)
         if is_fallback(mode, self.training, self.policy, has_stats):
             self._report_fallback(shape, mode)
@@ -159,17 +224,20 @@ class AdaptiveNorm(_NormBase):
         self.__dict__["last_mode"] = mode  # plain attribute write: skips nn.Module.__setattr__ on the hot path
         self.mode_counts[mode] += 1
         factor = 0.0
-        if mode == "batch" and self.training and self.track_running_stats:
-            num_batches_tracked = self._state("num_batches_tracked")
-            num_batches_tracked.add_(1)
-            self.__dict__["_stats_learned"] = True
-            preset = self.momentum_preset
-            steps = int(num_batches_tracked.item()) if preset.counts_steps else 0
-            factor = preset.factor(input.shape[0], steps)
-        # As nn.BatchNorm: running buffers kept while track_running_stats was switched off are only read in
-        # eval. Only batch mode reads them (skipping the lookups saves per-call time on small layers).
-        use_buffers = mode == "batch" and (not self.training or self.track_running_stats)
-        return adaptive_norm(
+        if self.training:
+            use_buffers = self.track_running_stats and (
+                mode == "batch" or (mode == "instance" and self.policy.instance_running_stats))
+            if self.track_running_stats and self.running_mean is not None:
+                self._record_training_step(use_buffers)
+            if use_buffers:
+                factor = self._update_factor(input.shape[0], count_step=mode == "batch")
+        elif self.mode == "auto":
+            use_buffers = mode == "batch" and self._eval_rule
+        else:  # forced modes read the buffers in eval as the native module does, kept even while tracking is off
+            use_buffers = self.running_mean is not None and (
+                mode == "batch" or (mode == "instance" and self.policy.instance_running_stats))
+        guard = use_buffers and self.training and self.policy.skip_nonfinite
+        output = adaptive_norm(
             input,
             mode,
             self._state("weight"),
@@ -180,7 +248,21 @@ class AdaptiveNorm(_NormBase):
             momentum=factor,
             eps=self.eps,
             num_groups=self.num_groups,
+            nonfinite_skips=self.nonfinite_skips if guard else None,
         )
+        if guard and not self._warned_nonfinite and input.is_cpu:
+            self._warn_nonfinite_skips()  # free to read on the CPU; on GPUs it waits for train()/eval(), to avoid a sync per step
+        return output
+
+    def _update_factor(self, batch_size: int, count_step: bool) -> float:
+        """This step's running-statistics factor. Batch steps count in ``num_batches_tracked`` as in
+        nn.BatchNorm; instance steps do not, as in nn.InstanceNorm."""
+        num_batches_tracked = self._state("num_batches_tracked")
+        if count_step:
+            num_batches_tracked.add_(1)
+        preset = self.momentum_preset
+        steps = int(num_batches_tracked.item()) if preset.counts_steps else 0
+        return preset.factor(batch_size, steps)
 
     def _state(self, name: str) -> Optional[Tensor]:
         """A parameter or buffer at the cost of a dict lookup: ``nn.Module.__getattr__`` takes about a

@@ -28,6 +28,10 @@ class FallbackWarning(UserWarning):
     """Emitted once per layer, the first time auto mode falls back from its first choice."""
 
 
+class NonFiniteStatsWarning(RuntimeWarning):
+    """Emitted once per layer, the first time a running-statistics update is skipped for NaN/Inf statistics."""
+
+
 @dataclass(frozen=True)
 class Policy:
     """Thresholds that decide when each mode's statistics are trustworthy enough to use.
@@ -44,6 +48,20 @@ class Policy:
     min_instance_size: int = 4
     min_group_size: int = 4
     strict: bool = False
+    skip_nonfinite: bool = True
+    """Skip a running-statistics update whose statistics are NaN or Inf (one bad batch, an fp16
+    overflow under AMP) instead of poisoning the buffers for good, as native BatchNorm does."""
+    native_eval_rule: bool = False
+    """Use current running statistics in eval even while they hold their initial mean 0 / variance 1,
+    as native BatchNorm/InstanceNorm(track_running_stats=True) do; ``convert`` sets it. Otherwise
+    untrained statistics are ignored, since normalizing with 0/1 is no normalization."""
+    eval_batch_stats: bool = False
+    """Without usable running statistics, normalize eval batches with batch statistics, as
+    BatchNorm(track_running_stats=False) does; off by default because they mix the samples of an
+    inference batch, so a prediction would depend on its batch-mates."""
+    instance_running_stats: bool = False
+    """Instance-mode training steps update the running statistics with the batch's average
+    instance statistics, as InstanceNorm(track_running_stats=True) does, so eval uses them."""
 
     def __post_init__(self) -> None:
         chain = tuple(self.chain)
@@ -124,23 +142,28 @@ def choose_mode(
 ) -> str:
     """The mode auto mode runs for this input.
 
-    In eval, learned running statistics win: they are valid at every shape, including batch 1
-    and 1×1×1. Without them, batch mode is skipped in eval (its statistics would mix the samples
-    of an inference batch) and the rest of the chain is walked as in training.
+    In eval, usable running statistics (``has_running_stats``: see ``AdaptiveNorm``'s eval rule)
+    win: they are valid at every shape, including batch 1 and 1×1×1. Without them, batch mode is
+    skipped in eval (its statistics would mix the samples of an inference batch) unless
+    ``policy.eval_batch_stats``, and the rest of the chain is walked as in training.
     """
-    if not training and has_running_stats and "batch" in policy.chain:
+    if not training and has_running_stats:
         return "batch"
-    candidates = [m for m in policy.chain if training or m != "batch"]
-    for mode in candidates:
+    for mode in _candidates(training, policy):
         if mode_is_usable(mode, shape, num_groups, policy):
             return mode
     return "identity"
 
 
+def _candidates(training: bool, policy: Policy) -> Tuple[str, ...]:
+    if training or policy.eval_batch_stats:
+        return policy.chain
+    return tuple(mode for mode in policy.chain if mode != "batch")
+
+
 @lru_cache(maxsize=4096)
 def is_fallback(mode: str, training: bool, policy: Policy, has_running_stats: bool) -> bool:
     """Whether ``mode`` is a step down from the first mode the chain would prefer."""
-    if not training and has_running_stats and "batch" in policy.chain:
+    if not training and has_running_stats:
         return False
-    preferred = next((m for m in policy.chain if training or m != "batch"), "identity")
-    return mode != preferred
+    return mode != next(iter(_candidates(training, policy)), "identity")

@@ -8,7 +8,7 @@ import adanorm
 @pytest.mark.parametrize(
     "kwargs,error,pattern",
     [
-        ({"eps": 0}, ValueError, "eps=0 is invalid.*positive"),
+        ({"eps": -1e-5}, ValueError, "eps=-1e-05 is invalid.*non-negative"),
         ({"eps": float("nan")}, ValueError, "eps=nan"),
         ({"momentum": 1.5}, ValueError, r"momentum=1.5 is invalid.*\[0, 1\]"),
         ({"momentum": -0.1}, ValueError, "momentum=-0.1"),

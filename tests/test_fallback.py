@@ -78,8 +78,9 @@ def test_user_groups_must_divide_channels():
 def test_mode_changes_between_steps_keep_running_stats():
     layer = adanorm.AdaptiveNorm3d(4)
     native = nn.BatchNorm3d(4)
-    big = torch.randn(8, 4, 3, 3, 3) * 2 + 1
-    layer(big), native(big)
+    for _ in range(5):
+        big = torch.randn(8, 4, 3, 3, 3) * 2 + 1
+        layer(big), native(big)
     assert layer.last_mode == "batch"
     stats = layer.running_mean.clone(), layer.running_var.clone()
     with pytest.warns(FallbackWarning, match="fell back to 'instance'"):
@@ -90,14 +91,27 @@ def test_mode_changes_between_steps_keep_running_stats():
         warnings.simplefilter("error", FallbackWarning)  # warned once already: no second warning
         layer(torch.randn(2, 4, 1, 1, 1))  # a different patch size
     assert layer.last_mode == "layer"
-    assert layer.mode_counts == {"batch": 1, "instance": 1, "group": 0, "layer": 1, "identity": 0}
-    assert int(layer.num_batches_tracked) == 1
+    assert layer.mode_counts == {"batch": 5, "instance": 1, "group": 0, "layer": 1, "identity": 0}
+    assert int(layer.num_batches_tracked) == 5
 
+    # Two smaller batches after five full ones: the statistics still describe the training, so eval uses them.
     layer.eval(), native.eval()
     for shape in [(1, 4, 1, 1, 1), (3, 4, 5, 2, 2)]:
         x = torch.randn(shape)
         torch.testing.assert_close(layer(x), native(x))
         assert layer.last_mode == "batch"
+
+    # Training that moved to per-sample statistics for good: eval follows it (and the statistics are kept).
+    layer.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        for _ in range(8):
+            layer(torch.randn(2, 4, 3, 3, 3))
+    layer.eval()
+    x = torch.randn(1, 4, 3, 3, 3)
+    torch.testing.assert_close(layer(x), F.instance_norm(x, weight=layer.weight, bias=layer.bias, eps=layer.eps))
+    assert layer.last_mode == "instance"
+    torch.testing.assert_close((layer.running_mean, layer.running_var), (native.running_mean, native.running_var))
 
 
 def test_trained_in_batch_mode_evaluates_like_batchnorm():

@@ -7,7 +7,7 @@ Modules own the parameters and running statistics and pass them in.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -88,6 +88,31 @@ def _require_several_values(input: Tensor, num_statistics: int, kind: str, remed
         )
 
 
+def _finite_update(
+    normalize: Callable[[Optional[Tensor], Optional[Tensor]], Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    nonfinite_skips: Optional[Tensor],
+) -> Tensor:
+    """``normalize(running_mean, running_var)``, keeping the old running statistics where the update
+    would turn a finite value into NaN or Inf (one bad batch would otherwise poison them for good).
+
+    The check reads only the C-sized statistics the kernel already produced (no pass over the input)
+    and decides with ``torch.where``, so it costs no host sync and stays traceable. Entries that were
+    already non-finite do not count: a bad loaded buffer must not block every later update.
+    """
+    if nonfinite_skips is None or running_mean is None or running_var is None:
+        return normalize(running_mean, running_var)
+    new_mean, new_var = running_mean.clone(), running_var.clone()
+    output = normalize(new_mean, new_var)
+    broken = torch.cat([running_mean, running_var]).isfinite() & ~torch.cat([new_mean, new_var]).isfinite()
+    skip = broken.any()
+    running_mean.copy_(torch.where(skip, running_mean, new_mean))
+    running_var.copy_(torch.where(skip, running_var, new_var))
+    nonfinite_skips.add_(skip)
+    return output
+
+
 def affine_only(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
     """γ·x+β as one fused kernel: the identity mode, for shapes with nothing to normalize over."""
     view = (1, -1) + (1,) * (input.dim() - 2)
@@ -117,17 +142,31 @@ def adaptive_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     num_groups: int = 1,
+    nonfinite_skips: Optional[Tensor] = None,
 ) -> Tensor:
     """Normalize ``input`` (N, C, *) in ``mode``.
 
     ``mode`` is one of "batch", "instance", "group", "layer", "identity". Batch mode uses batch
     statistics in training or when no running statistics are given (as ``nn.BatchNorm``), and
-    updates the running statistics in place in training. Shape checks belong to the caller: this
-    function assumes the mode is usable for the shape.
+    updates the running statistics in place in training. Instance mode given running statistics
+    behaves as ``nn.InstanceNorm(track_running_stats=True)``: it updates them with the batch's
+    average instance statistics in training and normalizes with them in eval. With
+    ``nonfinite_skips`` (a counter), an update whose statistics are NaN or Inf is skipped and
+    counted instead of written. Shape checks belong to the caller: this function assumes the
+    mode is usable for the shape.
     """
     if mode == "batch":
         use_batch_stats = training or running_mean is None
-        return batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps)
+        return _finite_update(
+            lambda mean, var: batch_norm(input, mean, var, weight, bias, use_batch_stats, momentum, eps),
+            running_mean, running_var, nonfinite_skips if use_batch_stats else None)
+    if mode == "instance" and running_mean is not None:
+        if training:
+            _require_several_values(input, input.shape[0] * input.shape[1], "instance", "the patch size")
+        return _finite_update(
+            lambda mean, var: torch.instance_norm(input, weight, bias, mean, var, training, momentum, eps,
+                                                  torch.backends.cudnn.enabled),
+            running_mean, running_var, nonfinite_skips if training else None)
     if mode == "identity":
         return affine_only(input, weight, bias)
     return grouped_norm(input, groups_for_mode(mode, input.shape[1], num_groups), weight, bias, eps)
