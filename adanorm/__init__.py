@@ -1,13 +1,14 @@
 """adanorm: normalization layers for small-batch 3D networks that never break on any shape."""
 from adanorm.convert import convert, revert
 from adanorm.norm import AdaptiveNorm, AdaptiveNorm1d, AdaptiveNorm2d, AdaptiveNorm3d
-from adanorm.policy import MODES, FallbackError, FallbackWarning, Policy, choose_mode
+from adanorm.policy import MODES, FallbackError, FallbackWarning, NonFiniteStatsWarning, Policy, choose_mode
 from adanorm.presets import PRESETS, MomentumPreset, get_preset
+from adanorm.recalibration import update_bn
 
 __all__ = [
     "AdaptiveNorm", "AdaptiveNorm1d", "AdaptiveNorm2d", "AdaptiveNorm3d",
-    "Policy", "choose_mode", "MODES", "FallbackError", "FallbackWarning",
-    "PRESETS", "MomentumPreset", "get_preset", "convert", "revert",
+    "Policy", "choose_mode", "MODES", "FallbackError", "FallbackWarning", "NonFiniteStatsWarning",
+    "PRESETS", "MomentumPreset", "get_preset", "convert", "revert", "update_bn",
 ]
 __version__ = "0.1.0"
 
