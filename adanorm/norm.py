@@ -31,6 +31,7 @@ from adanorm.policy import (
 from adanorm.presets import MomentumPreset, get_preset
 
 MODE_CHOICES = ("auto",) + MODES
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 BALANCE_DECAY = 0.9
 """Weight of the past in ``running_stats_balance``: about the last ten training steps decide."""
 
@@ -183,6 +184,14 @@ class AdaptiveNorm(_NormBase):
                 f"{name} expects {self._input_layout} input, got {input.dim()}-D input of shape {tuple(input.shape)}; "
                 f"use the AdaptiveNorm class that matches your data's dimensionality"
                 f"{' or add the batch dimension with .unsqueeze(0)' if input.dim() == (min(self._input_ranks or (2,)) - 1) else ''}."
+            )
+        parameter = self._parameters.get("weight")
+        if parameter is not None and parameter.dtype != input.dtype and not (
+                parameter.dtype == torch.float32 and input.dtype in _LOW_PRECISION):
+            raise TypeError(
+                f"{name}: input is {input.dtype} but the layer's parameters are {parameter.dtype}; native norm layers "
+                f"accept only equal dtypes or float16/bfloat16 input with float32 parameters. Convert one side "
+                f"(e.g. model.to({input.dtype}) or input.to({parameter.dtype})), or run under torch.autocast."
             )
         if input.shape[1] != self.num_features:
             raise ValueError(

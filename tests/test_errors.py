@@ -71,3 +71,15 @@ def test_functional_core_refuses_single_value_statistics(mode, shape):
         adanorm.functional.adaptive_norm(torch.randn(shape), mode, weight, bias, training=True, num_groups=4)
     empty = torch.randn((0,) + shape[1:])
     assert adanorm.functional.adaptive_norm(empty, mode, weight, bias, training=True, num_groups=4).shape == empty.shape
+
+
+@pytest.mark.parametrize("input_dtype, parameter_dtype", [
+    (torch.float32, torch.float64), (torch.float64, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16),
+])
+def test_dtypes_native_norms_reject_get_an_error_that_names_them(input_dtype, parameter_dtype):
+    with pytest.raises(RuntimeError):  # what the native layer does with these dtypes
+        torch.nn.BatchNorm3d(4, dtype=parameter_dtype)(torch.randn(2, 4, 2, 2, 2, dtype=input_dtype))
+    layer = adanorm.AdaptiveNorm3d(4, dtype=parameter_dtype)
+    for mode_layer in (layer, adanorm.AdaptiveNorm3d(4, mode="identity", dtype=parameter_dtype)):
+        with pytest.raises(TypeError, match=rf"input is {input_dtype} but the layer's parameters are {parameter_dtype}.*autocast"):
+            mode_layer(torch.randn(2, 4, 2, 2, 2, dtype=input_dtype))
