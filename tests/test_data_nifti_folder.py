@@ -1,11 +1,13 @@
 """NiftiFolder: the layouts it reads, and the errors that stop a run before training, naming the file."""
 import json
+import os
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+from adanorm.recipes import checks, data as data_module
 from adanorm.recipes.data import MNI152Tissue, NiftiFolder, VolumeDataError
 
 SHAPE = (12, 12, 12)
@@ -29,7 +31,15 @@ def write_pair(root, case, image_suffix="", label_shape=SHAPE, label_affine=None
 
 def folder(root, **kwargs):
     kwargs.setdefault("patch_size", (8, 8, 8))
+    kwargs.setdefault("label_cache", None)
     return NiftiFolder(str(root), **kwargs)
+
+
+def write_label(root, case, values, dtype=np.uint8):
+    """Overwrites ``case``'s label: background with ``values`` written into its first voxels."""
+    mask = np.zeros(SHAPE, dtype)
+    mask.flat[: len(values)] = values
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), root / "labelsTr" / f"{case}.nii.gz")
 
 
 def test_pairs_by_name_accepting_nnunet_channel_suffix(tmp_path):
@@ -158,3 +168,82 @@ def test_mni152_tissue_folder_is_built_from_the_packaged_template(tmp_path):
     labels = np.asanyarray(nib.load(training[0]["label"]).dataobj)
     assert set(np.unique(labels)) == {0, 1, 2}
     assert json.loads((data.dataset_dir / "dataset.json").read_text())["labels"]["2"] == "white matter"
+
+
+def test_data_modules_keep_their_earlier_import_path():
+    from adanorm.recipes import datamodules, generators, layouts, transforms
+
+    assert data_module.NiftiFolder is datamodules.NiftiFolder and data_module.SyntheticVolumes is generators.SyntheticVolumes
+    assert data_module.case_name is layouts.case_name and data_module.volume_transforms is transforms.volume_transforms
+    assert data_module.CLASSIFICATION == "classification"  # what inference.py imports
+
+
+@pytest.mark.parametrize("values, dtype, num_classes, message", [
+    ([1, 0.5], np.float32, 2, r"label .*labelsTr/b\.nii\.gz holds 0\.5, which is not a class index.*nearest-neighbour"),
+    ([1, -1], np.int16, 2, r"label .*labelsTr/b\.nii\.gz holds -1, which is not a class index"),
+    ([1, 255], np.uint8, 2, r"label .*labelsTr/b\.nii\.gz holds 255, outside the classes 0\.\.1.*remap"),
+    ([1, 2], np.uint8, 2, r"hold 3 classes \[0, 1, 2\] but data\.num_classes=2; .*labelsTr/b\.nii\.gz holds class 2\. "
+                          r"Set data\.num_classes=3"),
+    ([1], np.uint8, 3, r"hold 2 classes \[0, 1\] but data\.num_classes=3: no label holds class 2"),
+    (list(range(300)), np.int16, 2, r"label .*labelsTr/b\.nii\.gz holds more than 256 distinct values.*not a label map"),
+])
+def test_bad_labels_are_named_before_training(tmp_path, values, dtype, num_classes, message):
+    for case in "abc":
+        write_pair(tmp_path, case)
+    write_label(tmp_path, "b", values, dtype)
+    with pytest.raises(VolumeDataError, match=message):
+        folder(tmp_path, num_classes=num_classes).setup()
+    folder(tmp_path, num_classes=num_classes, check_labels=False).check()  # the way around it, named in the errors
+
+
+def test_float_labels_holding_integers_pass(tmp_path):
+    for case in "ab":
+        write_pair(tmp_path, case)
+        write_label(tmp_path, case, [1.0, 1.0], np.float32)
+    training, validation = folder(tmp_path).check()
+    assert len(training + validation) == 2
+
+
+@pytest.fixture
+def voxel_reads(monkeypatch):
+    """Counts every read of voxel data through nibabel (headers are not counted)."""
+    reads = []
+    original = nib.arrayproxy.ArrayProxy.__array__
+
+    def counting(self, *args, **kwargs):
+        reads.append(self.file_like)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", counting)
+    return reads
+
+
+def test_label_checks_are_cached_so_a_second_run_reads_no_label_data(tmp_path, voxel_reads):
+    for case in "abc":
+        write_pair(tmp_path, case)
+    cache = tmp_path / "cache" / "label_checks.json"
+    assert folder(tmp_path, label_cache=str(cache)).check()
+    assert sorted(os.path.basename(path) for path in voxel_reads) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+    assert cache.is_file()
+
+    voxel_reads.clear()
+    assert folder(tmp_path, label_cache=str(cache)).check()
+    assert voxel_reads == [], "the second run reads no label data"
+
+    write_label(tmp_path, "b", [1, 0.5], np.float32)  # a changed file (size, mtime) is read again, and only it
+    with pytest.raises(VolumeDataError, match=r"labelsTr/b\.nii\.gz holds 0\.5"):
+        folder(tmp_path, label_cache=str(cache)).check()
+    assert [os.path.basename(path) for path in voxel_reads] == ["b.nii.gz"]
+    voxel_reads.clear()
+    with pytest.raises(VolumeDataError, match=r"labelsTr/b\.nii\.gz holds 0\.5"):  # a bad result is cached too
+        folder(tmp_path, label_cache=str(cache)).check()
+    assert voxel_reads == []
+
+
+def test_label_summary_reads_large_labels_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(checks, "CHUNK", 100)  # 12^3 voxels: 18 chunks
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[-1, -1, -1] = 1  # in the last chunk only
+    path = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), path)
+    assert checks.summarize_label(str(path)) == {"values": [0, 1], "non_integer": None}

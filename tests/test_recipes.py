@@ -1,19 +1,28 @@
 """The Hydra recipes: every config group composes, every model trains under Lightning, train.py runs end to end."""
 import csv
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from adanorm import AdaptiveNorm
+from adanorm.integrations.lightning import NormMetric
+from adanorm.recipes.data import VolumeDataError
+from adanorm.recipes.quiet import quiet_third_party
 from adanorm.recipes.run import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,6 +30,8 @@ CONFIGS = REPO / "configs"
 GROUPS = ("model", "norm", "data", "trainer")
 SEGMENTATION_MODELS = ("unet", "basic_unet", "dynunet", "segresnet")
 NATIVE_NORMS = {"batch": nn.BatchNorm3d, "instance": nn.InstanceNorm3d, "group": nn.GroupNorm}
+FIXED_PRESETS = {"default": 0.1, "small_batch": 0.05, "tiny_batch": 0.01, "cumulative": None}
+NOISE = ("LeafSpec", "litlogger")  # third-party messages every run printed before train.py silenced them
 
 
 def options(group):
@@ -32,21 +43,37 @@ def compose_config(*overrides):
         return compose("train", overrides=list(overrides))
 
 
-def tiny(data_root, output_dir, model="unet"):
-    """Overrides for a seconds-long run: 4 volumes of 24^3, 16^3 patches, batch 2."""
+def tiny(data_root, output_dir=None, model="unet"):
+    """Overrides for a seconds-long run: 4 volumes of 24^3, 16^3 patches, batch 2 (label checks cached in data_root)."""
     overrides = [f"model={model}", f"data.root={data_root}", "data.num_volumes=4", "data.volume_size=24",
-                 "data.patch_size=[16,16,16]", "data.samples_per_volume=1", f"output_dir={output_dir}"]
+                 "data.patch_size=[16,16,16]", "data.samples_per_volume=1", f"data.label_cache={data_root}/label_checks.json"]
+    if output_dir is not None:
+        overrides.append(f"output_dir={output_dir}")
     if model == "resnet":
         overrides.append("model.net.widen_factor=0.25")
     return overrides
 
 
 def one_epoch():
-    return ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1"]
+    return ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+            "trainer.log_every_n_steps=1"]
 
 
 def norm_layers(model):
     return [m for m in model.modules() if isinstance(m, (_NormBase, nn.GroupNorm, AdaptiveNorm))]
+
+
+def read_metrics(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def run_train_script(cwd, *overrides):
+    """train.py in a subprocess (Hydra's own run folder logic included); returns stdout + stderr."""
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=cwd, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +89,10 @@ def test_every_config_group_option_composes_and_resolves(group, option, tmp_path
     cfg = compose_config(f"{group}={option}", "data.root=/data", f"output_dir={tmp_path}")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["module"]["net"]["_target_"]
-    assert resolved["data"]["task"] == resolved["model"]["task"]
+    assert resolved["data"]["task"] == resolved["task"]["name"]
+    assert resolved["module"]["_target_"] == resolved["task"]["module"]
+    monitors = [c["monitor"] for c in resolved["trainer"]["callbacks"] if c["_target_"].endswith("ModelCheckpoint")]
+    assert monitors == [resolved["task"]["monitor"], None]
 
 
 def test_config_groups_offer_what_the_recipes_promise():
@@ -70,8 +100,22 @@ def test_config_groups_offer_what_the_recipes_promise():
     assert set(options("norm")) == {"adaptive", *NATIVE_NORMS}
     assert set(options("data")) >= {"synthetic", "nifti_folder", "mni152"}
     assert set(options("trainer")) >= {"cpu", "gpu", "ddp"}
+    assert set(options("task")) == {"segmentation", "classification"}
     defaults = compose_config("data.root=/data")
-    assert defaults.norm.name == "adaptive" and defaults.model.net._target_.endswith("UNet")
+    assert defaults.norm.args[0] == "adaptive" and defaults.model.net._target_.endswith("UNet")
+    assert "tasks" not in defaults, "the task config group replaced the lookup table"
+    for norm in options("norm"):
+        assert "name" not in OmegaConf.load(CONFIGS / "norm" / f"{norm}.yaml"), "unused key"
+
+
+@pytest.mark.parametrize("model, task, module", [
+    *[(m, "segmentation", "SegmentationModule") for m in SEGMENTATION_MODELS],
+    ("resnet", "classification", "ClassificationModule"),
+])
+def test_model_selects_its_task_config(model, task, module, tmp_path):
+    cfg = compose_config(f"model={model}", "data.root=/data", f"output_dir={tmp_path}")
+    assert cfg.task.name == task and cfg.module._target_ == f"adanorm.recipes.module.{module}"
+    assert type(instantiate(cfg.module)).__name__ == module
 
 
 @pytest.mark.parametrize("model", [*SEGMENTATION_MODELS, "resnet"])
@@ -90,6 +134,39 @@ def test_preset_override_sets_every_adaptive_layers_momentum(tmp_path):
         assert presets == {"small_batch"}
 
 
+@pytest.mark.parametrize("preset, momentum", FIXED_PRESETS.items())
+def test_preset_sets_native_batch_norm_momentum(preset, momentum, tmp_path):
+    for model in ("unet", "resnet"):
+        cfg = compose_config(*tiny(tmp_path, tmp_path, model), "norm=batch", f"norm.preset={preset}")
+        layers = norm_layers(instantiate(cfg.module).net)
+        assert layers and {layer.momentum for layer in layers} == {momentum}
+        assert all(isinstance(layer, nn.BatchNorm3d) for layer in layers)
+
+
+def test_batch_norm_default_momentum_is_pytorchs(tmp_path):
+    cfg = compose_config(*tiny(tmp_path, tmp_path), "norm=batch")
+    assert {layer.momentum for layer in norm_layers(instantiate(cfg.module).net)} == {nn.BatchNorm3d(1).momentum}
+
+
+def test_batch_size_dependent_preset_is_refused_for_native_batch_norm(tmp_path):
+    cfg = compose_config(*tiny(tmp_path, tmp_path), "norm=batch", "norm.preset=auto")
+    with pytest.raises(InterpolationResolutionError, match=r"preset=auto.*batch size.*norm=adaptive norm\.preset=auto"):
+        instantiate(cfg.module)
+
+
+@pytest.mark.parametrize("norm", ["instance", "group"])
+def test_preset_is_refused_where_there_are_no_running_statistics(norm, tmp_path):
+    for override in ("norm.preset=small_batch", "+norm.preset=small_batch"):  # `+norm.preset=` was silently ignored
+        cfg = compose_config(*tiny(tmp_path, tmp_path), f"norm={norm}", override)
+        with pytest.raises(InterpolationResolutionError, match=rf"norm={norm} keeps no running statistics.*drop norm\.preset"):
+            instantiate(cfg.module)
+
+
+def test_appending_a_preset_to_batch_norm_is_not_silently_ignored(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="already at 'norm.preset'"):
+        compose_config(*tiny(tmp_path, tmp_path), "norm=batch", "+norm.preset=small_batch")
+
+
 @pytest.mark.parametrize("model", [*SEGMENTATION_MODELS, "resnet"])
 def test_each_model_runs_fast_dev_run(model, data_root, tmp_path):
     train(compose_config(*tiny(data_root, tmp_path, model), "+trainer.fast_dev_run=true"))
@@ -103,15 +180,26 @@ def test_native_norms_run_fast_dev_run(norm, data_root, tmp_path):
 def test_mni152_tissue_runs_fast_dev_run(tmp_path):
     pytest.importorskip("nilearn")
     train(compose_config("data=mni152", f"data.root={tmp_path}", "data.patch_size=[16,16,16]",
-                         "data.samples_per_volume=2", f"output_dir={tmp_path}", "+trainer.fast_dev_run=true"))
+                         "data.samples_per_volume=2", f"data.label_cache={tmp_path}/label_checks.json",
+                         f"output_dir={tmp_path}", "+trainer.fast_dev_run=true"))
 
 
-def read_metrics(path):
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+def test_bad_label_stops_the_run_before_training_naming_the_file(tmp_path):
+    for case in "abc":
+        image = np.random.RandomState(0).rand(16, 16, 16).astype(np.float32)
+        label = (image > 0.5).astype(np.uint8) * (2 if case == "b" else 1)  # a 3-class data set without data.num_classes=3
+        for folder, volume in (("imagesTr", image), ("labelsTr", label)):
+            (tmp_path / "data" / folder).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "data" / folder / f"{case}.nii.gz")
+    output = tmp_path / "run"
+    cfg = compose_config("data=nifti_folder", f"data.root={tmp_path / 'data'}", "data.patch_size=[16,16,16]",
+                         f"data.label_cache={tmp_path}/label_checks.json", f"output_dir={output}", *one_epoch())
+    with pytest.raises(VolumeDataError, match=r"classes \[0, 1, 2\].*labelsTr/b\.nii\.gz holds class 2.*data\.num_classes=3"):
+        train(cfg)
+    assert not (output / "checkpoints").exists(), "the check runs before the first step"
 
 
-def test_run_logs_norm_modes_writes_plots_and_resumes(data_root, tmp_path):
+def test_run_logs_norm_modes_writes_plots_and_resumes_with_weights_only(data_root, tmp_path, monkeypatch):
     first = tmp_path / "first"
     train(compose_config(*tiny(data_root, first), *one_epoch()))
     assert {p.name for p in first.iterdir()} >= {"curves.png", "norm_modes.png", "checkpoints", "csv"}
@@ -123,22 +211,98 @@ def test_run_logs_norm_modes_writes_plots_and_resumes(data_root, tmp_path):
     assert logged["norm/train/fallback_fraction"] == 1.0
     assert logged["norm/eval/fallback_fraction"] == 0.0
     assert logged["norm/train/net.model.0.adn.N/instance"] == 2.0
+    assert all(NormMetric.parse(key) for key in logged if key.startswith("norm/")), "plots.py reads what the monitor writes"
 
-    resumed = tmp_path / "resumed"
-    train(compose_config(*tiny(data_root, resumed), *one_epoch(), "trainer.max_epochs=2",
+    loads = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    train(compose_config(*tiny(data_root, first), *one_epoch(), "trainer.max_epochs=2",
                          f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"))
-    checkpoint = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert loads and all(weights_only is True for weights_only in loads), loads  # issue #12: every user file
+    checkpoint = real_load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 4
+
+
+def test_resume_refuses_a_config_that_builds_another_network(tmp_path):
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir()
+    adaptive = compose_config(*tiny(tmp_path, tmp_path))
+    torch.save({"hyper_parameters": {"net": OmegaConf.to_container(adaptive.module.net, resolve=True)}}, checkpoint)
+    with pytest.raises(ValueError, match=r"another network.*norm: \['adaptive'.*\['batch'.*first run's overrides"):
+        train(compose_config(*tiny(tmp_path, tmp_path), "norm=batch", f"ckpt_path={checkpoint}"))
+
+
+def test_last_checkpoint_is_the_latest_epoch_and_resume_continues_the_run_folder(data_root, tmp_path):
+    run = tmp_path / "run"
+    # lr=0: every epoch scores exactly the same Dice, so the best epoch stays 0 and is never the last one
+    settings = [*tiny(data_root), "model.lr=0.0", *one_epoch()[1:]]
+    first = run_train_script(tmp_path, *settings, "trainer.max_epochs=2", f"hydra.run.dir={run}")
+    assert not [noise for noise in NOISE if noise in first], first[-3000:]
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 1 and last["global_step"] == 4, "last.ckpt must hold the latest epoch"
+    best_line = next(line for line in first.splitlines() if line.startswith("best val/dice"))
+
+    # Resume from a relative path, in another working directory: the run continues in its own folder.
+    resumed = run_train_script(tmp_path, *settings, "trainer.max_epochs=3", "ckpt_path=run/checkpoints/last.ckpt")
+    assert "won't be reloaded" not in resumed and not [noise for noise in NOISE if noise in resumed], resumed[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "no second run folder"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2 and last["global_step"] == 6
+    assert next(line for line in resumed.splitlines() if line.startswith("best val/dice")) == best_line, \
+        "the best checkpoint is the best of the whole run"
+    rows = read_metrics(run / "csv" / "metrics.csv")
+    assert [row["epoch"] for row in rows if row["val/dice"]] == ["0", "1", "2"], "one metrics.csv, every epoch once"
+    assert (run / "curves.png").is_file() and (run / "norm_modes.png").is_file()
+    hydra_dir = run / ".hydra"
+    assert "trainer.max_epochs=2" in (hydra_dir / "overrides.yaml").read_text(), "the first run's config is kept"
+    (resumed_config,) = hydra_dir.glob("resumed-*")
+    assert "ckpt_path=run/checkpoints/last.ckpt" in (resumed_config / "overrides.yaml").read_text()
+
+
+def test_quiet_runs_drop_only_the_named_third_party_messages(tmp_path):
+    import lightning.pytorch as pl
+    import lightning_utilities.core.rank_zero as rank_zero
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils._pytree import LeafSpec
+
+    infos = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: infos.append(record.getMessage())
+    rank_zero.log.addHandler(handler)  # the logger Lightning's rank_zero_info writes to
+    level, rank_zero.log.level = rank_zero.log.level, logging.INFO
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with quiet_third_party():
+                pl.Trainer(logger=CSVLogger(tmp_path), enable_progress_bar=False, enable_model_summary=False)
+                LeafSpec()
+                rank_zero.rank_zero_info("kept info")
+                warnings.warn("kept warning", UserWarning)
+            pl.Trainer(logger=CSVLogger(tmp_path), enable_progress_bar=False, enable_model_summary=False)
+            LeafSpec()
+    finally:
+        rank_zero.log.removeHandler(handler)
+        rank_zero.log.level = level
+    messages = [str(warning.message) for warning in caught]
+    assert "kept warning" in messages and "kept info" in infos
+    assert sum("LeafSpec" in message for message in messages) == 1, "silenced inside only"
+    assert sum("litlogger" in message for message in infos) == 1, "silenced inside only"
 
 
 def test_train_script_sweeps_norms_end_to_end(data_root, tmp_path):
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "train.py", "-m", "norm=adaptive,batch", *tiny(data_root, "${hydra:runtime.output_dir}"),
-               *one_epoch(), f"hydra.sweep.dir={sweep}"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "best val/dice" in result.stdout
+    output = run_train_script(REPO, "-m", "norm=adaptive,batch", *tiny(data_root, "${hydra:runtime.output_dir}"),
+                              *one_epoch(), f"hydra.sweep.dir={sweep}")
+    assert "best val/dice" in output
+    assert not [noise for noise in NOISE if noise in output], output[-3000:]
     adaptive_run, batch_run = sweep / "0", sweep / "1"
     for run in (adaptive_run, batch_run):
         assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "curves.png").is_file()

@@ -6,7 +6,7 @@ Training and eval forwards are counted apart because the same layer picks differ
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Dict, List
+from typing import Dict, List, NamedTuple, Optional
 
 import lightning.pytorch as pl
 from torch.utils.hooks import RemovableHandle
@@ -15,18 +15,51 @@ from adanorm.norm import AdaptiveNorm
 from adanorm.policy import MODES, is_fallback
 
 TRAIN, EVAL = "train", "eval"
+STAGES = (TRAIN, EVAL)
+FALLBACK_FRACTION = "fallback_fraction"
+DEFAULT_PREFIX = "norm"
+
+
+class NormMetric(NamedTuple):
+    """One metric :class:`NormModeMonitor` logs, and its key: ``{prefix}/{stage}/{layer}/{name}``.
+
+    ``name`` is a mode (a forward count) or ``fallback_fraction``; ``layer`` is the module name, or
+    ``""`` for the stage's total over all layers (key ``{prefix}/{stage}/fallback_fraction``).
+    The one place that builds and parses these keys: the callback writes them, the plots read them.
+    """
+
+    stage: str
+    layer: str
+    name: str
+
+    def key(self, prefix: str = DEFAULT_PREFIX) -> str:
+        return "/".join(part for part in (prefix, self.stage, self.layer, self.name) if part)
+
+    @classmethod
+    def parse(cls, key: str, prefix: str = DEFAULT_PREFIX) -> Optional["NormMetric"]:
+        """The metric behind ``key``, or None for a key the monitor does not write."""
+        if not key.startswith(f"{prefix}/"):
+            return None
+        stage, _, rest = key[len(prefix) + 1:].partition("/")
+        layer, _, name = rest.rpartition("/")
+        if stage not in STAGES or name not in (*MODES, FALLBACK_FRACTION):
+            return None
+        if not layer and name != FALLBACK_FRACTION:
+            return None
+        return cls(stage, layer, name)
 
 
 class NormModeMonitor(pl.Callback):
     """Logs, per epoch and per adaptive layer, how many forwards ran each mode and which share fell back.
 
-    Keys: ``{prefix}/{stage}/{layer}/{mode}`` (forward counts of the modes used),
-    ``{prefix}/{stage}/{layer}/fallback_fraction`` and ``{prefix}/{stage}/fallback_fraction``
-    (all layers together), where stage is ``train`` or ``eval``. A fallback is a forward that
-    ran a later mode than the layer's policy prefers (see ``adanorm.policy.is_fallback``).
+    Keys (built and parsed by :class:`NormMetric`): ``{prefix}/{stage}/{layer}/{mode}`` (forward
+    counts of the modes used), ``{prefix}/{stage}/{layer}/fallback_fraction`` and
+    ``{prefix}/{stage}/fallback_fraction`` (all layers together), where stage is ``train`` or
+    ``eval``. A fallback is a forward that ran a later mode of the policy's chain than its first
+    choice (see ``adanorm.policy.is_fallback``): at small batches that is the designed behaviour.
     """
 
-    def __init__(self, prefix: str = "norm") -> None:
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         super().__init__()
         self.prefix = prefix
         self._handles: List[RemovableHandle] = []
@@ -84,9 +117,9 @@ class NormModeMonitor(pl.Callback):
             total_forwards += forwards
             total_fallbacks += counts["fallback"]
             for mode in MODES:
-                self._log(pl_module, f"{stage}/{layer}/{mode}", counts[mode], "sum")
-            self._log(pl_module, f"{stage}/{layer}/fallback_fraction", counts["fallback"] / max(forwards, 1), "mean")
-        self._log(pl_module, f"{stage}/fallback_fraction", total_fallbacks / max(total_forwards, 1), "mean")
+                self._log(pl_module, NormMetric(stage, layer, mode), counts[mode], "sum")
+            self._log(pl_module, NormMetric(stage, layer, FALLBACK_FRACTION), counts["fallback"] / max(forwards, 1), "mean")
+        self._log(pl_module, NormMetric(stage, "", FALLBACK_FRACTION), total_fallbacks / max(total_forwards, 1), "mean")
 
-    def _log(self, pl_module: pl.LightningModule, key: str, value: float, reduce_fx: str) -> None:
-        pl_module.log(f"{self.prefix}/{key}", float(value), on_step=False, on_epoch=True, sync_dist=True, reduce_fx=reduce_fx)
+    def _log(self, pl_module: pl.LightningModule, metric: NormMetric, value: float, reduce_fx: str) -> None:
+        pl_module.log(metric.key(self.prefix), float(value), on_step=False, on_epoch=True, sync_dist=True, reduce_fx=reduce_fx)

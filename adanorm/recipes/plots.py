@@ -4,18 +4,26 @@ from __future__ import annotations
 import csv
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, NamedTuple
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from adanorm.integrations.lightning import (  # noqa: E402
+    DEFAULT_PREFIX,
+    EVAL,
+    FALLBACK_FRACTION,
+    STAGES,
+    TRAIN,
+    NormMetric,
+)
 from adanorm.policy import MODES  # noqa: E402
 
 MODE_COLORS = {"batch": "#1f77b4", "instance": "#ff7f0e", "group": "#2ca02c", "layer": "#d62728", "identity": "#7f7f7f"}
-STAGES = ("train", "eval")
 
 
 def read_metrics(metrics_csv: Path) -> List[Dict[str, float]]:
@@ -52,39 +60,93 @@ def plot_curves(rows: List[Dict[str, float]], monitor: str, path: Path) -> Path:
     return path
 
 
-def mode_fractions(rows: List[Dict[str, float]], stage: str, prefix: str = "norm") -> Dict[str, Dict[str, float]]:
-    """Per layer, the share of the run's forwards that ran each mode (from NormModeMonitor's counts)."""
+class StageModes(NamedTuple):
+    """Per layer (input to output), the share of a stage's forwards that ran each mode, and the share that ran a
+    later mode of the policy's chain than the layer's first choice."""
+
+    modes: Dict[str, Dict[str, float]]
+    later: Dict[str, float]
+
+
+def stage_modes(rows: List[Dict[str, float]], stage: str, prefix: str = DEFAULT_PREFIX) -> StageModes:
+    """Sums NormModeMonitor's per-epoch counts over the run (each epoch's later-mode share weighted by its forwards)."""
     counts: Dict[str, Dict[str, float]] = defaultdict(lambda: dict.fromkeys(MODES, 0.0))
-    head = f"{prefix}/{stage}/"
+    later: Dict[str, float] = defaultdict(float)
     for row in rows:
-        for key, value in row.items():
-            if not key.startswith(head):
-                continue
-            layer, _, mode = key[len(head):].rpartition("/")
-            if mode in MODES:
-                counts[layer][mode] += value
-    return {layer: {mode: n / max(sum(c.values()), 1.0) for mode, n in c.items()} for layer, c in counts.items()}
+        parsed = [(metric, value) for key, value in row.items()
+                  if (metric := NormMetric.parse(key, prefix)) is not None and metric.stage == stage and metric.layer]
+        forwards: Dict[str, float] = defaultdict(float)
+        for metric, value in parsed:
+            if metric.name in MODES:
+                counts[metric.layer][metric.name] += value
+                forwards[metric.layer] += value
+        for metric, value in parsed:  # a row holds an epoch's counts and fractions together
+            if metric.name == FALLBACK_FRACTION:
+                later[metric.layer] += value * forwards[metric.layer]
+    totals = {layer: sum(c.values()) for layer, c in counts.items()}
+    return StageModes({layer: {mode: n / max(totals[layer], 1.0) for mode, n in c.items()} for layer, c in counts.items()},
+                      {layer: later[layer] / max(totals[layer], 1.0) for layer in counts})
 
 
-def plot_norm_modes(rows: List[Dict[str, float]], path: Path, prefix: str = "norm") -> Path:
-    """One bar per adaptive layer (input to output), split by the share of forwards in each mode."""
-    fractions = {stage: mode_fractions(rows, stage, prefix) for stage in STAGES}
-    layers = list(fractions["train"] or fractions["eval"])
-    figure, axes = plt.subplots(1, 2, figsize=(11, 1.6 + 0.28 * len(layers)), sharey=True)
+def _summary(fractions: Dict[str, Dict[str, float]]) -> str:
+    """Either 'instance in every layer' or each mode's share of the forwards."""
+    used = {mode for shares in fractions.values() for mode, share in shares.items() if share > 0}
+    if len(used) == 1:
+        return f"{used.pop()} in every layer"
+    overall = {mode: sum(shares[mode] for shares in fractions.values()) / max(len(fractions), 1) for mode in MODES}
+    return ", ".join(f"{mode} {share:.0%}" for mode, share in overall.items() if share > 0) or "no forwards"
+
+
+def _later_note(stage: StageModes) -> str:
+    layers = [layer for layer, share in stage.later.items() if share > 0]
+    if not layers:
+        return "every forward ran its layer's first choice"
+    overall = sum(stage.later.values()) / max(len(stage.later), 1)
+    return (f"{len(layers)} of {len(stage.later)} layers ran a later mode of the chain than their first choice "
+            f"({overall:.0%} of forwards, hatched)")
+
+
+def norm_modes_figure(rows: List[Dict[str, float]], prefix: str = DEFAULT_PREFIX) -> Figure:
+    """One bar per adaptive layer (input to output), split by the share of forwards in each mode.
+
+    The hatched share of a bar ran a later mode of the policy's chain than the layer's first choice: batch mode
+    below ``min_batch_size`` samples, for instance, runs instance statistics, which is what the policy is for.
+    """
+    stages = {stage: stage_modes(rows, stage, prefix) for stage in STAGES}
+    layers = list(stages[TRAIN].modes or stages[EVAL].modes)
+    names = [layer.removeprefix("net.") for layer in layers]
+    figure, axes = plt.subplots(1, 2, figsize=(12, 2.2 + 0.3 * len(layers)), sharey=True, layout="constrained")
     for axis, stage in zip(axes, STAGES):
+        modes = stages[stage].modes
         left = [0.0] * len(layers)
         for mode in MODES:
-            widths = [fractions[stage].get(layer, {}).get(mode, 0.0) for layer in layers]
+            widths = [modes.get(layer, {}).get(mode, 0.0) for layer in layers]
             axis.barh(range(len(layers)), widths, left=left, color=MODE_COLORS[mode], label=mode)
+            # Eval batch mode normalizes with the running statistics learned in training.
+            text = "batch (running statistics)" if stage == EVAL and mode == "batch" else mode
+            for y, (start, width) in enumerate(zip(left, widths)):
+                if width >= 0.012 * len(text):
+                    axis.text(start + width / 2, y, text, ha="center", va="center", color="white", fontsize=7, zorder=3,
+                              bbox={"facecolor": MODE_COLORS[mode], "edgecolor": "none", "pad": 1.5})
             left = [a + b for a, b in zip(left, widths)]
-        fell_back = list(_per_epoch(rows, f"{prefix}/{stage}/fallback_fraction").values())
-        share = f", {sum(fell_back) / len(fell_back):.0%} fell back" if fell_back else ""
-        axis.set(title=f"{stage} forwards{share}", xlim=(0, 1), xlabel="fraction of forwards")
-    axes[0].set_yticks(range(len(layers)), [layer.removeprefix("net.") for layer in layers], fontsize=7)
+        later = [stages[stage].later.get(layer, 0.0) for layer in layers]
+        axis.barh(range(len(layers)), later, left=[1.0 - share for share in later], fill=False, hatch="///",
+                  edgecolor="0.15", linewidth=0, label="ran a later mode of the chain than its first choice")
+        name = "training" if stage == TRAIN else "eval"
+        axis.set_title(f"{name} forwards: {_summary(modes)}", fontsize=10)
+        axis.set(xlim=(0, 1))
+        axis.set_xlabel(f"fraction of forwards\n{_later_note(stages[stage])}", fontsize=8)
+    axes[0].set_yticks(range(len(layers)), names, fontsize=7)
     axes[0].invert_yaxis()
-    figure.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(MODES), fontsize=8, frameon=False)
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=len(MODES) + 1, fontsize=8,
+                  frameon=False)
     figure.suptitle("adanorm: the mode each layer ran (input at the top)")
-    figure.tight_layout(rect=(0, 0.06, 1, 1))
+    return figure
+
+
+def plot_norm_modes(rows: List[Dict[str, float]], path: Path, prefix: str = DEFAULT_PREFIX) -> Path:
+    """Saves :func:`norm_modes_figure` as ``path``."""
+    figure = norm_modes_figure(rows, prefix)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -94,6 +156,6 @@ def save_run_plots(metrics_csv: Path, output_dir: Path, monitor: str) -> List[Pa
     """``curves.png`` always; ``norm_modes.png`` when the model has adaptive layers."""
     rows = read_metrics(metrics_csv)
     written = [plot_curves(rows, monitor, Path(output_dir) / "curves.png")]
-    if any(key.startswith("norm/") for row in rows for key in row):
+    if any(NormMetric.parse(key) is not None for row in rows for key in row):
         written.append(plot_norm_modes(rows, Path(output_dir) / "norm_modes.png"))
     return written
