@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import lru_cache
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -31,6 +32,11 @@ from adanorm.policy import (
 from adanorm.presets import MomentumPreset, get_preset
 
 MODE_CHOICES = ("auto",) + MODES
+# The policy's pure functions, cached for the eager hot path (a layer asks once per call). Compiled
+# code calls them uncached: dynamo folds them into the graph and would warn about a cache it bypasses.
+_cached_mode_is_usable = lru_cache(maxsize=4096)(mode_is_usable)
+_cached_choose_mode = lru_cache(maxsize=4096)(choose_mode)
+_cached_is_fallback = lru_cache(maxsize=4096)(is_fallback)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 BALANCE_DECAY = 0.9
 """Weight of the past in ``running_stats_balance``: about the last ten training steps decide."""
@@ -200,8 +206,9 @@ class AdaptiveNorm(_NormBase):
             )
 
     def _select_mode(self, shape: Tuple[int, ...]) -> str:
+        compiling = torch.compiler.is_compiling()
         if self.mode != "auto":
-            usable = mode_is_usable(self.mode, shape, self.num_groups, None)
+            usable = (mode_is_usable if compiling else _cached_mode_is_usable)(self.mode, shape, self.num_groups, None)
             uses_running_stats = self.mode == "batch" and not self.training and self.track_running_stats
             if not (usable or uses_running_stats):
                 raise ValueError(
@@ -210,14 +217,14 @@ class AdaptiveNorm(_NormBase):
                 )
             return self.mode
         has_stats = not self.training and self.has_learned_running_stats()
-        mode = choose_mode(shape, self.training, self.policy, self.num_groups, has_stats)
-        if is_fallback(mode, self.training, self.policy, has_stats):
-            self._report_fallback(shape, mode)
+        mode = (choose_mode if compiling else _cached_choose_mode)(shape, self.training, self.policy, self.num_groups, has_stats)
+        if (is_fallback if compiling else _cached_is_fallback)(mode, self.training, self.policy, has_stats):
+            self._report_fallback(shape, mode, compiling)
         return mode
 
-    def _report_fallback(self, shape: Tuple[int, ...], mode: str) -> None:
-        if self._warned_fallback and not self.policy.strict:
-            return  # counted in mode_counts; the message is built only when it is shown
+    def _report_fallback(self, shape: Tuple[int, ...], mode: str, compiling: bool) -> None:
+        if (self._warned_fallback or compiling) and not self.policy.strict:
+            return  # counted in mode_counts (eager only); the message is built only when it is shown
         message = (
             f"{type(self).__name__}({self.num_features}) fell back to {mode!r} mode for input of shape {tuple(shape)} "
             f"in {'training' if self.training else 'eval'}."
@@ -230,8 +237,9 @@ class AdaptiveNorm(_NormBase):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         mode = self._select_mode(input.shape)
-        self.__dict__["last_mode"] = mode  # plain attribute write: skips nn.Module.__setattr__ on the hot path
-        self.mode_counts[mode] += 1
+        if not torch.compiler.is_compiling():  # telemetry stays out of graphs: no guards on counters, no breaks
+            self.__dict__["last_mode"] = mode  # plain attribute write: skips nn.Module.__setattr__ on the hot path
+            self.mode_counts[mode] += 1
         factor = 0.0
         if self.training:
             use_buffers = self.track_running_stats and (

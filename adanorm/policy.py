@@ -1,14 +1,13 @@
 """The fallback policy: which normalization mode a layer can use for a given input shape.
 
 Kept as pure functions of (shape, training, settings, layer state) so the choice can be
-tested and reasoned about without running a layer, and cached per shape on the hot path.
+tested and reasoned about without running a layer; the layers cache them per shape on the eager
+hot path, and compilers trace them, folding the choice into the graph for the shapes they see.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 MODES: Tuple[str, ...] = ("batch", "instance", "group", "layer", "identity")
 """Every mode, in the order auto mode tries them."""
@@ -107,32 +106,17 @@ def check_num_groups(num_groups: Optional[int], num_channels: int) -> int:
     return num_groups
 
 
-@lru_cache(maxsize=4096)
 def mode_is_usable(mode: str, shape: Tuple[int, ...], num_groups: int, policy: Optional[Policy]) -> bool:
     """Whether ``mode`` has enough values per statistic for ``shape``.
 
     With ``policy=None`` only the hard floor applies (more than one value per statistic): that is
     where the native PyTorch layer would raise, and it is what forced modes check.
     """
-    batch, channels, spatial = shape[0], shape[1], math.prod(shape[2:])
-    if policy is None and batch * spatial == 0:
-        return True  # as the native layers, a forced mode passes an empty batch through
-    floor = MIN_VALUES_PER_STATISTIC
-    if mode == "batch":
-        enough_samples = policy is None or batch >= policy.min_batch_size
-        return enough_samples and batch * spatial >= floor
-    if mode == "instance":
-        return spatial >= max(floor, policy.min_instance_size if policy else floor)
-    if mode == "group":
-        group_size = (channels // num_groups) * spatial
-        distinct_from_layer = policy is None or num_groups > 1
-        return distinct_from_layer and group_size >= max(floor, policy.min_group_size if policy else floor)
-    if mode == "layer":
-        return channels * spatial >= floor
-    return True
+    if policy is None:
+        return usable(mode, list(shape), num_groups, True, 1, MIN_VALUES_PER_STATISTIC, MIN_VALUES_PER_STATISTIC)
+    return usable(mode, list(shape), num_groups, False, policy.min_batch_size, policy.min_instance_size, policy.min_group_size)
 
 
-@lru_cache(maxsize=4096)
 def choose_mode(
     shape: Tuple[int, ...],
     training: bool,
@@ -147,23 +131,59 @@ def choose_mode(
     skipped in eval (its statistics would mix the samples of an inference batch) unless
     ``policy.eval_batch_stats``, and the rest of the chain is walked as in training.
     """
-    if not training and has_running_stats:
-        return "batch"
-    for mode in _candidates(training, policy):
-        if mode_is_usable(mode, shape, num_groups, policy):
-            return mode
-    return "identity"
+    return choose(list(shape), training, candidates(training, list(policy.chain), policy.eval_batch_stats),
+                  num_groups, policy.min_batch_size, policy.min_instance_size, policy.min_group_size, has_running_stats)
 
 
-def _candidates(training: bool, policy: Policy) -> Tuple[str, ...]:
-    if training or policy.eval_batch_stats:
-        return policy.chain
-    return tuple(mode for mode in policy.chain if mode != "batch")
-
-
-@lru_cache(maxsize=4096)
 def is_fallback(mode: str, training: bool, policy: Policy, has_running_stats: bool) -> bool:
     """Whether ``mode`` is a step down from the first mode the chain would prefer."""
     if not training and has_running_stats:
         return False
-    return mode != next(iter(_candidates(training, policy)), "identity")
+    preferred = candidates(training, list(policy.chain), policy.eval_batch_stats)
+    return mode != (preferred[0] if preferred else "identity")
+
+
+# The decision itself, over plain values so that TorchScript compiles the same code the eager layers run
+# (``adanorm.scripting``): no Policy object, no math.prod, lists instead of tuples.
+
+def candidates(training: bool, chain: List[str], eval_batch_stats: bool) -> List[str]:
+    """The chain auto mode walks: without usable running statistics, eval skips batch mode unless told not to."""
+    if training or eval_batch_stats:
+        return chain
+    walked: List[str] = []
+    for mode in chain:  # a loop: TorchScript has no filtered comprehensions
+        if mode != "batch":
+            walked.append(mode)
+    return walked
+
+
+def usable(mode: str, shape: List[int], num_groups: int, forced: bool, min_batch_size: int,
+           min_instance_size: int, min_group_size: int) -> bool:
+    """``mode_is_usable`` over plain values; ``forced`` applies only the floor of two values per statistic."""
+    batch, channels = shape[0], shape[1]
+    spatial = 1
+    for size in shape[2:]:
+        spatial *= size
+    if forced and batch * spatial == 0:
+        return True  # as the native layers, a forced mode passes an empty batch through
+    floor = 2  # MIN_VALUES_PER_STATISTIC, which TorchScript cannot read as a global
+    if mode == "batch":
+        return batch >= min_batch_size and batch * spatial >= floor
+    if mode == "instance":
+        return spatial >= max(floor, min_instance_size)
+    if mode == "group":
+        return (forced or num_groups > 1) and (channels // num_groups) * spatial >= max(floor, min_group_size)
+    if mode == "layer":
+        return channels * spatial >= floor
+    return True
+
+
+def choose(shape: List[int], training: bool, chain: List[str], num_groups: int, min_batch_size: int,
+           min_instance_size: int, min_group_size: int, has_running_stats: bool) -> str:
+    """``choose_mode`` over plain values, given the ``candidates`` to walk."""
+    if not training and has_running_stats:
+        return "batch"
+    for mode in chain:
+        if usable(mode, shape, num_groups, False, min_batch_size, min_instance_size, min_group_size):
+            return mode
+    return "identity"
