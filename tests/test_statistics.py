@@ -284,3 +284,39 @@ def test_a_smaller_last_batch_per_epoch_keeps_eval_on_running_statistics():
         train_steps(model, 8, steps=6)
         train_steps(model, 3, steps=1)  # the remainder batch of each epoch
         assert_evaluates_like_batchnorm(model)
+
+
+# --- recalibration in a Lightning run -----------------------------------------------------------------
+
+def test_recalibrate_norms_callback_gives_validation_population_statistics(tmp_path):
+    import lightning.pytorch as pl
+
+    from adanorm.integrations.lightning import RecalibrateNorms
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = conv_net(adanorm.AdaptiveNorm3d)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return self(batch["image"]).square().mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.modes = {m.last_mode for m in self.net.modules() if isinstance(m, adanorm.AdaptiveNorm)}
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    images = [{"image": torch.randn(2, 4, 4, 4) * 3 + 2} for _ in range(6)]
+    loader = torch.utils.data.DataLoader(images, batch_size=2)  # batch 2: the layers train per-sample
+    module = Tiny()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[RecalibrateNorms(num_batches=3)])
+    trainer.fit(module, loader, loader)
+    assert module.modes == {"batch"}  # validation ran on the recalibrated running statistics
+    assert all(int(m.num_batches_tracked) == 3 for m in module.net.modules() if isinstance(m, adanorm.AdaptiveNorm))
+    assert_evaluates_like_batchnorm(module.net)

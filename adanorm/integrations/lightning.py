@@ -1,4 +1,5 @@
-"""A Lightning callback that logs which mode every adaptive layer ran, so a run shows what the layer did.
+"""Lightning callbacks: which mode every adaptive layer ran (so a run shows what the layer did), and
+recalibration of the running statistics before validation.
 
 Training and eval forwards are counted apart because the same layer picks differently in the two
 (batch statistics in training, running statistics or per-sample statistics in eval).
@@ -6,13 +7,15 @@ Training and eval forwards are counted apart because the same layer picks differ
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import lightning.pytorch as pl
+from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from adanorm.norm import AdaptiveNorm
 from adanorm.policy import MODES, is_fallback
+from adanorm.recalibration import update_bn
 
 TRAIN, EVAL = "train", "eval"
 STAGES = (TRAIN, EVAL)
@@ -123,3 +126,28 @@ class NormModeMonitor(pl.Callback):
 
     def _log(self, pl_module: pl.LightningModule, metric: NormMetric, value: float, reduce_fx: str) -> None:
         pl_module.log(metric.key(self.prefix), float(value), on_step=False, on_epoch=True, sync_dist=True, reduce_fx=reduce_fx)
+
+
+class RecalibrateNorms(pl.Callback):
+    """Recomputes running statistics with :func:`adanorm.update_bn` before every validation (PreciseBN).
+
+    Validation and the checkpoints written after it then use statistics of the current weights
+    over ``num_batches`` training batches, at any batch size: adaptive layers trained per-sample
+    evaluate with population statistics instead, and batch-mode layers lose the lag of their
+    momentum. Batches may be tensors, tuples (first element) or dicts (``input_key``).
+    """
+
+    def __init__(self, num_batches: int = 32, input_key: str = "image") -> None:
+        super().__init__()
+        self.num_batches = num_batches
+        self.input_key = input_key
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        update_bn(trainer.train_dataloader, pl_module, num_batches=self.num_batches, forward_fn=self._forward)
+
+    def _forward(self, model: pl.LightningModule, batch: Any) -> Tensor:
+        inputs = batch[self.input_key] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
+        inputs = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs  # MONAI MetaTensor: plain tensor
+        return model(inputs.to(model.device))
