@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from adanorm.functional import adaptive_norm
@@ -30,6 +30,7 @@ from adanorm.policy import (
     mode_is_usable,
 )
 from adanorm.presets import MomentumPreset, get_preset
+from adanorm.scripting import ScriptableAdaptiveNorm
 
 MODE_CHOICES = ("auto",) + MODES
 # The policy's pure functions, cached for the eager hot path (a layer asks once per call). Compiled
@@ -209,7 +210,7 @@ class AdaptiveNorm(_NormBase):
         compiling = torch.compiler.is_compiling()
         if self.mode != "auto":
             usable = (mode_is_usable if compiling else _cached_mode_is_usable)(self.mode, shape, self.num_groups, None)
-            uses_running_stats = self.mode == "batch" and not self.training and self.track_running_stats
+            uses_running_stats = self.mode == "batch" and not self.training and self.running_mean is not None
             if not (usable or uses_running_stats):
                 raise ValueError(
                     f"{type(self).__name__}(mode={self.mode!r}) cannot normalize input of shape {tuple(shape)}: it would compute "
@@ -280,6 +281,10 @@ class AdaptiveNorm(_NormBase):
         preset = self.momentum_preset
         steps = int(num_batches_tracked.item()) if preset.counts_steps else 0
         return preset.factor(batch_size, steps)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` compiles ``adanorm.scripting.ScriptableAdaptiveNorm`` in place of this layer."""
+        return ScriptableAdaptiveNorm(self)
 
     def _state(self, name: str) -> Optional[Tensor]:
         """A parameter or buffer at the cost of a dict lookup: ``nn.Module.__getattr__`` takes about a
