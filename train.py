@@ -1,4 +1,4 @@
-"""Train a MONAI 3D network with adaptive (or native) normalization under Lightning.
+"""Train a MONAI 3D network with adaptive (or native) normalization under Lightning: ``adanorm-train``'s script form.
 
     python train.py                                   # UNet, adaptive norm, synthetic volumes, CPU
     python train.py norm=batch                        # same run with another norm
@@ -7,35 +7,10 @@
     python train.py -m norm=adaptive,batch,instance   # one run per norm
     python train.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt trainer.max_epochs=60   # resume, in that folder
 
-Config groups live in configs/; outputs go to Hydra's run folder (outputs/<date>/<time>).
+Config groups live in the package (adanorm/configs); outputs go to Hydra's run folder (outputs/<date>/<time>)
+under the current directory. The code is adanorm.recipes.cli.train_main, the same as the adanorm-train command.
 """
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-RESOLVERS = ("adanorm.run_dir", "adanorm.config_subdir", "adanorm.batch_norm_momentum", "adanorm.norm_without_presets")
-
-
-def register_resolvers() -> None:
-    """The configs' ${adanorm.*} resolvers (adanorm/recipes/resolvers.py), registered before Hydra composes.
-
-    Each imports adanorm (torch, MONAI) only when first resolved, so --help and --cfg answer fast.
-    """
-    for name in RESOLVERS:
-        def resolve(*args, _name=name):
-            from adanorm.recipes.resolvers import RESOLVERS as implementations
-
-            return implementations[_name](*args)
-
-        OmegaConf.register_new_resolver(name, resolve, replace=True)
-
-
-@hydra.main(config_path="configs", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    from adanorm.recipes.run import train  # imported here so that --help and --cfg answer fast
-
-    return train(cfg)
-
+from adanorm.recipes.cli import train_main
 
 if __name__ == "__main__":
-    register_resolvers()
-    main()
+    train_main()

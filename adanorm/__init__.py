@@ -12,9 +12,7 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-try:
-    from adanorm.integrations import monai as _monai_integration
-except ImportError:  # MONAI is optional for the core layers
-    pass
-else:
-    _monai_integration.register()
+from adanorm.integrations import monai as _monai_integration
+
+# "adaptive" in MONAI's norm factory whenever MONAI is (or later gets) imported; MONAI itself is not imported here.
+_monai_integration.register_when_imported()

@@ -1,6 +1,10 @@
 """predict.py: whole-volume predictions on the input's grid, and class probabilities for the classifier."""
+import contextlib
 import csv
 import importlib.util
+import io
+import re
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -52,13 +56,25 @@ def test_segmentation_prediction_keeps_the_input_grid(tmp_path, capsys):
     assert "predictions:" in capsys.readouterr().out
 
 
-def test_classifier_prints_and_writes_class_probabilities(tmp_path, capsys):
+def test_classifier_prints_and_writes_class_probabilities(tmp_path):
     checkpoint = trained_checkpoint(tmp_path, "resnet")
     scans = tmp_path / "scans"
     scans.mkdir()
     for name in ("x.nii.gz", "y.nii.gz"):
         write_scan(scans / name, (20, 20, 20), np.eye(4))
-    predict_script.main([str(checkpoint), str(scans), "--output", str(tmp_path / "out")])
+    console = io.StringIO()  # stdout and stderr (the progress bar) in the order a terminal shows them
+    with warnings.catch_warnings(record=True) as caught, \
+            contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+        warnings.simplefilter("always")
+        predict_script.main([str(checkpoint), str(scans), "--output", str(tmp_path / "out")])
+    assert not [str(w.message) for w in caught if "LeafSpec" in str(w.message)], "Lightning's deprecation noise"
+    printed = console.getvalue()
+    assert "Predicting" in printed and "litlogger" not in printed
+    pieces = re.split(r"[\r\n]", printed)
+    rows = [piece for piece in pieces if "image=" in piece]
+    assert len(rows) == 2 and all(row.startswith("image=") for row in rows), \
+        f"a probability line shares a line with the progress bar: {rows}"
+    assert "x.nii.gz" in rows[0]
     with open(tmp_path / "out" / "probabilities.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [Path(row["image"]).name for row in rows] == ["x.nii.gz", "y.nii.gz"]
@@ -66,7 +82,6 @@ def test_classifier_prints_and_writes_class_probabilities(tmp_path, capsys):
         probabilities = [float(row["p_0"]), float(row["p_1"])]
         assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)
         assert int(row["predicted"]) == int(np.argmax(probabilities))
-    assert "x.nii.gz" in capsys.readouterr().out
 
 
 def test_inputs_that_are_not_nifti_are_refused(tmp_path):

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -19,6 +19,7 @@ from omegaconf.errors import InterpolationResolutionError
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+import adanorm.configs
 from adanorm import AdaptiveNorm
 from adanorm.integrations.lightning import NormMetric
 from adanorm.recipes.data import VolumeDataError
@@ -26,7 +27,7 @@ from adanorm.recipes.quiet import quiet_third_party
 from adanorm.recipes.run import train
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+CONFIGS = Path(adanorm.configs.__file__).parent  # shipped inside the package: pkg://adanorm.configs
 GROUPS = ("model", "norm", "data", "trainer")
 SEGMENTATION_MODELS = ("unet", "basic_unet", "dynunet", "segresnet")
 NATIVE_NORMS = {"batch": nn.BatchNorm3d, "instance": nn.InstanceNorm3d, "group": nn.GroupNorm}
@@ -39,7 +40,7 @@ def options(group):
 
 
 def compose_config(*overrides):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+    with initialize_config_module(config_module="adanorm.configs", version_base="1.3"):
         return compose("train", overrides=list(overrides))
 
 

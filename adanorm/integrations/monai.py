@@ -1,19 +1,86 @@
-"""Registers ``"adaptive"`` in MONAI's norm factory, so networks take ``norm="adaptive"``."""
+"""Registers ``"adaptive"`` in MONAI's norm factory, so networks take ``norm="adaptive"``.
+
+``import adanorm`` calls :func:`register_when_imported`, which never imports MONAI itself (it costs
+seconds: MONAI pulls in scipy, matplotlib and nibabel). If MONAI's factory module is already imported,
+it registers at once; otherwise a small ``sys.meta_path`` finder waits for
+``monai.networks.layers.factories`` and registers as soon as that module has finished executing,
+whoever imports it and whenever. Without MONAI installed nothing ever happens.
+"""
 from __future__ import annotations
 
-from monai.networks.layers.factories import Norm
+import importlib.abc
+import importlib.machinery
+import sys
+import threading
+from types import ModuleType
+from typing import Optional, Sequence
 
-from adanorm.norm import AdaptiveNorm1d, AdaptiveNorm2d, AdaptiveNorm3d
-
-_BY_SPATIAL_DIMS = {1: AdaptiveNorm1d, 2: AdaptiveNorm2d, 3: AdaptiveNorm3d}
+FACTORIES_MODULE = "monai.networks.layers.factories"
+_SPATIAL_DIMS = (1, 2, 3)
+_lock = threading.Lock()
 
 
 def adaptive_norm_factory(dim: int) -> type:
     """MONAI calls this with the network's spatial_dims."""
-    if dim not in _BY_SPATIAL_DIMS:
-        raise ValueError(f"norm='adaptive' supports spatial_dims 1, 2 or 3, got {dim}.")
-    return _BY_SPATIAL_DIMS[dim]
+    from adanorm.norm import AdaptiveNorm1d, AdaptiveNorm2d, AdaptiveNorm3d
+
+    by_spatial_dims = {1: AdaptiveNorm1d, 2: AdaptiveNorm2d, 3: AdaptiveNorm3d}
+    if dim not in by_spatial_dims:
+        raise ValueError(f"norm='adaptive' supports spatial_dims {', '.join(map(str, _SPATIAL_DIMS))}, got {dim}.")
+    return by_spatial_dims[dim]
 
 
 def register() -> None:
+    """Adds ``"adaptive"`` to ``monai.networks.layers.factories.Norm`` (imports MONAI; safe to call again)."""
+    from monai.networks.layers.factories import Norm
+
     Norm.add_factory_callable("adaptive", adaptive_norm_factory)
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    """The factory module's own loader, plus :func:`register` once the module has executed."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Optional[ModuleType]:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        register()
+
+    def __getattr__(self, name: str):  # get_source, get_code, get_resource_reader, ...: the real loader's
+        return getattr(self._loader, name)
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: for MONAI's factory module it wraps the real spec's loader, then steps aside."""
+
+    def find_spec(self, fullname: str, path: Optional[Sequence[str]], target: Optional[ModuleType] = None):
+        if fullname != FACTORIES_MODULE:
+            return None
+        _remove_finder()  # one shot; also keeps the search below from finding this finder again
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            spec = find_spec(fullname, path, target) if find_spec is not None else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _RegisteringLoader(spec.loader)
+                return spec
+        return None
+
+
+def _remove_finder() -> None:
+    with _lock:
+        sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _RegisterAfterImport)]
+
+
+def register_when_imported() -> None:
+    """Registers now if MONAI's factory module is imported, else as soon as it is. Never imports MONAI."""
+    if FACTORIES_MODULE in sys.modules:
+        register()
+        return
+    with _lock:
+        if not any(isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
+            sys.meta_path.insert(0, _RegisterAfterImport())

@@ -19,6 +19,7 @@ from torch import Tensor
 from adanorm.recipes.data import CLASSIFICATION, case_name, volume_transforms
 from adanorm.recipes.checkpoint import load_recipe_module
 from adanorm.recipes.module import RecipeModule
+from adanorm.recipes.quiet import quiet_third_party
 
 PROBABILITIES_CSV = "probabilities.csv"
 
@@ -42,6 +43,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
         self.output_dir = Path(output_dir)
         self.task = task
         self.rows: List[Dict[str, Any]] = []
+        self.csv_path: Optional[Path] = None
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Tensor,
                            batch_indices: Optional[Sequence[int]], batch: Dict[str, Any], batch_idx: int,
@@ -69,9 +71,16 @@ class NiftiPredictionWriter(BasePredictionWriter):
             writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]))
             writer.writeheader()
             writer.writerows(self.rows)
+        self.csv_path = path
+
+    def print_summary(self) -> None:
+        """Each volume's class probabilities and the CSV's path; called once the progress bar is closed,
+        so the first line does not land on the bar's line."""
+        if not self.rows:
+            return
         for row in self.rows:
             print(", ".join(f"{key}={value}" for key, value in row.items()))
-        print(f"class probabilities: {path}")
+        print(f"class probabilities: {self.csv_path}")
 
 
 def predict(checkpoint: Path, inputs: Path, output_dir: Path, overlap: float = 0.5, accelerator: str = "auto",
@@ -89,7 +98,10 @@ def predict(checkpoint: Path, inputs: Path, output_dir: Path, overlap: float = 0
     output_dir.mkdir(parents=True, exist_ok=True)
     dataset = Dataset([{"image": str(path)} for path in files],
                       volume_transforms(module.task, module.patch_size, train=False, with_label=False))
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
-                         callbacks=[NiftiPredictionWriter(output_dir, module.task)])
-    trainer.predict(module, DataLoader(dataset, batch_size=1, num_workers=num_workers), return_predictions=False)
+    writer = NiftiPredictionWriter(output_dir, module.task)
+    with quiet_third_party():  # Lightning's LeafSpec deprecation warning and cloud-logger tip
+        trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+                             callbacks=[writer])
+        trainer.predict(module, DataLoader(dataset, batch_size=1, num_workers=num_workers), return_predictions=False)
+    writer.print_summary()  # after trainer.predict: the progress bar has finished its line
     return output_dir

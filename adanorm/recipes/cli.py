@@ -1,0 +1,71 @@
+"""The console entry points ``adanorm-train`` and ``adanorm-predict`` (``train.py`` and ``predict.py`` call them too).
+
+    adanorm-train                                      # UNet, adaptive norm, synthetic volumes, CPU
+    adanorm-train model=dynunet norm=instance          # any Hydra override: group=option, key=value
+    adanorm-train -m norm=adaptive,batch,instance      # one run per norm (multirun/<date>/<time>/<n>)
+    adanorm-train ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt trainer.max_epochs=60   # resume
+    adanorm-predict outputs/<date>/<time>/checkpoints/last.ckpt scans/ --output predictions/
+
+The Hydra configs ship inside the package (``adanorm/configs``, search path ``pkg://adanorm.configs``), so
+both commands work from any directory; a run writes into ``outputs/<date>/<time>/`` under the current one.
+Lightning, MONAI and the run code are imported only once the arguments are parsed, so ``--help`` answers fast.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional, Sequence
+
+CONFIG_PATH = "pkg://adanorm.configs"
+CONFIG_NAME = "train"
+
+
+def _train(cfg) -> Optional[float]:
+    from adanorm.recipes.run import train
+
+    return train(cfg)
+
+
+def train_main() -> Optional[float]:
+    """``adanorm-train [group=option ...] [key=value ...]``: Hydra's command line over the packaged configs."""
+    import hydra
+
+    from adanorm.recipes.resolvers import register_resolvers
+
+    register_resolvers()  # the configs' ${adanorm.*} resolvers, before Hydra composes (hydra.run.dir uses one)
+    app = hydra.main(config_path=CONFIG_PATH, config_name=CONFIG_NAME, version_base="1.3")(_train)
+    return app()
+
+
+PREDICT_DESCRIPTION = "Run a checkpoint from adanorm-train (train.py) over whole NIfTI volumes."
+PREDICT_EPILOG = """\
+Segmentation checkpoints write one label NIfTI per input (same file name, same affine and header), by
+sliding-window inference with Gaussian blending. Classification checkpoints print each volume's class
+probabilities and write them to probabilities.csv.
+
+example: adanorm-predict outputs/<date>/<time>/checkpoints/last.ckpt scans/ --output predictions/"""
+
+
+def predict_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=PREDICT_DESCRIPTION, epilog=PREDICT_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="a .ckpt written by adanorm-train (train.py)")
+    parser.add_argument("inputs", type=Path, help="a .nii/.nii.gz file or a folder of them")
+    parser.add_argument("--output", type=Path, default=Path("predictions"), help="output folder (default: predictions/)")
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, 0 to <1 (default: 0.5)")
+    parser.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default: auto)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="let the checkpoint build a network outside MONAI and adanorm (runs its constructor): "
+                             "only for checkpoints you wrote yourself")
+    return parser
+
+
+def predict_main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> None:
+    """``adanorm-predict CHECKPOINT INPUTS [--output DIR] [--overlap F] [--accelerator A] [--trust-checkpoint]``."""
+    args = predict_parser(prog).parse_args(argv)
+
+    from adanorm.recipes.inference import predict  # imported here so that --help answers fast
+
+    output = predict(args.checkpoint, args.inputs, args.output, overlap=args.overlap, accelerator=args.accelerator,
+                     trust_checkpoint=args.trust_checkpoint)
+    print(f"predictions: {output}")
