@@ -56,8 +56,10 @@ class ScriptableAdaptiveNorm(nn.Module):
         self.bias = layer.bias
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             self.register_buffer(name, getattr(layer, name))
-        for name in ("running_stats_balance", "nonfinite_skips"):
-            self.register_buffer(name, getattr(layer, name), persistent=False)
+        # Plain tensor attributes, not buffers: TorchScript saves every buffer in the state dict, and
+        # these must stay out of it (BatchNorm's keys, in both directions).
+        self.running_stats_balance: Optional[Tensor] = layer.running_stats_balance
+        self.nonfinite_skips: Optional[Tensor] = layer.nonfinite_skips
         self.train(layer.training)
 
     def forward(self, input: Tensor) -> Tensor:
