@@ -24,13 +24,17 @@
 // whole cache-sized units and runs a unit's affine pass right after its sums (plan_of). Other
 // per-sample inputs above kWholeBatchBytes go one sample at a time (statistics, then its affine
 // pass while the sample is still in the last-level cache); batch mode needs every sample before
-// its affine pass. FusedNorm (at the end) wires both directions into autograd.
+// its affine pass. FusedNorm (at the end) wires both directions into autograd; NativeGroupNorm
+// wires PyTorch's own group norm kernels in with a backward that cannot crash.
 
 #include <torch/extension.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -436,9 +440,14 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
     std::vector<acc_t> scale(g.N * g.C), offset(g.N * g.C);
     double* mean_data = mean.data_ptr<double>();
     double* rstd_data = rstd.data_ptr<double>();
+    // A shift of ±Inf or NaN would make every u NaN (Inf − Inf), turning an Inf mean into NaN where
+    // native plain sums keep it Inf: such a run is summed unshifted, so non-finite values reach the
+    // statistics (Inf or NaN mean, NaN variance) exactly as they reach native batch/group norm.
     for (int64_t n = 0; n < stats_g.N; ++n)
-      for (int64_t c = 0; c < stats_g.C; ++c)
-        shift[n * stats_g.C + c] = static_cast<double>(to_acc(x_data[stats_g.offset(n, c, 0)]));
+      for (int64_t c = 0; c < stats_g.C; ++c) {
+        const double first = static_cast<double>(to_acc(x_data[stats_g.offset(n, c, 0)]));
+        shift[n * stats_g.C + c] = std::isfinite(first) ? first : 0.0;
+      }
 
     for_each_unit(plan, [&](const Unit& unit) {
       channel_sums<scalar_t, ForwardTerms>(x_data, x_data, shift.data(), stats_g, unit, sum_u.data(), sum_u2.data());
@@ -555,13 +564,46 @@ c10::optional<at::Tensor> present(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
-// Channels-last when the input is dense in channels_last(_3d) and not also plain contiguous;
-// anything else is made contiguous (a no-op for convolution outputs).
+// Channels-last when the input is dense in channels_last(_3d) and not also plain contiguous, or a
+// strided view that PyTorch's own kernels lay out channels-last (suggest_memory_format), so the
+// output has the layout native norms give it; anything else is made contiguous (a no-op for
+// convolution outputs).
 std::pair<at::Tensor, bool> dense_layout(const at::Tensor& input) {
-  if (input.dim() >= 4 && !input.is_contiguous() && input.is_contiguous(layout_format(input, true))) {
-    return {input, true};
+  if (input.dim() >= 4 && !input.is_contiguous()) {
+    const at::MemoryFormat channels_last = layout_format(input, true);
+    if (input.is_contiguous(channels_last)) return {input, true};
+    if (input.suggest_memory_format() == channels_last) return {input.contiguous(channels_last), true};
   }
   return {input.contiguous(), false};
+}
+
+// Which of (input, weight, bias) the backward must return: absent optional arguments have no graph
+// edge, so edge indices skip them.
+std::array<bool, 3> needed_gradients(torch::autograd::AutogradContext* ctx, const at::Tensor& weight,
+                                     const at::Tensor& bias) {
+  const int64_t weight_edge = 1, bias_edge = weight.defined() ? 2 : 1;
+  return {ctx->needs_input_grad(0), weight.defined() && ctx->needs_input_grad(weight_edge),
+          bias.defined() && ctx->needs_input_grad(bias_edge)};
+}
+
+// Gradients that must themselves be differentiable (create_graph=True, e.g. gradient penalties):
+// recomputed through the native ops, which autograd can differentiate twice (with grad mode on,
+// native group norm's backward is its composite formula, not the kernel NativeGroupNorm avoids).
+// `saved` starts with (input, weight, bias); the list has `edges` entries, as forward has arguments.
+torch::autograd::variable_list differentiable_gradients(const torch::autograd::variable_list& saved,
+                                                        const std::array<bool, 3>& need, int64_t groups, double eps,
+                                                        const at::Tensor& grad_output, size_t edges) {
+  const at::Tensor &input = saved[0], &weight = saved[1], &bias = saved[2];
+  const at::Tensor output = groups == 0 ? at::batch_norm(input, weight, bias, {}, {}, true, 0.0, eps, false)
+                                        : at::group_norm(input, groups, weight, bias, eps, false);
+  torch::autograd::variable_list wanted;
+  for (int i = 0; i < 3; ++i)
+    if (need[i]) wanted.push_back(saved[i]);
+  const auto computed = torch::autograd::grad({output}, wanted, {grad_output}, true, true);
+  torch::autograd::variable_list grads(edges);
+  for (int i = 0, k = 0; i < 3; ++i)
+    if (need[i]) grads[i] = computed[k++];
+  return grads;
 }
 
 // Autograd in C++: the Python-level autograd.Function cost more per call than small layers' kernels.
@@ -583,26 +625,11 @@ struct FusedNorm : public torch::autograd::Function<FusedNorm> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &input = saved[0], &weight = saved[1], &bias = saved[2];
     const int64_t groups = ctx->saved_data["groups"].toInt();
-    // Absent optional arguments have no graph edge, so edge indices skip them.
-    const int64_t weight_edge = 1, bias_edge = weight.defined() ? 2 : 1;
-    const bool need[3] = {ctx->needs_input_grad(0), weight.defined() && ctx->needs_input_grad(weight_edge),
-                          bias.defined() && ctx->needs_input_grad(bias_edge)};
-    torch::autograd::variable_list grads(8);
+    const auto need = needed_gradients(ctx, weight, bias);
     if (at::GradMode::is_enabled()) {
-      // Gradients that must themselves be differentiable (create_graph=True, e.g. gradient
-      // penalties): recomputed through the native kernels, which autograd can differentiate twice.
-      const double eps = ctx->saved_data["eps"].toDouble();
-      const at::Tensor output = groups == 0
-          ? at::batch_norm(input, weight, bias, {}, {}, true, 0.0, eps, false)
-          : at::group_norm(input, groups, weight, bias, eps, false);
-      torch::autograd::variable_list wanted;
-      for (int i = 0; i < 3; ++i)
-        if (need[i]) wanted.push_back(saved[i]);
-      const auto computed = torch::autograd::grad({output}, wanted, {grad_outputs[0]}, true, true);
-      for (int i = 0, k = 0; i < 3; ++i)
-        if (need[i]) grads[i] = computed[k++];
-      return grads;
+      return differentiable_gradients(saved, need, groups, ctx->saved_data["eps"].toDouble(), grad_outputs[0], 8);
     }
+    torch::autograd::variable_list grads(8);
     const auto [x, channels_last] = dense_layout(input);
     const at::Tensor dy = grad_outputs[0].contiguous(layout_format(x, channels_last));
     auto computed = norm_backward(dy, x, present(weight), saved[3], saved[4], groups, channels_last, need[0]);
@@ -613,10 +640,65 @@ struct FusedNorm : public torch::autograd::Function<FusedNorm> {
   }
 };
 
+// Native group norm (PyTorch's own kernels, so the same numbers) with a backward that always asks
+// for the input gradient. torch 2.13's channels-last CPU backward kernel crashes the process when
+// asked for γ/β gradients without the input's: a frozen input, or torch.autograd.grad over the
+// parameters only. Computing an unwanted input gradient costs one pass; the native autograd node
+// offers no way around the crash, and a Python-level autograd.Function costs more than small calls.
+struct NativeGroupNorm : public torch::autograd::Function<NativeGroupNorm> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
+                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                            int64_t groups, double eps) {
+    const at::Tensor x = input.contiguous(input.suggest_memory_format());  // as at::group_norm
+    auto [y, mean, rstd] = at::native_group_norm(x, weight, bias, x.size(0), x.size(1), spatial_size(x), groups, eps);
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), mean, rstd});
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["eps"] = eps;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &weight = saved[1], &bias = saved[2];
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const auto need = needed_gradients(ctx, weight, bias);
+    if (at::GradMode::is_enabled()) {
+      return differentiable_gradients(saved, need, groups, ctx->saved_data["eps"].toDouble(), grad_outputs[0], 5);
+    }
+    const at::Tensor x = input.contiguous(input.suggest_memory_format());
+    auto [dx, dw, db] = at::native_group_norm_backward(grad_outputs[0].contiguous(x.suggest_memory_format()), x,
+                                                       saved[3], saved[4], weight, x.size(0), x.size(1),
+                                                       spatial_size(x), groups, {true, need[1], need[2]});
+    torch::autograd::variable_list grads(5);
+    if (need[0]) grads[0] = dx;
+    if (need[1]) grads[1] = dw;
+    if (need[2]) grads[2] = db;
+    return grads;
+  }
+
+  static int64_t spatial_size(const at::Tensor& x) { return c10::multiply_integers(x.sizes().slice(2)); }
+};
+
+// The checks live here rather than in Python, where they cost more than a small call's kernels.
+at::Tensor native_group_norm(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                             const c10::optional<at::Tensor>& bias, int64_t groups, double eps) {
+  const auto requires_grad = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); };
+  if (!at::GradMode::is_enabled() || !(requires_grad(weight) || requires_grad(bias)) ||
+      torch::jit::tracer::isTracing() || at::autocast::is_autocast_enabled(at::kCPU)) {
+    // No parameter gradient for the crashing kernel to compute; or a tracer, or autocast's dtype
+    // policy, that must see the native op itself.
+    return at::group_norm(input, groups, weight, bias, eps, false);
+  }
+  return NativeGroupNorm::apply(input, weight, bias, groups, eps);
+}
+
 at::Tensor fused_norm(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, int64_t groups, double eps,
                       const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
                       double momentum) {
+  // Geometry divides by N·C: an empty batch (nothing to normalize) is the callers' to pass through.
+  TORCH_CHECK(input.numel() > 0, "adanorm CPU kernel: input of shape ", input.sizes(), " is empty");
   const auto requires_grad = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); };
   if (!at::GradMode::is_enabled() || !(input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
     // Inference (no_grad, sliding-window prediction): no graph node, nothing saved.
@@ -632,4 +714,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_norm", &fused_norm,
         "normalize with the input's own statistics: per (sample, group), or per channel over the batch for "
         "groups=0 (updating running statistics when given); differentiable, output in the input's layout");
+  m.def("native_group_norm", &native_group_norm,
+        "torch.group_norm with a backward that always computes the input gradient (see NativeGroupNorm)");
 }

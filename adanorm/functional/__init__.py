@@ -12,9 +12,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from adanorm.functional.cpu_fused import fused_norm, prefer_fused_cpu
+from adanorm.functional import cpu_fused
+from adanorm.functional.cpu_fused import fused_norm, native_group_norm, prefer_fused_cpu
 from adanorm.functional.instance_channels_last import channels_last_instance_norm
-from adanorm.functional.layout import is_channels_last
+from adanorm.functional.layout import is_channels_last, native_memory_format
 
 __all__ = ["adaptive_norm", "batch_norm", "grouped_norm", "affine_only", "groups_for_mode"]
 
@@ -52,8 +53,10 @@ def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias:
     native group norm (faster than native instance norm). Without a compiler, a per-sample
     batch-norm kernel still spares instance mode the layout copies of native instance norm. On
     CUDA, Triton kernels take the layouts the native kernels handle with extra copies
-    (``triton_norm.prefer_triton``).
+    (``triton_norm.prefer_triton``). An empty batch has nothing to normalize (``affine_only``).
     """
+    if input.numel() == 0:
+        return affine_only(input, weight, bias)
     _require_several_values(input, input.shape[0] * num_groups, "per-sample", "the patch size or num_groups")
     triton = _triton_backend(input, batch_statistics=False)
     if triton is not None:
@@ -63,6 +66,30 @@ def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias:
     if (num_groups == input.shape[1] and input.is_cpu and is_channels_last(input)
             and not torch.compiler.is_compiling()):
         return channels_last_instance_norm(input, weight, bias, eps)  # out= slices: not traceable by dynamo
+    return _group_norm(input, num_groups, weight, bias, eps)
+
+
+def _group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    """``torch.group_norm``, kept away from the backward that crashes the process in torch 2.13.
+
+    Its CPU channels-last backward kernel (also reached by strided views of channels-last tensors)
+    segfaults when γ or β wants a gradient and the input does not: a frozen input, or
+    ``torch.autograd.grad`` over parameters only. Where the compiled kernels are built (and not
+    under ``torch.compile``), their ``native_group_norm`` runs the same native kernels but always
+    asks for the input gradient. Without them, an input that does not require grad is normalized
+    contiguous (the numbers of native group norm on contiguous input) and the output is returned in
+    the layout native group norm gives it; an input that requires grad keeps the native op as it
+    is, rather than pay for copies on every training step, so ``autograd.grad`` over parameters
+    alone can still crash there. ``tests/test_reliability_core.py`` has a canary that fails once
+    torch fixes the kernel.
+    """
+    if not input.is_contiguous() and input.is_cpu:
+        if not torch.compiler.is_compiling() and cpu_fused.cpu_kernels() is not None:  # dynamo cannot trace the build
+            return native_group_norm(input, num_groups, weight, bias, eps)
+        if (not input.requires_grad and torch.is_grad_enabled()
+                and ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))):
+            output = torch.group_norm(input.contiguous(), num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+            return output.contiguous(memory_format=native_memory_format(input))
     return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
 
 
@@ -114,15 +141,23 @@ def _finite_update(
 
 
 def affine_only(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    """γ·x+β as one fused kernel: the identity mode, for shapes with nothing to normalize over."""
+    """γ·x+β as one fused kernel: the identity mode, for shapes with nothing to normalize over, and
+    any mode's output on an empty batch (the same empty output and zero parameter gradients as
+    native norms, in the input's layout, where native group norm returns contiguous strides).
+
+    The output has the input's dtype, as native norms give bfloat16/float16 input with float32
+    parameters: computed in the promoted dtype, then rounded once.
+    """
     view = (1, -1) + (1,) * (input.dim() - 2)
     if weight is not None and bias is not None:
-        return torch.addcmul(bias.view(view), input, weight.view(view))
-    if weight is not None:
-        return input * weight.view(view)
-    if bias is not None:
-        return input + bias.view(view)
-    return input
+        output = torch.addcmul(bias.view(view), input, weight.view(view))
+    elif weight is not None:
+        output = input * weight.view(view)
+    elif bias is not None:
+        output = input + bias.view(view)
+    else:
+        return input
+    return output if output.dtype == input.dtype else output.to(input.dtype)
 
 
 def groups_for_mode(mode: str, num_channels: int, num_groups: int) -> int:
@@ -160,6 +195,8 @@ def adaptive_norm(
         return _finite_update(
             lambda mean, var: batch_norm(input, mean, var, weight, bias, use_batch_stats, momentum, eps),
             running_mean, running_var, nonfinite_skips if use_batch_stats else None)
+    if mode == "identity" or input.numel() == 0:
+        return affine_only(input, weight, bias)
     if mode == "instance" and running_mean is not None:
         if training:
             _require_several_values(input, input.shape[0] * input.shape[1], "instance", "the patch size")
@@ -167,6 +204,4 @@ def adaptive_norm(
             lambda mean, var: torch.instance_norm(input, weight, bias, mean, var, training, momentum, eps,
                                                   torch.backends.cudnn.enabled),
             running_mean, running_var, nonfinite_skips if training else None)
-    if mode == "identity":
-        return affine_only(input, weight, bias)
     return grouped_norm(input, groups_for_mode(mode, input.shape[1], num_groups), weight, bias, eps)

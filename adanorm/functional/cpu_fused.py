@@ -17,23 +17,28 @@ Autograd is wired in C++ too, so a call costs a few microseconds beyond its two 
 The source compiles once per machine and torch version on first use (``torch.utils.cpp_extension``,
 about a minute, cached under ``TORCH_EXTENSIONS_DIR``; ``python -m adanorm.build`` does it ahead of
 time). Without a compiler, or with ``ADANORM_CPU_KERNEL=0``, callers keep the native kernels.
+
+The extension also wires native group norm into autograd with a backward that cannot crash
+(``native_group_norm``; see ``adanorm.functional._group_norm``).
 """
 from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from adanorm.functional.layout import is_channels_last
 
-__all__ = ["cpu_kernels", "prefer_fused_cpu", "fused_norm"]
+__all__ = ["cpu_kernels", "prefer_fused_cpu", "fused_norm", "native_group_norm"]
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "norm_cpu.cpp"
 # Instruction-set flags follow the vector level PyTorch itself dispatches to, never -march=native: a
@@ -58,19 +63,35 @@ MIN_NUMEL_PER_SAMPLE_CONTIGUOUS = 1 << 18
 MIN_NUMEL_PER_SAMPLE_FEW_GROUPS = 1 << 16
 
 
+# Seconds a process waits for another process's build of the kernels before it keeps the native
+# kernels (ADANORM_BUILD_WAIT overrides): a build takes about a minute on two cores.
+DEFAULT_BUILD_WAIT_S = 600.0
+BUILD_LOCK = "adanorm.lock"  # adanorm's lock file in the build directory, next to torch's "lock"
+
+
+class BuildWaitExpired(Exception):
+    """Another process held the build lock for longer than ADANORM_BUILD_WAIT seconds."""
+
+
 @lru_cache(maxsize=None)
 def cpu_kernels() -> Optional[ModuleType]:
-    """The compiled kernels, or None (disabled, or no toolchain: a warning says how to get them)."""
+    """The compiled kernels, or None (disabled, no toolchain, or another process's build did not end
+    in time: a warning says what to do)."""
     if os.environ.get("ADANORM_CPU_KERNEL", "1") == "0":
         return None
     from torch.utils import cpp_extension
 
-    if not _is_built(cpp_extension):
-        print("adanorm: compiling its CPU kernels (once per machine and torch version, about a minute)...",
-              file=sys.stderr, flush=True)
     try:
-        return cpp_extension.load(name=_EXTENSION, sources=[str(_SOURCE)],
-                                  extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS], verbose=False)
+        build_directory = Path(cpp_extension._get_build_directory(_EXTENSION, verbose=False))
+        if not (build_directory / f"{_EXTENSION}.so").exists():
+            print("adanorm: compiling its CPU kernels (once per machine and torch version, about a minute)...",
+                  file=sys.stderr, flush=True)
+        with _build_lock(build_directory):
+            return cpp_extension.load(name=_EXTENSION, sources=[str(_SOURCE)], build_directory=str(build_directory),
+                                      extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS], verbose=False)
+    except BuildWaitExpired as expired:
+        warnings.warn(str(expired), RuntimeWarning, stacklevel=3)
+        return None
     except Exception as error:  # no compiler or ninja: native kernels still give the same numbers
         warnings.warn(
             f"adanorm: could not compile its CPU kernels ({type(error).__name__}: {error}); using PyTorch's "
@@ -82,13 +103,64 @@ def cpu_kernels() -> Optional[ModuleType]:
         return None
 
 
-def _is_built(cpp_extension: ModuleType) -> bool:
-    """Whether a build is cached (then loading is quick and needs no notice)."""
+@contextmanager
+def _build_lock(build_directory: Path) -> Iterator[None]:
+    """Hold adanorm's lock on the build directory while ``cpp_extension.load`` builds or loads there,
+    after removing any ``lock`` file torch left behind.
+
+    torch serializes builds with a ``lock`` file that only a build that ends normally removes: after
+    one killed part-way (Ctrl-C, SIGKILL, a preempted job) every later process waits for it forever.
+    The kernel releases an flock when its holder dies, however it dies, and adanorm holds this one
+    whenever torch's lock file can exist, so a lock file found while holding it is stale. A live
+    holder (a process building right now) is waited for, up to ADANORM_BUILD_WAIT seconds. Without
+    flock (not POSIX, some network file systems) only torch's own lock file serializes builds.
+    """
     try:
-        build_directory = Path(cpp_extension._get_build_directory(_EXTENSION, verbose=False))
-    except Exception:  # a private helper: if it moves, only the notice is lost
-        return True
-    return (build_directory / f"{_EXTENSION}.so").exists()
+        import fcntl
+
+        descriptor = os.open(build_directory / BUILD_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        if _flock(descriptor, build_directory):
+            try:
+                (build_directory / "lock").unlink()
+            except FileNotFoundError:
+                pass
+        yield
+    finally:
+        os.close(descriptor)  # releases the flock
+
+
+def _flock(descriptor: int, build_directory: Path) -> bool:
+    """Lock ``descriptor`` exclusively, waiting for a live holder at most ADANORM_BUILD_WAIT seconds
+    (then ``BuildWaitExpired``); False where the file system does not support flock."""
+    import fcntl
+
+    wait = float(os.environ.get("ADANORM_BUILD_WAIT", DEFAULT_BUILD_WAIT_S))
+    deadline = time.monotonic() + wait
+    announced = False
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        except OSError:
+            return False
+        if time.monotonic() >= deadline:
+            raise BuildWaitExpired(
+                f"adanorm: waited {wait:g} s for another process to finish building its CPU kernels in "
+                f"{build_directory} (it holds {build_directory / BUILD_LOCK}); using PyTorch's native norm kernels. "
+                "If no process is building (a hung compiler, a stopped job), end that process; set "
+                "ADANORM_BUILD_WAIT to wait longer, or ADANORM_CPU_KERNEL=0 to skip the compiled kernels."
+            )
+        if not announced:
+            print(f"adanorm: waiting for another process to finish building its CPU kernels ({build_directory})...",
+                  file=sys.stderr, flush=True)
+            announced = True
+        time.sleep(0.2)
 
 
 def prefer_fused_cpu(input: Tensor, num_groups: Optional[int]) -> bool:
@@ -134,3 +206,11 @@ def fused_norm(
     groups = 0 if num_groups is None else num_groups
     return cpu_kernels().fused_norm(input, weight, bias, groups, eps, running_mean, running_var, momentum)
 
+
+
+def native_group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                      eps: float) -> Tensor:
+    """``torch.group_norm`` (its kernels and numbers) with a backward that always computes the input
+    gradient, so that torch 2.13's channels-last backward cannot crash. Call only where
+    ``cpu_kernels()`` built, outside ``torch.compile`` (dynamo cannot trace into the extension)."""
+    return cpu_kernels().native_group_norm(input, weight, bias, num_groups, eps)
