@@ -93,6 +93,9 @@ def _adaptive_from_native(module: nn.Module, kwargs: Dict[str, Any]) -> Adaptive
         num_features, momentum, track = config["num_features"], config["momentum"], config["track_running_stats"]
         if momentum is None and isinstance(module, nn.modules.instancenorm._InstanceNorm):
             momentum = 0.0  # F.instance_norm reads momentum=None as 0: its running statistics never move
+    if isinstance(module, nn.SyncBatchNorm):
+        options.setdefault("sync", True)
+        options.setdefault("process_group", config["process_group"])
     if options.get("mode", "auto") == "auto":
         options["policy"] = _faithful_policy(module, options.get("policy"))
     if "preset" not in options:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from adanorm.functional import adaptive_norm
+from adanorm.functional.sync import gather_batch, is_synced, synced_batch_norm
 from adanorm.policy import (
     MODES,
     FallbackError,
@@ -68,6 +69,8 @@ class AdaptiveNorm(_NormBase):
         num_groups: Optional[int] = None,
         preset: Optional[str] = None,
         policy: Optional[Policy] = None,
+        sync: bool = False,
+        process_group: Optional[Any] = None,
     ) -> None:
         name = type(self).__name__
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
@@ -85,6 +88,8 @@ class AdaptiveNorm(_NormBase):
         self.mode = mode
         self.num_groups = check_num_groups(num_groups, num_features)
         self.policy = policy if policy is not None else Policy()
+        self.sync = sync
+        self.process_group = process_group
         self.last_mode: Optional[str] = None
         self.mode_counts: Dict[str, int] = dict.fromkeys(MODES, 0)
         self._warned_fallback = False
@@ -237,7 +242,11 @@ class AdaptiveNorm(_NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
-        mode = self._select_mode(input.shape)
+        global_batch = None
+        if self.training and self.sync and (self.mode == "batch" or "batch" in self.policy.chain) and is_synced(self.process_group):
+            # One gather per forward: every rank decides from the same global shape (see functional.sync).
+            global_batch = gather_batch(input, self.process_group)
+        mode = self._select_mode(input.shape if global_batch is None else global_batch.shape)
         if not torch.compiler.is_compiling():  # telemetry stays out of graphs: no guards on counters, no breaks
             self.__dict__["last_mode"] = mode  # plain attribute write: skips nn.Module.__setattr__ on the hot path
             self.mode_counts[mode] += 1
@@ -255,6 +264,11 @@ class AdaptiveNorm(_NormBase):
             use_buffers = self.running_mean is not None and (
                 mode == "batch" or (mode == "instance" and self.policy.instance_running_stats))
         guard = use_buffers and self.training and self.policy.skip_nonfinite
+        if global_batch is not None and mode == "batch":
+            return synced_batch_norm(
+                input, global_batch, self._state("weight"), self._state("bias"),
+                self._state("running_mean") if use_buffers else None, self._state("running_var") if use_buffers else None,
+                factor, self.eps, self.nonfinite_skips if guard else None, self.process_group)
         output = adaptive_norm(
             input,
             mode,
@@ -298,7 +312,7 @@ class AdaptiveNorm(_NormBase):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, mode={self.mode}, num_groups={self.num_groups}, "
-            f"preset={self.momentum_preset.name}"
+            f"preset={self.momentum_preset.name}{', sync=True' if self.sync else ''}"
         )
 
 
