@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from functools import lru_cache
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -286,15 +286,13 @@ class AdaptiveNorm(_NormBase):
             self._warn_nonfinite_skips()  # free to read on the CPU; on GPUs it waits for train()/eval(), to avoid a sync per step
         return output
 
-    def _update_factor(self, batch_size: int, count_step: bool) -> float:
+    def _update_factor(self, batch_size: int, count_step: bool) -> Union[float, Tensor]:
         """This step's running-statistics factor. Batch steps count in ``num_batches_tracked`` as in
         nn.BatchNorm; instance steps do not, as in nn.InstanceNorm."""
         num_batches_tracked = self._state("num_batches_tracked")
         if count_step:
             num_batches_tracked.add_(1)
-        preset = self.momentum_preset
-        steps = int(num_batches_tracked.item()) if preset.counts_steps else 0
-        return preset.factor(batch_size, steps)
+        return self.momentum_preset.factor(batch_size, num_batches_tracked)
 
     def __prepare_scriptable__(self) -> nn.Module:
         """``torch.jit.script`` compiles ``adanorm.scripting.ScriptableAdaptiveNorm`` in place of this layer."""

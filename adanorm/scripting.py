@@ -10,14 +10,16 @@ fallbacks included. Telemetry (``last_mode``, ``mode_counts``, warnings) stays i
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adanorm.functional.api import affine_only
 from adanorm.functional.running_stats import blend, scratch_statistics
 from adanorm.policy import candidates, choose, usable
+from adanorm.presets import step_factor
 
 
 def layer_balance_decay() -> float:
@@ -70,7 +72,7 @@ class ScriptableAdaptiveNorm(nn.Module):
         shape = input.size()
         mode = self._select_mode(shape)
         running_mean, running_var = self._buffers_for(mode)
-        factor = 0.0
+        factor: Union[float, Tensor] = 0.0
         if self.training:
             balance = self.running_stats_balance
             if self.track_running_stats and balance is not None and self.running_mean is not None:
@@ -115,7 +117,7 @@ class ScriptableAdaptiveNorm(nn.Module):
             reads = mode == "batch" or (mode == "instance" and self.instance_running_stats)
         return (self.running_mean, self.running_var) if reads else (None, None)
 
-    def _update_factor(self, batch_size: int, count_step: bool) -> float:
+    def _update_factor(self, batch_size: int, count_step: bool) -> Union[float, Tensor]:
         steps = self.num_batches_tracked
         if steps is None:
             return self.fixed_momentum
@@ -123,15 +125,12 @@ class ScriptableAdaptiveNorm(nn.Module):
             steps.add_(1)
         if not self.counts_steps:
             return self.fixed_momentum
-        cumulative = 1.0 / max(int(steps.item()), 1)
-        if self.window_samples > 0:
-            return min(1.0, max(cumulative, batch_size / self.window_samples))
-        return cumulative
+        return step_factor(batch_size, steps, self.window_samples)
 
     def _normalize(self, input: Tensor, mode: str, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                   factor: float) -> Tensor:
+                   factor: Union[float, Tensor]) -> Tensor:
         if mode == "identity" or input.numel() == 0:
-            return _affine(input, self.weight, self.bias)
+            return affine_only(input, self.weight, self.bias)
         if running_mean is not None and running_var is not None and (mode == "batch" or mode == "instance"):
             if not self.training:
                 if mode == "batch":
@@ -150,12 +149,3 @@ class ScriptableAdaptiveNorm(nn.Module):
         groups = self.num_features if mode == "instance" else 1 if mode == "layer" else self.num_groups
         return F.group_norm(input.contiguous(), groups, self.weight, self.bias, self.eps)
 
-
-def _affine(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    view = [1, -1] + [1] * (input.dim() - 2)
-    output = input
-    if weight is not None:
-        output = output * weight.view(view)
-    if bias is not None:
-        output = output + bias.view(view)
-    return output.to(input.dtype)

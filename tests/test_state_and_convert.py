@@ -114,12 +114,12 @@ def test_lightning_sync_batchnorm_plugin_leaves_adaptive_layers():
 
 
 def test_momentum_presets():
-    assert get_preset("default").factor(2, 5) == 0.1
-    assert get_preset("cumulative").factor(2, 4) == 0.25
+    assert get_preset("default").factor(2, torch.tensor(5)) == 0.1
+    assert get_preset("cumulative").factor(2, torch.tensor(4)).item() == 0.25
     auto = get_preset("auto")
-    assert auto.factor(2, 1) == 1.0  # first step: no bias toward the initial statistics
-    assert auto.factor(2, 1000) == pytest.approx(2 / 256)
-    assert auto.factor(64, 1000) == pytest.approx(64 / 256)
+    assert auto.factor(2, torch.tensor(1)).item() == 1.0  # first step: no bias toward the initial statistics
+    assert auto.factor(2, torch.tensor(1000)).item() == pytest.approx(2 / 256)
+    assert auto.factor(64, torch.tensor(1000)).item() == pytest.approx(64 / 256)
     layer = adanorm.AdaptiveNorm3d(3, preset="cumulative", mode="batch")
     native = nn.BatchNorm3d(3, momentum=None)
     for _ in range(4):
