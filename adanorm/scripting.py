@@ -63,8 +63,15 @@ class ScriptableAdaptiveNorm(nn.Module):
         self.running_stats_balance: Optional[Tensor] = layer.running_stats_balance
         self.nonfinite_skips: Optional[Tensor] = layer.nonfinite_skips
         self.train(layer.training)
+        # Held in a tuple: not a submodule (TorchScript neither compiles nor saves it), and out of reach of
+        # torch.jit.script's rewrite of module attributes, which would put this module in its place.
+        self.eager_layer = (layer,)
 
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            # torch.jit.script puts this module in place of the layer inside the model it was given
+            # (it rewrites the module tree in place); there, in eager mode, the layer itself still runs.
+            return self.run_eager_layer(input)
         if self.input_ranks[0] != -1 and input.dim() not in self.input_ranks:
             raise ValueError(f"{self.layer_name} got {input.dim()}-D input; expected ranks {self.input_ranks}")
         if input.dim() < 2 or input.size(1) != self.num_features:
@@ -82,6 +89,10 @@ class ScriptableAdaptiveNorm(nn.Module):
             if running_mean is not None:
                 factor = self._update_factor(shape[0], mode == "batch")
         return self._normalize(input, mode, running_mean, running_var, factor)
+
+    @torch.jit.unused
+    def run_eager_layer(self, input: Tensor) -> Tensor:
+        return self.eager_layer[0](input)
 
     def _select_mode(self, shape: List[int]) -> str:
         has_stats = not self.training and self._eval_uses_running_stats()

@@ -116,3 +116,13 @@ def test_traced_model_saves_loads_and_matches(channels_last, learned):
         other = other.contiguous(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(loaded(other), model(other))
     assert "PythonOp" not in str(traced.graph)
+
+
+def test_the_eager_model_keeps_running_its_own_layers_after_scripting():
+    """torch.jit.script rewrites the module tree it is given in place; the eager forward still runs the layer."""
+    model = nn.Sequential(nn.Conv3d(2, 8, 3, padding=1), adanorm.AdaptiveNorm3d(8))
+    layer = model[1]
+    scripted = torch.jit.script(model)
+    x = torch.randn(8, 2, 4, 4, 4)
+    torch.testing.assert_close(model(x), scripted(x))
+    assert layer.mode_counts["batch"] == 1 and layer.last_mode == "batch"  # the eager layer ran, with its telemetry
