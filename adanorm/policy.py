@@ -159,23 +159,35 @@ def candidates(training: bool, chain: List[str], eval_batch_stats: bool) -> List
 
 def usable(mode: str, shape: List[int], num_groups: int, forced: bool, min_batch_size: int,
            min_instance_size: int, min_group_size: int) -> bool:
-    """``mode_is_usable`` over plain values; ``forced`` applies only the floor of two values per statistic."""
+    """``mode_is_usable`` over plain values.
+
+    ``forced`` applies only the hard floor: anything but a statistic over exactly one value, which
+    would silently output β (so an empty batch passes through batch mode, as natively, while instance
+    mode on a 1×1×1 patch is refused whatever the batch size, as ``nn.InstanceNorm3d`` refuses it).
+    """
     batch, channels = shape[0], shape[1]
     spatial = 1
     for size in shape[2:]:
         spatial *= size
-    if forced and batch * spatial == 0:
-        return True  # as the native layers, a forced mode passes an empty batch through
     floor = 2  # MIN_VALUES_PER_STATISTIC, which TorchScript cannot read as a global
     if mode == "batch":
-        return batch >= min_batch_size and batch * spatial >= floor
+        values = batch * spatial
+        if forced:
+            return values != 1
+        return batch >= min_batch_size and values >= floor
     if mode == "instance":
-        return spatial >= max(floor, min_instance_size)
-    if mode == "group":
-        return (forced or num_groups > 1) and (channels // num_groups) * spatial >= max(floor, min_group_size)
-    if mode == "layer":
-        return channels * spatial >= floor
-    return True
+        values, threshold = spatial, min_instance_size
+    elif mode == "group":
+        values, threshold = (channels // num_groups) * spatial, min_group_size
+        if not forced and num_groups == 1:
+            return False  # one group is layer mode, which comes next in the chain
+    elif mode == "layer":
+        values, threshold = channels * spatial, floor
+    else:
+        return True
+    if forced:
+        return values != 1
+    return values >= max(floor, threshold)
 
 
 def choose(shape: List[int], training: bool, chain: List[str], num_groups: int, min_batch_size: int,

@@ -43,8 +43,8 @@ def adaptive_norm(
         ValueError: if a statistic would be over a single value (the output would silently be β);
             choosing a mode that has enough values is the caller's job (``adanorm.choose_mode``).
     """
-    if mode == "identity":
-        return affine_only(input, weight, bias)
+    if mode == "identity" or (not dispatch.capturing() and input.numel() == 0):
+        return affine_only(input, weight, bias)  # an empty batch keeps its layout and leaves the statistics alone
     if mode == "batch" and not training and running_mean is not None:
         return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps,
                                 torch.backends.cudnn.enabled)
@@ -78,8 +78,6 @@ def _instance_norm_with_running_stats(input: Tensor, weight: Optional[Tensor], b
                                       momentum: Union[float, Tensor], eps: float,
                                       nonfinite_skips: Optional[Tensor]) -> Tensor:
     """``F.instance_norm`` with running statistics: what a converted InstanceNorm(track_running_stats=True) runs."""
-    if not dispatch.capturing() and input.numel() == 0:
-        return affine_only(input, weight, bias)  # native instance norm raises on an empty batch
     if not training:
         return torch.instance_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps,
                                    torch.backends.cudnn.enabled)
@@ -127,6 +125,11 @@ def affine_only(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor])
         output = input + bias.view(view)
     else:
         return input
+    if not torch.jit.is_scripting() and not dispatch.capturing() and input.numel() == 0 and input.dim() in (4, 5):
+        # An empty result's layout is only its strides, which broadcasting does not carry over.
+        channels_last = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+        if input.is_contiguous(memory_format=channels_last):
+            output = output.contiguous(memory_format=channels_last)
     return output if output.dtype == input.dtype else output.to(input.dtype)
 
 
