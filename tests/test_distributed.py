@@ -5,6 +5,7 @@ Each test spawns two processes and fails (instead of hanging) if they do not fin
 """
 import io
 import multiprocessing
+import os
 import traceback
 import warnings
 from datetime import timedelta
@@ -175,3 +176,22 @@ def test_convert_syncs_converted_sync_batchnorm_and_on_request():
     adanorm.convert(model)
     assert [getattr(m, "sync") for m in model] == [True, False, False]
     assert all(m.sync for m in adanorm.convert(nn.Sequential(nn.BatchNorm3d(4)), sync=True))
+
+
+def test_lightning_ddp_fit_of_the_unet_recipe_with_the_sync_plugin(tmp_path):
+    """Lightning's ddp strategy on 2 CPU processes: both ranks end with equal parameters and buffers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "ddp_fit.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "data"), str(tmp_path)], capture_output=True,
+                            text=True, timeout=TIMEOUT_S * 2, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    assert ranks[0]["synced"] and ranks[1]["synced"]
+    assert ranks[0]["modes"] == ranks[1]["modes"]
+    for key, value in ranks[0]["state"].items():
+        torch.testing.assert_close(ranks[1]["state"][key], value, rtol=0, atol=0, msg=key)
+    for left, right in zip(ranks[0]["balance"], ranks[1]["balance"]):
+        torch.testing.assert_close(left, right, rtol=0, atol=0)

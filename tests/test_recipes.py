@@ -310,3 +310,13 @@ def test_train_script_sweeps_norms_end_to_end(data_root, tmp_path):
         assert (run / "csv" / "metrics.csv").is_file() and (run / "train.log").is_file()
     assert (adaptive_run / "norm_modes.png").is_file()
     assert not (batch_run / "norm_modes.png").exists(), "a model without adaptive layers has no mode plot"
+
+
+def test_recalibrate_recomputes_running_statistics_before_validation(tmp_path):
+    """recalibrate=true: validation and the checkpoints use statistics from adanorm.update_bn, although the
+    layers train in instance mode at this batch size (batch 2 < min_batch_size)."""
+    train(compose_config(*tiny(tmp_path / "data", tmp_path / "run"), *one_epoch(), "recalibrate=true",
+                         "recalibrate_batches=2"))
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    counters = [v for k, v in checkpoint["state_dict"].items() if k.endswith("num_batches_tracked")]
+    assert counters and all(int(counter) == 2 for counter in counters)

@@ -1,5 +1,5 @@
 """Lightning callbacks: which mode every adaptive layer ran (so a run shows what the layer did), and
-recalibration of the running statistics before validation.
+recalibration of the running statistics before validation; and the plugin that syncs adaptive layers under DDP.
 
 Training and eval forwards are counted apart because the same layer picks differently in the two
 (batch statistics in training, running statistics or per-sample statistics in eval).
@@ -10,7 +10,9 @@ from collections import Counter, defaultdict
 from typing import Any, Dict, List, NamedTuple, Optional
 
 import lightning.pytorch as pl
+from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import Tensor
+from torch.nn import Module
 from torch.utils.hooks import RemovableHandle
 
 from adanorm.norm import AdaptiveNorm
@@ -151,3 +153,27 @@ class RecalibrateNorms(pl.Callback):
         inputs = batch[self.input_key] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
         inputs = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs  # MONAI MetaTensor: plain tensor
         return model(inputs.to(model.device))
+
+
+class AdaptiveNormSync(TorchSyncBatchNorm):
+    """Lightning's layer-sync plugin for adaptive layers: ``Trainer(plugins=[AdaptiveNormSync()])``.
+
+    Turns on ``sync`` for every adaptive layer (batch statistics over all ranks, one decision from
+    the global batch; see ``adanorm.functional.sync``) and, as ``sync_batchnorm=True`` does, converts
+    native BatchNorm layers to ``nn.SyncBatchNorm``. Being a ``TorchSyncBatchNorm``, it may also be
+    combined with ``sync_batchnorm=True``. ``revert`` undoes both.
+    """
+
+    def apply(self, model: Module) -> Module:
+        model = super().apply(model)
+        for module in model.modules():
+            if isinstance(module, AdaptiveNorm):
+                module.sync = True
+        return model
+
+    def revert(self, model: Module) -> Module:
+        model = super().revert(model)
+        for module in model.modules():
+            if isinstance(module, AdaptiveNorm):
+                module.sync = False
+        return model

@@ -21,6 +21,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from adanorm.integrations.lightning import RecalibrateNorms
 from adanorm.policy import FallbackWarning
 from adanorm.recipes.plots import save_run_plots
 from adanorm.recipes.quiet import quiet_third_party
@@ -128,6 +129,8 @@ def train(cfg: DictConfig) -> Optional[float]:
         datamodule = instantiate(cfg.data)
         module = instantiate(cfg.module)
         trainer: pl.Trainer = instantiate(cfg.trainer)
+        if cfg.recalibrate:
+            trainer.callbacks.append(RecalibrateNorms(num_batches=cfg.recalibrate_batches))
         # weights_only=True: a checkpoint is a user file (issue #12); the recipes write nothing it refuses.
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     checkpoint = trainer.checkpoint_callback
