@@ -1,5 +1,10 @@
 """Triton backend against native PyTorch, on the CPU through Triton's interpreter: no GPU needed.
 
+Under ``TRITON_INTERPRET=1`` the ``@triton.jit`` kernels are interpreted: they take CPU tensors
+(the interpreter runs each program on the host), and ``triton_norm.triton_available`` admits CPU
+tensors for exactly that case. The whole module skips without triton (the README's test command
+installs none; CI does).
+
 Triton decides between interpreted and compiled kernels when it decorates them, its own standard
 library included, so ``TRITON_INTERPRET=1`` must be set before triton's first import in the
 process. This module sets it around its own imports (and around each test), then restores it so
@@ -18,12 +23,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+_NO_TRITON = "triton is not installed (optional: pip install triton); the Triton backend tests need it"
 _previous_interpret = os.environ.get("TRITON_INTERPRET")
 _INTERPRETER_USABLE = "triton" not in sys.modules or _previous_interpret == "1"
 if _INTERPRETER_USABLE:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        triton = pytest.importorskip("triton")
+        triton = pytest.importorskip("triton", reason=_NO_TRITON)
         from adanorm.functional import triton_norm
     finally:
         if _previous_interpret is None:
@@ -31,10 +37,10 @@ if _INTERPRETER_USABLE:
         else:
             os.environ["TRITON_INTERPRET"] = _previous_interpret
 else:
-    triton = pytest.importorskip("triton")
+    triton = pytest.importorskip("triton", reason=_NO_TRITON)
     triton_norm = None  # importing it here would mix interpreted kernels with compiled triton
 
-TRITON_NORM_PATH = importlib.util.find_spec("adanorm.functional.triton_norm").origin
+TRITON_KERNELS_PATH = importlib.util.find_spec("adanorm.functional.triton_kernels").origin
 interpreted = pytest.mark.skipif(
     not _INTERPRETER_USABLE, reason="triton was imported without TRITON_INTERPRET: a fresh process runs this"
 )
@@ -195,6 +201,96 @@ def test_batch_mode_matches_native_with_running_stats(layout):
         torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=1e-12)
 
 
+_OPCHECK_CASES = [
+    # (op, layout, dtype, weight and bias, running statistics / num_groups of the backward, input_grad)
+    pytest.param("grouped", "channels_last", torch.float32, True, 2, None, id="grouped-cl-f32-affine-G2"),
+    pytest.param("grouped", "contiguous", torch.bfloat16, False, 4, None, id="grouped-contig-bf16-instance"),
+    pytest.param("batch", "contiguous", torch.float32, True, True, None, id="batch-contig-f32-affine-running"),
+    pytest.param("batch", "channels_last", torch.bfloat16, False, False, None, id="batch-cl-bf16"),
+    pytest.param("backward", "channels_last", torch.float32, True, 2, True, id="backward-cl-f32-weight-G2"),
+    pytest.param("backward", "contiguous", torch.bfloat16, False, None, False, id="backward-contig-bf16-batch-no-dx"),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("op, layout, dtype, affine, extra, input_grad", _OPCHECK_CASES)
+def test_opcheck(op, layout, dtype, affine, extra, input_grad):
+    """torch.library.opcheck, every check of which runs under Triton's interpreter: schema (no
+    undeclared mutation or aliasing), autograd registration, the fake implementation against the
+    real one (shapes, dtypes and strides: channels-last kept) and, for the float32 forward ops with
+    inputs that require grad, AOTAutograd tracing and running of forward and backward with dynamic
+    shapes, which also traces the backward op through its fake implementation and runs it. The
+    other cases skip that last check only to keep the test cheap: it would trace the same ops again."""
+    x = _in_layout(torch.randn(2, 4, 3, 5, dtype=dtype) + 2, layout)
+    weight, bias = (torch.randn(4, dtype=dtype) + 1, torch.randn(4, dtype=dtype)) if affine else (None, None)
+    full = op != "backward" and dtype == torch.float32
+    if full:
+        x, weight, bias = (t if t is None else t.requires_grad_() for t in (x, weight, bias))
+    if op == "grouped":
+        args = (x, extra, weight, bias, 1e-5)
+    elif op == "batch":
+        running = (torch.randn(4), torch.rand(4) + 0.5) if extra else (None, None)
+        args = (x, *running, weight, bias, 0.1, 1e-5)
+    else:  # statistics from the forward op
+        if extra is None:
+            _, mean, rstd, _, _ = torch.ops.adanorm.triton_batch_norm(x, None, None, weight, bias, 0.1, 1e-5)
+        else:
+            _, mean, rstd = torch.ops.adanorm.triton_grouped_norm(x, extra, weight, bias, 1e-5)
+        args = (torch.randn_like(x), x, weight, mean, rstd, extra, input_grad)
+    operator = getattr(torch.ops.adanorm, {"grouped": "triton_grouped_norm", "batch": "triton_batch_norm",
+                                           "backward": "triton_norm_backward"}[op])
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    checks += ("test_aot_dispatch_dynamic",) if full else ()
+    torch.library.opcheck(operator, args, test_utils=checks)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@interpreted
+def test_compile_sees_one_op_per_norm(fresh_dynamo):
+    """fullgraph compilation through both entry points: no graph break, the ops' fake implementations
+    give dynamo channels-last outputs, AOTAutograd (aot_eager) runs the Triton ops forward and
+    backward, and results, gradients and running statistics equal eager ones."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def step(x, weight, bias, running_mean, running_var):
+        y = triton_norm.triton_grouped_norm(x, 2, weight, bias, 1e-5)
+        return triton_norm.triton_batch_norm(y.relu(), running_mean, running_var, weight, bias, 0.1, 1e-5)
+
+    x = _in_layout(torch.randn(2, 4, 3, 5) + 2, "channels_last")
+    weight, bias = torch.randn(4) + 1, torch.randn(4)
+    grad_output = torch.randn_like(x)
+    results = []
+    counter = CompileCounterWithBackend("aot_eager")
+    for fn in (step, torch.compile(step, backend=counter, fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        running = [torch.zeros(4), torch.ones(4)]
+        output = fn(*leaves, *running)
+        assert output.stride() == x.stride()
+        results.append((output, *torch.autograd.grad(output, leaves, grad_output), *running))
+    assert counter.frame_count == 1
+    ops = [node for node in counter.graphs[0].graph.nodes if "adanorm.triton_" in str(node.target)]
+    assert len(ops) == 2, counter.graphs[0].code
+    for node in ops:  # dynamo's values come from the fake implementations
+        assert node.meta["example_value"][0].stride() == x.stride()
+    torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
+
+
+@interpreted
+def test_gradients_of_gradients_raise():
+    """The backward op has no derivative: a second differentiation says so rather than dropping terms."""
+    x = torch.randn(2, 4, 3, 5, requires_grad=True)
+    output = triton_norm.triton_grouped_norm(x, 2, None, None, 1e-5)
+    (grad,) = torch.autograd.grad((output ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        grad.sum().backward()
+
+
 @interpreted
 def test_errors_match_native_types():
     with pytest.raises(RuntimeError, match="divisible"):
@@ -248,15 +344,38 @@ def test_cuda_dispatch_rule(switch, layout, batch_statistics, expected, monkeypa
     assert triton_norm.prefer_triton(_ReportsCuda(x), batch_statistics) is expected
 
 
+def _load_as(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_module_imports_without_triton(monkeypatch):
+    """Both modules load again with `import triton` failing, in this process (a fresh one would cost a
+    torch import): the ops they register go to a scratch namespace, so the adanorm:: ops keep the
+    implementations the other tests run."""
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    name = "_triton_norm_without_triton"
-    spec = importlib.util.spec_from_file_location(name, TRITON_NORM_PATH)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    assert not module.triton_available(torch.randn(2, 3, 4))
+    custom_op = torch.library.custom_op
+    monkeypatch.setattr(torch.library, "custom_op",
+                        lambda name, *args, **kwargs: custom_op(name.replace("adanorm::", "adanorm_no_triton::"),
+                                                                *args, **kwargs))
+    import adanorm.functional
+
+    kernels_name, norm_name = "adanorm.functional.triton_kernels", "_triton_norm_without_triton"
+    for name in (kernels_name, norm_name):
+        monkeypatch.setitem(sys.modules, name, sys.modules.get(name))
+    kernels = _load_as(kernels_name, TRITON_KERNELS_PATH)
+    monkeypatch.setattr(adanorm.functional, "triton_kernels", kernels, raising=False)
+    module = _load_as(norm_name, os.path.join(os.path.dirname(TRITON_KERNELS_PATH), "triton_norm.py"))
+
+    assert kernels.triton is None and not hasattr(kernels, "_apply_kernel")
+    x = torch.randn(2, 3, 4)
+    assert not module.triton_available(x) and not module.prefer_triton(x)
+    with pytest.raises(RuntimeError, match="triton is not installed"):  # registered all the same, and say why
+        torch.ops.adanorm_no_triton.triton_grouped_norm(x, 3, None, None, 1e-5)
 
 
 @pytest.mark.skipif(_INTERPRETER_USABLE, reason="the interpreted tests run in this process")
@@ -274,11 +393,13 @@ _COMPILE_SCRIPT = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    spec = importlib.util.spec_from_file_location("triton_norm", sys.argv[1])
+    from triton.runtime.interpreter import InterpretedFunction
+
+    # triton_kernels imports nothing but triton, so it loads on its own.
+    spec = importlib.util.spec_from_file_location("triton_kernels", sys.argv[1])
     module = importlib.util.module_from_spec(spec)
-    sys.modules["triton_norm"] = module
     spec.loader.exec_module(module)
-    assert not module._KERNELS_INTERPRETED
+    assert not isinstance(module._apply_kernel, InterpretedFunction)
 
     def variant(kernel, pointers, scalars, **constants):
         types = {name: "*" + dtype for names, dtype in pointers for name in names.split()}
@@ -300,7 +421,8 @@ _COMPILE_SCRIPT = textwrap.dedent('''
                     HAS_DY=True, BLOCK_S=64, BLOCK_C=32),
             variant(module._finalize_stats_kernel,
                     [("partial_mean_ptr partial_m2_ptr mean_ptr rstd_ptr scale_ptr shift_ptr", acc),
-                     ("weight_ptr bias_ptr", data), ("running_mean_ptr running_var_ptr", "fp32")],
+                     ("weight_ptr bias_ptr", data),
+                     ("running_mean_ptr running_var_ptr new_running_mean_ptr new_running_var_ptr", "fp32")],
                     [("C S chunk num_chunks rows cols partial_sample_stride partial_row_stride stat_count", "i32"),
                      ("momentum eps", "fp32")],
                     HAS_WEIGHT=True, HAS_BIAS=True, HAS_RUNNING=True, BLOCK_R=16, BLOCK_K=8),
@@ -329,6 +451,6 @@ def test_kernels_compile_for_a_gpu():
     if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 2):
         pytest.skip("ASTSource takes name-keyed signatures from Triton 3.2")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, TRITON_NORM_PATH],
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, TRITON_KERNELS_PATH],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-6000:]

@@ -1,27 +1,20 @@
-"""Triton backend for the normalization modes: one kernel family for every mode, layout and pass.
+"""Triton backend for the normalization modes: launches, dispatch rule and torch op registration.
 
-Every mode is "statistics over a set of values, then a per-channel affine map":
+The kernels live in ``triton_kernels`` (whose docstring describes the four passes); this module
+sizes their tiles and grids, allocates their buffers and launches them. The entry points are torch
+ops, so that dynamo, AOTAutograd and torch.export see one op with known output shapes (its fake
+implementation) rather than Triton launches:
 
-* group, instance (G=C) and layer (G=1) modes: one statistic per (sample, group of channels);
-* batch mode: one statistic per channel, across the whole batch.
+* ``adanorm::triton_grouped_norm`` — group, instance (G=C) and layer (G=1) modes;
+* ``adanorm::triton_batch_norm`` — batch statistics; functional, it returns the updated running
+  statistics, which ``triton_batch_norm`` copies into the old ones in place;
+* ``adanorm::triton_norm_backward`` — the backward of both, called by their registered autograd
+  formulas.
 
-Four kernels cover all of them, forward and backward, for contiguous (N, C, *) and
-channels-last (N, *, C) input alike, because they address memory through (n, c, s) strides:
-
-1. ``_partial_stats_kernel`` reduces one (sample, channel tile, spatial chunk) to per-channel
-   partials: Welford (mean, M2) of x forward; Σdy and Σdy·(x−μ) backward. Chunking keeps the GPU
-   busy when N·C is small (the small-batch 3D case) without atomics, so results are deterministic.
-2. ``_finalize_stats_kernel`` merges the partials of one statistic with Chan's parallel formula
-   (robust for large means, unlike E[x²]−E[x]²) and folds the affine parameters into per-(n, c)
-   ``scale = γ·rstd`` and ``shift = β − μ·scale``; in batch mode it also updates running stats.
-3. ``_finalize_grad_kernel`` turns the backward partials into dγ, dβ and the per-(n, c)
-   coefficients of dx = dy_scale·dy + x_scale·x + shift.
-4. ``_apply_kernel`` is the only full pass that writes: y = scale·x + shift forward, the dx
-   expression above backward, in the input's own layout.
-
-Statistics accumulate in float32 for float16/bfloat16/float32 input and in float64 for float64.
+``triton_grouped_norm`` and ``triton_batch_norm`` below call them as ``F.group_norm`` and
+``F.batch_norm(training=True)`` are called; ``prefer_triton`` is the CUDA dispatch rule.
 Importing this module never fails: without triton, ``triton_available`` is False and callers keep
-the native path.
+the native path (the ops are registered all the same, and raise if called).
 """
 from __future__ import annotations
 
@@ -33,14 +26,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from adanorm.functional import triton_kernels as kernels
 from adanorm.functional.layout import is_channels_last
-from torch.autograd.function import once_differentiable
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # optional dependency: every call keeps the native path without it
-    triton = None
+from adanorm.functional.triton_kernels import triton  # None without triton
 
 __all__ = ["triton_available", "prefer_triton", "triton_grouped_norm", "triton_batch_norm"]
 
@@ -52,236 +40,13 @@ _MAX_CHANNEL_BLOCK = 128
 _INTERPRETER_PROGRAMS = 8
 
 
-if triton is not None:
-
-    @triton.jit
-    def _partial_stats_kernel(
-        x_ptr, dy_ptr, stat_mean_ptr, partial_a_ptr, partial_b_ptr,
-        C, S, chunk, stat_stride_n, channels_per_stat,
-        stride_n, stride_c, stride_s,
-        BACKWARD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):
-        k = tl.program_id(0)
-        c_block = tl.program_id(1)
-        n = tl.program_id(2)
-        num_chunks = tl.num_programs(0)
-        num_samples = tl.num_programs(2)
-        acc_dtype = partial_a_ptr.dtype.element_ty
-
-        channels = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
-        channel_mask = channels < C
-        channel_offsets = n.to(tl.int64) * stride_n + channels[None, :].to(tl.int64) * stride_c
-        s_start = k * chunk
-        s_end = tl.minimum(s_start + chunk, S)
-
-        if BACKWARD:
-            stat_index = n * stat_stride_n + channels // channels_per_stat
-            mean = tl.load(stat_mean_ptr + stat_index, mask=channel_mask, other=0.0)
-            a = tl.zeros([BLOCK_C], acc_dtype)  # Σ dy
-            b = tl.zeros([BLOCK_C], acc_dtype)  # Σ dy·(x − μ)
-        else:
-            # Statistics of x − pivot, with the chunk's first value as pivot: sums of values near
-            # zero keep their low bits when the mean is large against the spread.
-            pivot_offsets = n.to(tl.int64) * stride_n + channels.to(tl.int64) * stride_c + s_start.to(tl.int64) * stride_s
-            pivot = tl.load(x_ptr + pivot_offsets, mask=channel_mask, other=0.0).to(acc_dtype)
-            a = tl.zeros([BLOCK_C], acc_dtype)  # running mean of x − pivot
-            b = tl.zeros([BLOCK_C], acc_dtype)  # running M2
-        for s0 in range(s_start, s_end, BLOCK_S):
-            spatial = s0 + tl.arange(0, BLOCK_S)
-            mask = (spatial < s_end)[:, None] & channel_mask[None, :]
-            offsets = channel_offsets + spatial[:, None].to(tl.int64) * stride_s
-            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
-            if BACKWARD:
-                dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
-                a += tl.sum(dy, axis=0)
-                b += tl.sum(dy * (x - mean[None, :]), axis=0)
-            else:
-                # Two-pass statistics of this block, merged into the running ones (Chan et al.).
-                seen = (s0 - s_start).to(acc_dtype)
-                block_count = tl.minimum(s_end - s0, BLOCK_S).to(acc_dtype)
-                shifted = tl.where(mask, x - pivot[None, :], 0.0)
-                block_mean = tl.sum(shifted, axis=0) / block_count
-                deviation = tl.where(mask, shifted - block_mean[None, :], 0.0)
-                block_m2 = tl.sum(deviation * deviation, axis=0)
-                total = seen + block_count
-                delta = block_mean - a
-                a += delta * (block_count / total)
-                b += block_m2 + delta * delta * (seen * block_count / total)
-        if not BACKWARD:
-            a += pivot
-
-        partial = channels.to(tl.int64) * (num_samples * num_chunks) + n * num_chunks + k
-        tl.store(partial_a_ptr + partial, a, mask=channel_mask)
-        tl.store(partial_b_ptr + partial, b, mask=channel_mask)
-
-    @triton.jit
-    def _times_weight(weight_ptr, channels, mask, values, HAS_WEIGHT: tl.constexpr):
-        """γ·values per channel, or the values themselves for a layer without weight."""
-        if HAS_WEIGHT:
-            return tl.load(weight_ptr + channels, mask=mask, other=0.0).to(values.dtype) * values
-        return values
-
-    @triton.jit
-    def _partial_tile(base, r0, j0, rows, cols, partial_row_stride, chunk, S, num_chunks,
-                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Offsets, mask and value counts of one (channel rows x partial columns) tile of the partials."""
-        r = r0 + tl.arange(0, BLOCK_R)
-        j = j0 + tl.arange(0, BLOCK_K)
-        mask = (r < rows)[:, None] & (j < cols)[None, :]
-        offsets = base + r[:, None].to(tl.int64) * partial_row_stride + j[None, :]
-        # Partial column j covers chunk j % num_chunks; the last chunk may be short.
-        chunk_size = tl.minimum(chunk, S - (j % num_chunks) * chunk)
-        return offsets, mask, tl.where(mask, chunk_size[None, :], 0)
-
-    @triton.jit(do_not_specialize=["stat_count"])
-    def _finalize_stats_kernel(
-        partial_mean_ptr, partial_m2_ptr, weight_ptr, bias_ptr,
-        mean_ptr, rstd_ptr, scale_ptr, shift_ptr, running_mean_ptr, running_var_ptr,
-        C, S, chunk, num_chunks, rows, cols, partial_sample_stride, partial_row_stride, stat_count,
-        momentum, eps,
-        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        sample = tl.program_id(0)
-        stat_group = tl.program_id(1)
-        stat = sample * tl.num_programs(1) + stat_group
-        acc_dtype = partial_mean_ptr.dtype.element_ty
-        first_channel = stat_group * rows
-        base = first_channel.to(tl.int64) * partial_row_stride + sample * partial_sample_stride
-
-        total = stat_count.to(acc_dtype)
-        # Partial means are averaged relative to the first one, for the same reason as the pivot above.
-        reference = tl.load(partial_mean_ptr + base)
-        weighted_sum = tl.zeros([BLOCK_R, BLOCK_K], acc_dtype)
-        for r0 in range(0, rows, BLOCK_R):
-            for j0 in range(0, cols, BLOCK_K):
-                offsets, mask, count = _partial_tile(base, r0, j0, rows, cols, partial_row_stride, chunk, S, num_chunks,
-                                                     BLOCK_R, BLOCK_K)
-                part_mean = tl.load(partial_mean_ptr + offsets, mask=mask, other=0.0)
-                weighted_sum += count.to(acc_dtype) * (part_mean - reference)
-        mean = reference + tl.sum(weighted_sum) / total
-
-        m2_sum = tl.zeros([BLOCK_R, BLOCK_K], acc_dtype)
-        for r0 in range(0, rows, BLOCK_R):
-            for j0 in range(0, cols, BLOCK_K):
-                offsets, mask, count = _partial_tile(base, r0, j0, rows, cols, partial_row_stride, chunk, S, num_chunks,
-                                                     BLOCK_R, BLOCK_K)
-                part_mean = tl.load(partial_mean_ptr + offsets, mask=mask, other=0.0)
-                part_m2 = tl.load(partial_m2_ptr + offsets, mask=mask, other=0.0)
-                m2_sum += part_m2 + count.to(acc_dtype) * (part_mean - mean) * (part_mean - mean)
-        var = tl.sum(m2_sum) / total
-        rstd = 1.0 / tl.sqrt(var + eps)
-        tl.store(mean_ptr + stat, mean)
-        tl.store(rstd_ptr + stat, rstd)
-
-        if HAS_RUNNING:
-            # Batch mode only: one statistic per channel, so stat_group is the channel.
-            running_mean = tl.load(running_mean_ptr + stat_group).to(acc_dtype)
-            running_var = tl.load(running_var_ptr + stat_group).to(acc_dtype)
-            unbiased_var = var * (total / (total - 1.0))
-            tl.store(running_mean_ptr + stat_group, running_mean + momentum * (mean - running_mean))
-            tl.store(running_var_ptr + stat_group, running_var + momentum * (unbiased_var - running_var))
-
-        for r0 in range(0, rows, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            row_mask = r < rows
-            channels = first_channel + r
-            scale = _times_weight(weight_ptr, channels, row_mask, tl.zeros([BLOCK_R], acc_dtype) + rstd, HAS_WEIGHT)
-            if HAS_BIAS:
-                shift = tl.load(bias_ptr + channels, mask=row_mask, other=0.0).to(acc_dtype) - mean * scale
-            else:
-                shift = -mean * scale
-            tl.store(scale_ptr + sample * C + channels, scale, mask=row_mask)
-            tl.store(shift_ptr + sample * C + channels, shift, mask=row_mask)
-
-    @triton.jit(do_not_specialize=["stat_count"])
-    def _finalize_grad_kernel(
-        partial_dy_ptr, partial_dy_xc_ptr, weight_ptr, mean_ptr, rstd_ptr,
-        dy_scale_ptr, x_scale_ptr, shift_ptr, grad_weight_ptr, grad_bias_ptr,
-        C, rows, cols, partial_sample_stride, partial_row_stride, stat_count,
-        HAS_WEIGHT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        sample = tl.program_id(0)
-        stat_group = tl.program_id(1)
-        stat = sample * tl.num_programs(1) + stat_group
-        acc_dtype = partial_dy_ptr.dtype.element_ty
-        first_channel = stat_group * rows
-        base = first_channel.to(tl.int64) * partial_row_stride + sample * partial_sample_stride
-        mean = tl.load(mean_ptr + stat)
-        rstd = tl.load(rstd_ptr + stat)
-
-        weighted_dy = tl.zeros([BLOCK_R], acc_dtype)
-        weighted_dy_xc = tl.zeros([BLOCK_R], acc_dtype)
-        for r0 in range(0, rows, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            row_mask = r < rows
-            channels = first_channel + r
-            dy_tile = tl.zeros([BLOCK_R, BLOCK_K], acc_dtype)
-            dy_xc_tile = tl.zeros([BLOCK_R, BLOCK_K], acc_dtype)
-            for j0 in range(0, cols, BLOCK_K):
-                j = j0 + tl.arange(0, BLOCK_K)
-                mask = row_mask[:, None] & (j < cols)[None, :]
-                offsets = base + r[:, None].to(tl.int64) * partial_row_stride + j[None, :]
-                dy_tile += tl.load(partial_dy_ptr + offsets, mask=mask, other=0.0)
-                dy_xc_tile += tl.load(partial_dy_xc_ptr + offsets, mask=mask, other=0.0)
-            row_dy = tl.sum(dy_tile, axis=1)
-            row_dy_xc = tl.sum(dy_xc_tile, axis=1)
-            tl.store(grad_bias_ptr + sample * C + channels, row_dy, mask=row_mask)
-            tl.store(grad_weight_ptr + sample * C + channels, row_dy_xc * rstd, mask=row_mask)
-            weighted_dy += _times_weight(weight_ptr, channels, row_mask, row_dy, HAS_WEIGHT)
-            weighted_dy_xc += _times_weight(weight_ptr, channels, row_mask, row_dy_xc, HAS_WEIGHT)
-        total = stat_count.to(acc_dtype)
-        # dx = rstd·(γ·dy − mean(γ·dy) − x̂·mean(γ·dy·x̂)), with x̂ = (x − μ)·rstd.
-        x_scale = -rstd * rstd * rstd * (tl.sum(weighted_dy_xc) / total)
-        shift = -rstd * (tl.sum(weighted_dy) / total) - x_scale * mean
-
-        for r0 in range(0, rows, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            row_mask = r < rows
-            channels = first_channel + r
-            dy_scale = _times_weight(weight_ptr, channels, row_mask, tl.zeros([BLOCK_R], acc_dtype) + rstd, HAS_WEIGHT)
-            coefficient = sample * C + channels
-            tl.store(dy_scale_ptr + coefficient, dy_scale, mask=row_mask)
-            tl.store(x_scale_ptr + coefficient, tl.zeros([BLOCK_R], acc_dtype) + x_scale, mask=row_mask)
-            tl.store(shift_ptr + coefficient, tl.zeros([BLOCK_R], acc_dtype) + shift, mask=row_mask)
-
-    @triton.jit
-    def _apply_kernel(
-        x_ptr, dy_ptr, out_ptr, x_scale_ptr, shift_ptr, dy_scale_ptr,
-        C, S, coefficient_stride_n, stride_n, stride_c, stride_s,
-        HAS_DY: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):
-        s_block = tl.program_id(0)
-        c_block = tl.program_id(1)
-        n = tl.program_id(2)
-        acc_dtype = x_scale_ptr.dtype.element_ty
-
-        channels = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
-        channel_mask = channels < C
-        spatial = s_block * BLOCK_S + tl.arange(0, BLOCK_S)
-        mask = (spatial < S)[:, None] & channel_mask[None, :]
-        offsets = (n.to(tl.int64) * stride_n + channels[None, :].to(tl.int64) * stride_c
-                   + spatial[:, None].to(tl.int64) * stride_s)
-        coefficient = n * coefficient_stride_n + channels
-
-        x_scale = tl.load(x_scale_ptr + coefficient, mask=channel_mask, other=0.0)
-        shift = tl.load(shift_ptr + coefficient, mask=channel_mask, other=0.0)
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
-        out = x * x_scale[None, :] + shift[None, :]
-        if HAS_DY:
-            dy_scale = tl.load(dy_scale_ptr + coefficient, mask=channel_mask, other=0.0)
-            dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
-            out += dy * dy_scale[None, :]
-        tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 def _interpreted() -> bool:
-    """Whether the kernels above were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    """Whether the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
     if triton is None:
         return False
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_apply_kernel, InterpretedFunction)
+    return isinstance(kernels._apply_kernel, InterpretedFunction)
 
 
 _KERNELS_INTERPRETED = _interpreted()
@@ -432,7 +197,7 @@ def _partial_stats(x: Tensor, dy: Optional[Tensor], stat_mean: Optional[Tensor],
     partial_b = torch.empty_like(partial_a)
     backward = dy is not None
     grid = (geometry.num_chunks, _cdiv(geometry.channels, geometry.block_c), geometry.samples)
-    _partial_stats_kernel[grid](
+    kernels._partial_stats_kernel[grid](
         flat, _flat(dy) if backward else flat, stat_mean if backward else partial_a, partial_a, partial_b,
         geometry.channels, geometry.spatial, geometry.chunk, geometry.stat_stride_n, geometry.channels_per_stat,
         *flat.stride(),
@@ -447,7 +212,7 @@ def _apply(x: Tensor, dy: Optional[Tensor], x_scale: Tensor, shift: Tensor, dy_s
     flat = _flat(x)
     grid = (_cdiv(geometry.spatial, geometry.block_s), _cdiv(geometry.channels, geometry.block_c), geometry.samples)
     has_dy = dy is not None
-    _apply_kernel[grid](
+    kernels._apply_kernel[grid](
         flat, _flat(dy) if has_dy else flat, _flat(out), x_scale, shift, dy_scale if has_dy else x_scale,
         geometry.channels, geometry.spatial, geometry.coefficient_stride_n, *flat.stride(),
         HAS_DY=has_dy, BLOCK_S=geometry.block_s, BLOCK_C=geometry.block_c,
@@ -455,103 +220,266 @@ def _apply(x: Tensor, dy: Optional[Tensor], x_scale: Tensor, shift: Tensor, dy_s
     return out
 
 
-class _TritonNorm(torch.autograd.Function):
-    """Normalization + affine with Triton kernels; ``num_groups`` None selects batch mode."""
-
-    @staticmethod
-    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: Optional[int],
-                running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float, eps: float) -> Tensor:
-        x = _kernel_layout(input)
-        geometry = _geometry(_flat(x), num_groups)
-        partial_mean, partial_m2 = _partial_stats(x, None, None, geometry)
-
-        stat_shape = (geometry.stat_samples, geometry.stat_groups)
-        mean = partial_mean.new_empty(stat_shape)
-        rstd = partial_mean.new_empty(stat_shape)
-        scale = partial_mean.new_empty((geometry.stat_samples, geometry.channels))
-        shift = torch.empty_like(scale)
-        has_running = running_mean is not None
-        block_r, block_k = _finalize_blocks(geometry)
-        _finalize_stats_kernel[stat_shape](
-            partial_mean, partial_m2, weight, bias, mean, rstd, scale, shift, running_mean, running_var,
-            geometry.channels, geometry.spatial, geometry.chunk, geometry.num_chunks, geometry.channels_per_stat,
-            geometry.partial_cols, geometry.partial_sample_stride, geometry.partial_row_stride, geometry.stat_count,
-            momentum, eps,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
-            BLOCK_R=block_r, BLOCK_K=block_k,
-        )
-        output = _apply(x, None, scale, shift, None, geometry)
-
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.geometry = geometry
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return output
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output: Tensor) -> Tuple[Optional[Tensor], ...]:
-        x, weight, mean, rstd = ctx.saved_tensors
-        geometry = ctx.geometry
-        dy = grad_output if grad_output.stride() == x.stride() else torch.empty_like(x).copy_(grad_output)
-        partial_dy, partial_dy_xc = _partial_stats(x, dy, mean, geometry)
-
-        coefficient_shape = (geometry.stat_samples, geometry.channels)
-        dy_scale = partial_dy.new_empty(coefficient_shape)
-        x_scale = torch.empty_like(dy_scale)
-        shift = torch.empty_like(dy_scale)
-        grad_weight_parts = torch.empty_like(dy_scale)
-        grad_bias_parts = torch.empty_like(dy_scale)
-        block_r, block_k = _finalize_blocks(geometry)
-        _finalize_grad_kernel[(geometry.stat_samples, geometry.stat_groups)](
-            partial_dy, partial_dy_xc, weight, mean, rstd,
-            dy_scale, x_scale, shift, grad_weight_parts, grad_bias_parts,
-            geometry.channels, geometry.channels_per_stat,
-            geometry.partial_cols, geometry.partial_sample_stride, geometry.partial_row_stride, geometry.stat_count,
-            HAS_WEIGHT=weight is not None, BLOCK_R=block_r, BLOCK_K=block_k,
-        )
-
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_input = _apply(x, dy, x_scale, shift, dy_scale, geometry) if need_input else None
-        grad_weight = grad_weight_parts.sum(0).to(weight.dtype) if need_weight else None
-        grad_bias = grad_bias_parts.sum(0).to(ctx.bias_dtype) if need_bias else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+def _check_input(input: Tensor) -> None:
+    """What the kernels need of the input; the public functions' callers check ``triton_available`` first."""
+    if input.dtype not in _SUPPORTED_DTYPES or input.dim() < 2:
+        raise RuntimeError(f"Triton norm expects (N, C, *) floating-point input, "
+                           f"got {input.dtype} of shape {list(input.shape)}")
+    if triton is None:
+        raise RuntimeError("Triton norm kernels cannot run: triton is not installed")
+    if not (input.is_cuda or (input.device.type == "cpu" and _KERNELS_INTERPRETED)):
+        raise RuntimeError(f"Triton norm kernels cannot run on {input.device} tensors "
+                           "(CPU tensors only under TRITON_INTERPRET=1, for tests)")
 
 
-def _channel_parameter(parameter: Optional[Tensor], channels: int) -> Optional[Tensor]:
-    """A per-channel parameter the kernels can index as a dense vector (they never bounds-check it)."""
-    if parameter is None:
-        return None
-    if parameter.numel() != channels:
-        raise RuntimeError(f"Expected a per-channel parameter with {channels} elements, got shape {list(parameter.shape)}")
-    return parameter.contiguous()
+def _check_parameters(channels: int, *parameters: Optional[Tensor]) -> None:
+    """Per-channel parameters the kernels can index as a dense vector (they never bounds-check them)."""
+    for parameter in parameters:
+        if parameter is not None and parameter.numel() != channels:
+            raise RuntimeError(f"Expected a per-channel parameter with {channels} elements, got shape {list(parameter.shape)}")
 
 
-def triton_grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                        eps: float) -> Tensor:
-    """Group norm of (N, C, *) ``input`` as ``F.group_norm``, in the input's memory format.
-
-    Instance mode is ``num_groups == C``, layer mode ``num_groups == 1``. Callers check
-    ``triton_available(input)`` first.
-    """
+def _check_grouped(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor]) -> None:
     channels = input.shape[1]
     if channels % num_groups:
         # RuntimeError as F.group_norm raises, so callers see one error type whichever path runs.
         raise RuntimeError(f"Expected number of channels in input ({channels}) to be divisible by num_groups ({num_groups})")
     if input.numel() // num_groups == 1:  # F.group_norm's own check, so both paths accept the same shapes
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(input.shape)}")
+    _check_parameters(channels, weight, bias)
+
+
+def _check_batch(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                 running_var: Optional[Tensor]) -> None:
+    channels = input.shape[1]
+    if input.numel() // channels < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(input.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise RuntimeError("Expected running_mean and running_var to be both given or both None")
+    _check_parameters(channels, weight, bias, running_mean, running_var)
+
+
+def _forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: Optional[int],
+             running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+             eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Normalization + affine, ``num_groups`` None selecting batch mode.
+
+    Returns (output, mean, rstd, new running mean, new running var): output in the kernel layout
+    of ``input``; mean and rstd of shape (N, G) per sample or (1, C) in batch mode, in the
+    accumulation dtype; the running statistics blended with this batch's into new tensors (empty
+    without running statistics), which ``triton_batch_norm`` copies into the old ones.
+    """
+    _check_input(input)
+    x = _kernel_layout(input)
+    weight, bias, running_mean, running_var = (_dense(t) for t in (weight, bias, running_mean, running_var))
+    new_running_mean, new_running_var = _new_running_statistics(input, running_mean, running_var)
+    has_running = running_mean is not None
+    geometry = _geometry(_flat(x), num_groups)
+    partial_mean, partial_m2 = _partial_stats(x, None, None, geometry)
+
+    stat_shape = (geometry.stat_samples, geometry.stat_groups)
+    mean = partial_mean.new_empty(stat_shape)
+    rstd = partial_mean.new_empty(stat_shape)
+    scale = partial_mean.new_empty((geometry.stat_samples, geometry.channels))
+    shift = torch.empty_like(scale)
+    block_r, block_k = _finalize_blocks(geometry)
+    kernels._finalize_stats_kernel[stat_shape](
+        partial_mean, partial_m2, weight, bias, mean, rstd, scale, shift, running_mean, running_var,
+        *((new_running_mean, new_running_var) if has_running else (None, None)),
+        geometry.channels, geometry.spatial, geometry.chunk, geometry.num_chunks, geometry.channels_per_stat,
+        geometry.partial_cols, geometry.partial_sample_stride, geometry.partial_row_stride, geometry.stat_count,
+        momentum, eps,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
+        BLOCK_R=block_r, BLOCK_K=block_k,
+    )
+    return _apply(x, None, scale, shift, None, geometry), mean, rstd, new_running_mean, new_running_var
+
+
+def _backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+              num_groups: Optional[int], input_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias) of ``_forward``; the parameter gradients in the
+    accumulation dtype, grad_input empty (0 elements) unless ``input_grad``."""
+    _check_input(input)
+    x = _kernel_layout(input)
+    weight = _dense(weight)
+    geometry = _geometry(_flat(x), num_groups)
+    dy = grad_output if grad_output.stride() == x.stride() else torch.empty_like(x).copy_(grad_output)
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    partial_dy, partial_dy_xc = _partial_stats(x, dy, mean, geometry)
+
+    coefficient_shape = (geometry.stat_samples, geometry.channels)
+    dy_scale = partial_dy.new_empty(coefficient_shape)
+    x_scale = torch.empty_like(dy_scale)
+    shift = torch.empty_like(dy_scale)
+    grad_weight_parts = torch.empty_like(dy_scale)
+    grad_bias_parts = torch.empty_like(dy_scale)
+    block_r, block_k = _finalize_blocks(geometry)
+    kernels._finalize_grad_kernel[(geometry.stat_samples, geometry.stat_groups)](
+        partial_dy, partial_dy_xc, weight, mean, rstd,
+        dy_scale, x_scale, shift, grad_weight_parts, grad_bias_parts,
+        geometry.channels, geometry.channels_per_stat,
+        geometry.partial_cols, geometry.partial_sample_stride, geometry.partial_row_stride, geometry.stat_count,
+        HAS_WEIGHT=weight is not None, BLOCK_R=block_r, BLOCK_K=block_k,
+    )
+    grad_input = _apply(x, dy, x_scale, shift, dy_scale, geometry) if input_grad else x.new_empty(0)
+    return grad_input, grad_weight_parts.sum(0), grad_bias_parts.sum(0)
+
+
+def _dense(parameter: Optional[Tensor]) -> Optional[Tensor]:
+    return None if parameter is None else parameter.contiguous()
+
+
+def _new_running_statistics(input: Tensor, running_mean: Optional[Tensor],
+                            running_var: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Buffers for the updated running statistics (real and fake implementations alike)."""
+    if running_mean is None:
+        empty = input.new_empty((0,), dtype=_accumulation_dtype(input))
+        return empty, torch.empty_like(empty)
+    return running_mean.new_empty(running_mean.shape), running_var.new_empty(running_var.shape)
+
+
+# Torch ops, so that dynamo, AOTAutograd and torch.export see one opaque op with known output shapes
+# (the fake implementations) instead of tracing into Triton launches. Names stay clear of the C++
+# CPU kernels' adanorm::fused_norm and adanorm::native_group_norm. All three are functional:
+# torch.library refuses autograd formulas for ops that mutate their arguments, so the batch op
+# returns the updated running statistics and ``triton_batch_norm`` copies them in place (which
+# torch.compile and torch.export record as buffer mutations, as they do for native batch norm).
+_GROUPED_SCHEMA = ("(Tensor input, SymInt num_groups, Tensor? weight, Tensor? bias, float eps) "
+                   "-> (Tensor, Tensor, Tensor)")
+_BATCH_SCHEMA = ("(Tensor input, Tensor? running_mean, Tensor? running_var, Tensor? weight, Tensor? bias, "
+                 "float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+_BACKWARD_SCHEMA = ("(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor rstd, SymInt? num_groups, "
+                    "bool input_grad) -> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.custom_op("adanorm::triton_grouped_norm", mutates_args=(), schema=_GROUPED_SCHEMA)
+def _grouped_norm_op(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                     eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Group norm of (N, C, *) input: (output in the input's kernel layout, mean (N, G), rstd (N, G))."""
+    _check_grouped(input, num_groups, weight, bias)
+    return _forward(input, weight, bias, num_groups, None, None, 0.0, eps)[:3]
+
+
+@torch.library.custom_op("adanorm::triton_batch_norm", mutates_args=(), schema=_BATCH_SCHEMA)
+def _batch_norm_op(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   weight: Optional[Tensor], bias: Optional[Tensor], momentum: float,
+                   eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Training-mode batch norm: (output, mean (1, C), rstd (1, C), new running mean, new running
+    var); the last two are empty without running statistics, which stay untouched."""
+    _check_batch(input, weight, bias, running_mean, running_var)
+    return _forward(input, weight, bias, None, running_mean, running_var, momentum, eps)
+
+
+@torch.library.custom_op("adanorm::triton_norm_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
+def _norm_backward_op(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                      num_groups: Optional[int], input_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward of both forward ops (``num_groups`` None: batch mode): (grad_input or an empty tensor
+    unless ``input_grad``, grad_weight (C,), grad_bias (C,)), the last two in the accumulation dtype."""
+    return _backward(grad_output, input, weight, mean, rstd, num_groups, input_grad)
+
+
+def _fake_statistics(input: Tensor, num_groups: Optional[int]) -> Tuple[Tensor, Tensor]:
+    shape = (input.shape[0], num_groups) if num_groups is not None else (1, input.shape[1])
+    mean = input.new_empty(shape, dtype=_accumulation_dtype(input))
+    return mean, torch.empty_like(mean)
+
+
+@_grouped_norm_op.register_fake
+def _grouped_norm_fake(input, num_groups, weight, bias, eps):
+    _check_grouped(input, num_groups, weight, bias)
+    return (torch.empty_like(_kernel_layout(input)), *_fake_statistics(input, num_groups))
+
+
+@_batch_norm_op.register_fake
+def _batch_norm_fake(input, running_mean, running_var, weight, bias, momentum, eps):
+    _check_batch(input, weight, bias, running_mean, running_var)
+    return (torch.empty_like(_kernel_layout(input)), *_fake_statistics(input, None),
+            *_new_running_statistics(input, running_mean, running_var))
+
+
+@_norm_backward_op.register_fake
+def _norm_backward_fake(grad_output, input, weight, mean, rstd, num_groups, input_grad):
+    grad_input = torch.empty_like(_kernel_layout(input)) if input_grad else input.new_empty(0)
+    grad_weight = input.new_empty((input.shape[1],), dtype=_accumulation_dtype(input))
+    return grad_input, grad_weight, torch.empty_like(grad_weight)
+
+
+def _setup_context(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: Optional[int],
+                   parameter_indices: Tuple[int, int], output: Tuple[Tensor, ...]) -> None:
+    mean, rstd = output[1:3]
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(input, weight, mean, rstd)
+    ctx.num_groups = num_groups
+    ctx.parameter_indices = parameter_indices  # where weight and bias sit among the op's arguments
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _grouped_setup_context(ctx, inputs, output) -> None:
+    input, num_groups, weight, bias, _ = inputs
+    _setup_context(ctx, input, weight, bias, num_groups, (2, 3), output)
+
+
+def _batch_setup_context(ctx, inputs, output) -> None:
+    input, _, _, weight, bias, _, _ = inputs
+    _setup_context(ctx, input, weight, bias, None, (3, 4), output)
+
+
+def _norm_backward(ctx, grad_output: Tensor, *_statistics_grads: Tensor) -> Tuple[Optional[Tensor], ...]:
+    """Gradients for every argument of either forward op. Once differentiable: the backward op has
+    no derivative of its own, so ``create_graph=True`` through it raises when differentiated again."""
+    input, weight, mean, rstd = ctx.saved_tensors
+    weight_index, bias_index = ctx.parameter_indices
+    need_input = ctx.needs_input_grad[0]
+    grad_input, grad_weight, grad_bias = _norm_backward_op(
+        grad_output, input, weight, mean, rstd, ctx.num_groups, need_input)
+    grads = [None] * len(ctx.needs_input_grad)
+    grads[0] = grad_input if need_input else None
+    if ctx.needs_input_grad[weight_index]:
+        grads[weight_index] = grad_weight.to(ctx.weight_dtype)
+    if ctx.needs_input_grad[bias_index]:
+        grads[bias_index] = grad_bias.to(ctx.bias_dtype)
+    return tuple(grads)
+
+
+_grouped_norm_op.register_autograd(_norm_backward, setup_context=_grouped_setup_context)
+_batch_norm_op.register_autograd(_norm_backward, setup_context=_batch_setup_context)
+
+
+def _channel_parameter(parameter: Optional[Tensor], channels: int) -> Optional[Tensor]:
+    """A per-channel parameter the kernels can index as a dense vector (they never bounds-check it)."""
+    if parameter is None:
+        return None
+    _check_parameters(channels, parameter)
+    return parameter.contiguous()
+
+
+def triton_grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                        eps: float) -> Tensor:
+    """Group norm of (N, C, *) ``input`` as ``F.group_norm``, in the input's memory format
+    (``adanorm::triton_grouped_norm``).
+
+    Instance mode is ``num_groups == C``, layer mode ``num_groups == 1``. Callers check
+    ``triton_available(input)`` first.
+    """
+    channels = input.shape[1]
     weight, bias = _channel_parameter(weight, channels), _channel_parameter(bias, channels)
-    return _TritonNorm.apply(input, weight, bias, num_groups, None, None, 0.0, eps)
+    return _grouped_norm_op(_kernel_layout(input), num_groups, weight, bias, eps)[0]
 
 
 def triton_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                       weight: Optional[Tensor], bias: Optional[Tensor], momentum: float, eps: float) -> Tensor:
-    """Training-mode batch norm (batch statistics) as ``F.batch_norm(..., training=True)``.
+    """Training-mode batch norm (batch statistics) as ``F.batch_norm(..., training=True)``
+    (``adanorm::triton_batch_norm``).
 
     Running statistics, when given, are updated in place with the unbiased batch variance.
     Evaluation with running statistics is a plain affine map, which native kernels already do in one pass.
     """
     channels = input.shape[1]
-    if input.numel() // channels < 2:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(input.shape)}")
     weight, bias = _channel_parameter(weight, channels), _channel_parameter(bias, channels)
-    return _TritonNorm.apply(input, weight, bias, None, running_mean, running_var, momentum, eps)
+    output, _, _, new_running_mean, new_running_var = _batch_norm_op(
+        _kernel_layout(input), running_mean, running_var, weight, bias, momentum, eps)
+    if running_mean is not None:  # buffers outside autograd, as native batch norm's running statistics are
+        running_mean.copy_(new_running_mean)
+        running_var.copy_(new_running_var)
+    return output
