@@ -11,7 +11,8 @@ instance statistics, which are not what eval uses.
 ``update_bn`` takes the same call. Every layer whose eval normalizes with running statistics gets
 them replaced by the exact mean and unbiased variance of all values its input held over the loader
 (Chan's pooled formula in float64, so batch size and count do not matter), with every upstream
-batch-norm layer normalizing with batch statistics as it would in batch-mode training.
+batch-norm layer normalizing with batch statistics as it would in batch-mode training. Synced
+layers (``sync=True``, ``nn.SyncBatchNorm``) pool over every rank's loader (one all_gather each).
 """
 from __future__ import annotations
 
@@ -22,38 +23,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from adanorm.functional.running_stats import Moments, moments
+from adanorm.functional.sync import is_synced, merge_across_ranks
 from adanorm.norm import AdaptiveNorm
 
 ForwardFn = Callable[[nn.Module, Any], Any]
-
-
-class _PooledMoments:
-    """Count, mean and sum of squared deviations per channel, merged batch by batch (Chan et al.)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean: Optional[Tensor] = None
-        self.m2: Optional[Tensor] = None
-
-    def add(self, values: Tensor) -> None:
-        channels_first = values.detach().transpose(0, 1).reshape(values.shape[1], -1).double()
-        count = channels_first.shape[1]
-        if count == 0:
-            return
-        mean = channels_first.mean(1)
-        m2 = (channels_first - mean[:, None]).square().sum(1)
-        if self.mean is None:
-            self.count, self.mean, self.m2 = count, mean, m2
-            return
-        total = self.count + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta.square() * (self.count * count / total)
-        self.count = total
-
-    def variance(self) -> Tensor:
-        """Unbiased, as BatchNorm's running variance."""
-        return self.m2 / max(self.count - 1, 1)
 
 
 def _recalibrated_layers(model: nn.Module) -> List[nn.Module]:
@@ -110,12 +84,19 @@ def update_bn(
     layers = _recalibrated_layers(model)
     if not layers:
         return
-    moments: Dict[nn.Module, _PooledMoments] = {layer: _PooledMoments() for layer in layers}
-    handles = [layer.register_forward_pre_hook(lambda layer, inputs: moments[layer].add(inputs[0])) for layer in layers]
-    policies = {layer: layer.policy for layer in layers if isinstance(layer, AdaptiveNorm)}
-    for layer, policy in policies.items():
-        # Batch statistics from one sample up, as the eval statistics assume of every upstream layer.
+    pooled: Dict[nn.Module, Moments] = {}
+
+    def add_batch(layer: nn.Module, inputs: Any) -> None:
+        batch = moments(inputs[0])
+        pooled[layer] = pooled[layer].merge(batch) if layer in pooled else batch
+
+    handles = [layer.register_forward_pre_hook(add_batch) for layer in layers]
+    settings = {layer: (layer.policy, layer.sync) for layer in layers if isinstance(layer, AdaptiveNorm)}
+    for layer, (policy, _) in settings.items():
+        # Batch statistics from one sample up, as the eval statistics assume of every upstream layer; local
+        # ones (ranks may see different numbers of batches): synced layers pool over the ranks at the end.
         layer.policy = replace(policy, chain=("batch",) + tuple(m for m in policy.chain if m != "batch"), min_batch_size=1)
+        layer.sync = False
     was_training = model.training
     model.train()
     batches = loader
@@ -138,18 +119,26 @@ def update_bn(
     finally:
         for handle in handles:
             handle.remove()
-        for layer, policy in policies.items():
-            layer.policy = policy
+        for layer, (policy, sync) in settings.items():
+            layer.policy, layer.sync = policy, sync
         model.train(was_training)
-    for layer, pooled in moments.items():
-        _write_statistics(layer, pooled, seen)
+    for layer in layers:  # in module order, the same on every rank: synced layers gather in step
+        local = pooled.get(layer) or Moments(0.0, *torch.zeros(2, layer.num_features, dtype=torch.float64))
+        _write_statistics(layer, _across_synced_ranks(layer, local), seen)
 
 
-def _write_statistics(layer: nn.Module, pooled: _PooledMoments, batches: int) -> None:
+def _across_synced_ranks(layer: nn.Module, local: Moments) -> Moments:
+    """A synced layer's statistics cover every rank's data, as its training statistics do."""
+    process_group = getattr(layer, "process_group", None)
+    synced = isinstance(layer, nn.SyncBatchNorm) or getattr(layer, "sync", False)
+    return merge_across_ranks(local, process_group) if synced and is_synced(process_group) else local
+
+
+def _write_statistics(layer: nn.Module, pooled: Moments, batches: int) -> None:
     if pooled.count == 0:
         return
     layer.running_mean.copy_(pooled.mean)
-    layer.running_var.copy_(pooled.variance())
+    layer.running_var.copy_(pooled.m2 / max(pooled.count - 1, 1))  # unbiased, as BatchNorm's running variance
     layer.num_batches_tracked.fill_(batches)
     if isinstance(layer, AdaptiveNorm):
         layer.running_stats_balance.fill_(1.0)  # fresh statistics of the current weights: eval uses them

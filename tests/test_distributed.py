@@ -195,3 +195,21 @@ def test_lightning_ddp_fit_of_the_unet_recipe_with_the_sync_plugin(tmp_path):
         torch.testing.assert_close(ranks[1]["state"][key], value, rtol=0, atol=0, msg=key)
     for left, right in zip(ranks[0]["balance"], ranks[1]["balance"]):
         torch.testing.assert_close(left, right, rtol=0, atol=0)
+
+
+def synced_update_bn(rank, sizes):
+    model = nn.Sequential(nn.Conv3d(6, 6, 1).double(), make_layer(sync=True))
+    torch.nn.init.eye_(model[0].weight.view(6, 6)), torch.nn.init.zeros_(model[0].bias)
+    batches = [local_slice(full_batch(sizes, seed=step)[0], sizes, rank) for step in range(3)]
+    adanorm.update_bn([b for b in batches if len(b)], model)  # a rank may see no data at all
+    return model[1].running_mean, model[1].running_var
+
+
+@pytest.mark.parametrize("sizes", [(2, 2), (0, 4)])
+def test_update_bn_pools_synced_layers_over_every_rank(tmp_path, sizes):
+    results = run_on_two_ranks(tmp_path, synced_update_bn, sizes)
+    everything = torch.cat([full_batch(sizes, seed=step)[0] for step in range(3)])
+    var, mean = torch.var_mean(everything.transpose(0, 1).reshape(6, -1), dim=1, unbiased=True)
+    for rank in range(WORLD):
+        torch.testing.assert_close(results[rank][0], mean)
+        torch.testing.assert_close(results[rank][1], var)

@@ -8,7 +8,7 @@ skipped without a host sync. So a kernel updates a scratch pair with momentum 1 
 the batch mean and unbiased variance exactly as the kernel would blend them) and ``blend`` does the
 rest with tensor operations. Written in TorchScript's subset: the scripted layers use it too.
 """
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -43,3 +43,32 @@ def _lerp(start: Tensor, end: Tensor, factor: Union[float, Tensor]) -> Tensor:
     if isinstance(factor, Tensor):  # TorchScript picks the overload only after this refinement
         return start.lerp(end, factor.to(start.dtype))
     return start.lerp(end, factor)
+
+
+class Moments(NamedTuple):
+    """Per-channel count, mean and sum of squared deviations (M2) of a set of values."""
+
+    count: float
+    mean: Tensor
+    m2: Tensor
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Both sets together (Chan et al.): exact for any counts, including zero, without cancellation."""
+        total = self.count + other.count
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        delta = other.mean - self.mean
+        return Moments(total, self.mean + delta * (other.count / total),
+                       self.m2 + other.m2 + delta.square() * (self.count * other.count / total))
+
+
+def moments(values: Tensor) -> Moments:
+    """Moments of every channel of (N, C, *) ``values`` over N and the spatial dimensions, in float64."""
+    channels_first = values.detach().transpose(0, 1).reshape(values.shape[1], -1).double()
+    count = channels_first.shape[1]
+    if count == 0:
+        return Moments(0.0, channels_first.new_zeros(values.shape[1]), channels_first.new_zeros(values.shape[1]))
+    variance, mean = torch.var_mean(channels_first, dim=1, unbiased=False)
+    return Moments(float(count), mean, variance * count)

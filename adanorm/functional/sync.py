@@ -10,13 +10,13 @@ gradients stay local sums, which DDP then averages. Eval never communicates.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from adanorm.functional.running_stats import blend
+from adanorm.functional.running_stats import Moments, blend, moments
 
 
 class GlobalBatch(NamedTuple):
@@ -35,36 +35,29 @@ def is_synced(process_group: Optional[dist.ProcessGroup]) -> bool:
 
 def gather_batch(input: Tensor, process_group: Optional[dist.ProcessGroup]) -> GlobalBatch:
     """One all_gather of (N, spatial size, count, mean, M2) per rank, merged on every rank."""
-    channels = input.shape[1]
     spatial = 1
     for size in input.shape[2:]:
         spatial *= size
-    values = input.detach().transpose(0, 1).reshape(channels, -1).double()
-    count = values.shape[1]
-    if count:
-        variance, mean = torch.var_mean(values, dim=1, unbiased=False)
-    else:
-        variance, mean = values.new_zeros(channels), values.new_zeros(channels)
-    local = torch.cat([values.new_tensor([input.shape[0], spatial, count]), mean, variance * count])
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
-    dist.all_gather(gathered, local, group=process_group)
-    total, merged_mean, merged_m2 = 0.0, torch.zeros_like(mean), torch.zeros_like(mean)
-    batch, smallest_spatial = 0, None
-    for row in gathered:
-        samples, rank_spatial, rank_count = int(row[0]), int(row[1]), float(row[2])
-        batch += samples
+    rows = gather_rows(moments(input), process_group, [float(input.shape[0]), float(spatial)])
+    merged, batch, smallest_spatial = rows[0][1], 0, None
+    for rank, ((samples, rank_spatial), rank_moments) in enumerate(rows):
+        merged = merged.merge(rank_moments) if rank else merged
+        batch += int(samples)
         if samples:
-            smallest_spatial = rank_spatial if smallest_spatial is None else min(smallest_spatial, rank_spatial)
-        if rank_count == 0:
-            continue
-        rank_mean, rank_m2 = row[3:3 + channels], row[3 + channels:]
-        delta = rank_mean - merged_mean
-        merged_total = total + rank_count
-        merged_mean = merged_mean + delta * (rank_count / merged_total)
-        merged_m2 = merged_m2 + rank_m2 + delta.square() * (total * rank_count / merged_total)
-        total = merged_total
-    shape = (batch, channels, spatial if smallest_spatial is None else smallest_spatial)
-    return GlobalBatch(shape, merged_mean, merged_m2 / max(total, 1.0), int(total))
+            smallest_spatial = int(rank_spatial) if smallest_spatial is None else min(smallest_spatial, int(rank_spatial))
+    shape = (batch, input.shape[1], spatial if smallest_spatial is None else smallest_spatial)
+    return GlobalBatch(shape, merged.mean, merged.m2 / max(merged.count, 1.0), int(merged.count))
+
+
+def gather_rows(local: Moments, process_group: Optional[dist.ProcessGroup], extras: List[float]) -> List[Tuple[List[float], Moments]]:
+    """Every rank's moments (and a few numbers of its own) on every rank, in one all_gather."""
+    channels = local.mean.shape[0]
+    row = torch.cat([local.mean.new_tensor([local.count] + extras), local.mean, local.m2])
+    gathered = [torch.empty_like(row) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(gathered, row, group=process_group)
+    head = 1 + len(extras)
+    return [(row[1:head].tolist(), Moments(float(row[0]), row[head:head + channels], row[head + channels:]))
+            for row in gathered]
 
 
 def synced_batch_norm(
@@ -128,3 +121,12 @@ class _SyncedBatchNorm(torch.autograd.Function):
         grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def merge_across_ranks(local: Moments, process_group: Optional[dist.ProcessGroup]) -> Moments:
+    """The moments of all ranks' values together, on every rank (one all_gather)."""
+    rows = gather_rows(local, process_group, [])
+    merged = rows[0][1]
+    for _, rank_moments in rows[1:]:
+        merged = merged.merge(rank_moments)
+    return merged
