@@ -165,15 +165,14 @@ class AdaptiveNormSync(TorchSyncBatchNorm):
     """
 
     def apply(self, model: Module) -> Module:
-        model = super().apply(model)
-        for module in model.modules():
-            if isinstance(module, AdaptiveNorm):
-                module.sync = True
-        return model
+        return _set_sync(super().apply(model), True)
 
     def revert(self, model: Module) -> Module:
-        model = super().revert(model)
-        for module in model.modules():
-            if isinstance(module, AdaptiveNorm):
-                module.sync = False
-        return model
+        return _set_sync(super().revert(model), False)
+
+
+def _set_sync(model: Module, sync: bool) -> Module:
+    for module in model.modules():
+        if isinstance(module, AdaptiveNorm):
+            module.sync = sync
+    return model
