@@ -125,11 +125,12 @@ def affine_only(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor])
         output = input + bias.view(view)
     else:
         return input
-    if not torch.jit.is_scripting() and not dispatch.capturing() and input.numel() == 0 and input.dim() in (4, 5):
-        # An empty result's layout is only its strides, which broadcasting does not carry over.
-        channels_last = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
-        if input.is_contiguous(memory_format=channels_last):
-            output = output.contiguous(memory_format=channels_last)
+    if not torch.jit.is_scripting():  # (TorchScript compiles nothing in this block)
+        if not dispatch.capturing() and input.numel() == 0 and input.dim() in (4, 5):
+            # An empty result's layout is only its strides, which broadcasting does not carry over.
+            channels_last = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+            if input.is_contiguous(memory_format=channels_last):
+                output = output.contiguous(memory_format=channels_last)
     return output if output.dtype == input.dtype else output.to(input.dtype)
 
 
