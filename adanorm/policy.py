@@ -6,7 +6,7 @@ hot path, and compilers trace them, folding the choice into the graph for the sh
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 MODES: Tuple[str, ...] = ("batch", "instance", "group", "layer", "identity")

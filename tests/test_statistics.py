@@ -12,7 +12,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import adanorm
-from adanorm import FallbackWarning, NonFiniteStatsWarning, Policy
+from adanorm import NonFiniteStatsWarning, Policy
 
 pytestmark = pytest.mark.filterwarnings("ignore::adanorm.FallbackWarning")
 
