@@ -229,6 +229,7 @@ def test_missing_toolchain_warns_and_falls_back(monkeypatch):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpu_fused, "_registered", lambda: False)  # as in a process that has not loaded them yet
     cpu_kernels.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="could not compile its CPU kernels.*pip install ninja"):

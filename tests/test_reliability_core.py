@@ -48,7 +48,7 @@ def test_canary_native_channels_last_group_norm_backward_still_crashes():
     """, timeout=120)
     assert result.returncode != 0, (
         "torch fixed the channels-last group_norm backward segfault: remove adanorm's workaround in "
-        "adanorm/functional/__init__.py (_group_norm), adanorm/functional/cpu_fused.py (native_group_norm) "
+        "adanorm/functional/dispatch.py (_group_norm), adanorm/functional/cpu_fused.py (native_group_norm) "
         "and adanorm/csrc/norm_cpu.cpp (NativeGroupNorm), and this canary")
 
 

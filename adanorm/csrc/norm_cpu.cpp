@@ -26,18 +26,28 @@
 // pass while the sample is still in the last-level cache); batch mode needs every sample before
 // its affine pass. FusedNorm (at the end) wires both directions into autograd; NativeGroupNorm
 // wires PyTorch's own group norm kernels in with a backward that cannot crash.
+//
+// Both are torch operators (TORCH_LIBRARY at the end): adanorm::fused_norm and
+// adanorm::native_group_norm, with CPU, Autograd and (for native_group_norm) Tracer kernels here
+// and fake kernels in adanorm/functional/cpu_fused.py, so that FakeTensor, torch.compile,
+// AOTAutograd, torch.export and torch.jit.trace see one operator with known output shapes. The
+// autograd kernel of fused_norm runs the internal operators _fused_norm_forward/_fused_norm_backward
+// through the dispatcher, so those tools trace its forward and backward as operators too.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
-#include <torch/csrc/jit/frontend/tracer.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -564,10 +574,12 @@ c10::optional<at::Tensor> present(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
+bool requires_grad(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined() && t->requires_grad(); }
+
 // Channels-last when the input is dense in channels_last(_3d) and not also plain contiguous, or a
 // strided view that PyTorch's own kernels lay out channels-last (suggest_memory_format), so the
 // output has the layout native norms give it; anything else is made contiguous (a no-op for
-// convolution outputs).
+// convolution outputs). The fake kernels in cpu_fused.py (_dense_format) mirror this rule.
 std::pair<at::Tensor, bool> dense_layout(const at::Tensor& input) {
   if (input.dim() >= 4 && !input.is_contiguous()) {
     const at::MemoryFormat channels_last = layout_format(input, true);
@@ -575,6 +587,73 @@ std::pair<at::Tensor, bool> dense_layout(const at::Tensor& input) {
     if (input.suggest_memory_format() == channels_last) return {input.contiguous(channels_last), true};
   }
   return {input.contiguous(), false};
+}
+
+// ---- CPU kernels of the operators: real tensors only (they read sizes and data) -------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_norm_forward_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    int64_t groups, double eps, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum) {
+  // Geometry divides by N·C: an empty batch (nothing to normalize) is the callers' to pass through.
+  TORCH_CHECK(input.numel() > 0, "adanorm CPU kernel: input of shape ", input.sizes(), " is empty");
+  const auto [x, channels_last] = dense_layout(input);
+  auto results = norm_forward(x, weight, bias, groups, eps, running_mean, running_var, momentum, channels_last);
+  return {std::move(results[0]), std::move(results[1]), std::move(results[2])};
+}
+
+at::Tensor fused_norm_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias, int64_t groups, double eps,
+                          const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+                          double momentum) {
+  return std::get<0>(fused_norm_forward_cpu(input, weight, bias, groups, eps, running_mean, running_var, momentum));
+}
+
+// (dx, or undefined unless need_input; dγ and dβ as float64) given the forward's saved (N, C) tables.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_norm_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, int64_t groups, bool need_input) {
+  const auto [x, channels_last] = dense_layout(input);
+  const at::Tensor dy = grad_output.contiguous(layout_format(x, channels_last));
+  auto results = norm_backward(dy, x, weight, mean, rstd, groups, channels_last, need_input);
+  return {std::move(results[0]), std::move(results[1]), std::move(results[2])};
+}
+
+// Reached below autograd only (inference mode): there no backward can crash.
+at::Tensor native_group_norm_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                 const c10::optional<at::Tensor>& bias, int64_t groups, double eps) {
+  return at::group_norm(input, groups, weight, bias, eps, false);
+}
+
+// ---- Autograd: the kernels above reached through the dispatcher, so that FakeTensor, AOTAutograd
+// and the tracers see the operators (and their fake kernels) instead of running them. Code above
+// the CPU kernels reads no sizes: under torch.compile they may be symbolic. -------------------------
+
+using OptionalTensor = c10::optional<at::Tensor>;
+using FusedNormSignature = at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&, int64_t, double,
+                                      const OptionalTensor&, const OptionalTensor&, double);
+using FusedNormForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const OptionalTensor&, const OptionalTensor&, int64_t, double, const OptionalTensor&,
+    const OptionalTensor&, double);
+using FusedNormBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&, int64_t, bool);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+const c10::TypedOperatorHandle<FusedNormSignature>& fused_norm_op() {
+  static const auto op = find_op<FusedNormSignature>("adanorm::fused_norm");
+  return op;
+}
+const c10::TypedOperatorHandle<FusedNormForwardSignature>& fused_norm_forward_op() {
+  static const auto op = find_op<FusedNormForwardSignature>("adanorm::_fused_norm_forward");
+  return op;
+}
+const c10::TypedOperatorHandle<FusedNormBackwardSignature>& fused_norm_backward_op() {
+  static const auto op = find_op<FusedNormBackwardSignature>("adanorm::_fused_norm_backward");
+  return op;
 }
 
 // Which of (input, weight, bias) the backward must return: absent optional arguments have no graph
@@ -609,15 +688,18 @@ torch::autograd::variable_list differentiable_gradients(const torch::autograd::v
 // Autograd in C++: the Python-level autograd.Function cost more per call than small layers' kernels.
 struct FusedNorm : public torch::autograd::Function<FusedNorm> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
-                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                            int64_t groups, double eps, const c10::optional<at::Tensor>& running_mean,
-                            const c10::optional<at::Tensor>& running_var, double momentum) {
-    const auto [x, channels_last] = dense_layout(input);
-    auto results = norm_forward(x, weight, bias, groups, eps, running_mean, running_var, momentum, channels_last);
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), results[1], results[2]});
+                            const OptionalTensor& weight, const OptionalTensor& bias, int64_t groups, double eps,
+                            const OptionalTensor& running_mean, const OptionalTensor& running_var, double momentum) {
+    at::Tensor output, mean, rstd;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(output, mean, rstd) =
+          fused_norm_forward_op().call(input, weight, bias, groups, eps, running_mean, running_var, momentum);
+    }
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), mean, rstd});
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["eps"] = eps;
-    return results[0];
+    return output;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -629,13 +711,16 @@ struct FusedNorm : public torch::autograd::Function<FusedNorm> {
     if (at::GradMode::is_enabled()) {
       return differentiable_gradients(saved, need, groups, ctx->saved_data["eps"].toDouble(), grad_outputs[0], 8);
     }
+    at::Tensor grad_input, grad_weight, grad_bias;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(grad_input, grad_weight, grad_bias) =
+          fused_norm_backward_op().call(grad_outputs[0], input, present(weight), saved[3], saved[4], groups, need[0]);
+    }
     torch::autograd::variable_list grads(8);
-    const auto [x, channels_last] = dense_layout(input);
-    const at::Tensor dy = grad_outputs[0].contiguous(layout_format(x, channels_last));
-    auto computed = norm_backward(dy, x, present(weight), saved[3], saved[4], groups, channels_last, need[0]);
-    if (need[0]) grads[0] = computed[0];
-    if (need[1]) grads[1] = computed[1].to(weight.scalar_type());
-    if (need[2]) grads[2] = computed[2].to(bias.scalar_type());
+    if (need[0]) grads[0] = grad_input;
+    if (need[1]) grads[1] = grad_weight.to(weight.scalar_type());
+    if (need[2]) grads[2] = grad_bias.to(bias.scalar_type());
     return grads;
   }
 };
@@ -645,12 +730,13 @@ struct FusedNorm : public torch::autograd::Function<FusedNorm> {
 // asked for γ/β gradients without the input's: a frozen input, or torch.autograd.grad over the
 // parameters only. Computing an unwanted input gradient costs one pass; the native autograd node
 // offers no way around the crash, and a Python-level autograd.Function costs more than small calls.
+// Sizes are symbolic-safe (sym_size): under AOTAutograd this runs on fake tensors.
 struct NativeGroupNorm : public torch::autograd::Function<NativeGroupNorm> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
-                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                            int64_t groups, double eps) {
+                            const OptionalTensor& weight, const OptionalTensor& bias, int64_t groups, double eps) {
     const at::Tensor x = input.contiguous(input.suggest_memory_format());  // as at::group_norm
-    auto [y, mean, rstd] = at::native_group_norm(x, weight, bias, x.size(0), x.size(1), spatial_size(x), groups, eps);
+    auto [y, mean, rstd] =
+        at::native_group_norm_symint(x, weight, bias, x.sym_size(0), x.sym_size(1), spatial_size(x), groups, eps);
     ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), mean, rstd});
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["eps"] = eps;
@@ -667,9 +753,9 @@ struct NativeGroupNorm : public torch::autograd::Function<NativeGroupNorm> {
       return differentiable_gradients(saved, need, groups, ctx->saved_data["eps"].toDouble(), grad_outputs[0], 5);
     }
     const at::Tensor x = input.contiguous(input.suggest_memory_format());
-    auto [dx, dw, db] = at::native_group_norm_backward(grad_outputs[0].contiguous(x.suggest_memory_format()), x,
-                                                       saved[3], saved[4], weight, x.size(0), x.size(1),
-                                                       spatial_size(x), groups, {true, need[1], need[2]});
+    auto [dx, dw, db] = at::native_group_norm_backward_symint(
+        grad_outputs[0].contiguous(x.suggest_memory_format()), x, saved[3], saved[4], weight, x.sym_size(0),
+        x.sym_size(1), spatial_size(x), groups, {true, need[1], need[2]});
     torch::autograd::variable_list grads(5);
     if (need[0]) grads[0] = dx;
     if (need[1]) grads[1] = dw;
@@ -677,43 +763,80 @@ struct NativeGroupNorm : public torch::autograd::Function<NativeGroupNorm> {
     return grads;
   }
 
-  static int64_t spatial_size(const at::Tensor& x) { return c10::multiply_integers(x.sizes().slice(2)); }
+  static c10::SymInt spatial_size(const at::Tensor& x) {
+    c10::SymInt size = 1;
+    for (const c10::SymInt& extent : x.sym_sizes().slice(2)) size = size * extent;
+    return size;
+  }
 };
 
 // The checks live here rather than in Python, where they cost more than a small call's kernels.
-at::Tensor native_group_norm(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                             const c10::optional<at::Tensor>& bias, int64_t groups, double eps) {
-  const auto requires_grad = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); };
+at::Tensor fused_norm_autograd(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                               int64_t groups, double eps, const OptionalTensor& running_mean,
+                               const OptionalTensor& running_var, double momentum) {
+  if (!at::GradMode::is_enabled() || !(input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    // Inference (no_grad, sliding-window prediction): no graph node, nothing saved.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return fused_norm_op().call(input, weight, bias, groups, eps, running_mean, running_var, momentum);
+  }
+  return FusedNorm::apply(input, weight, bias, groups, eps, running_mean, running_var, momentum);
+}
+
+at::Tensor native_group_norm_autograd(const at::Tensor& input, const OptionalTensor& weight,
+                                      const OptionalTensor& bias, int64_t groups, double eps) {
   if (!at::GradMode::is_enabled() || !(requires_grad(weight) || requires_grad(bias)) ||
-      torch::jit::tracer::isTracing() || at::autocast::is_autocast_enabled(at::kCPU)) {
-    // No parameter gradient for the crashing kernel to compute; or a tracer, or autocast's dtype
-    // policy, that must see the native op itself.
+      at::autocast::is_autocast_enabled(at::kCPU)) {
+    // No parameter gradient for the crashing kernel to compute; or autocast's dtype policy, which
+    // must see the native op itself.
     return at::group_norm(input, groups, weight, bias, eps, false);
   }
   return NativeGroupNorm::apply(input, weight, bias, groups, eps);
 }
 
-at::Tensor fused_norm(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                      const c10::optional<at::Tensor>& bias, int64_t groups, double eps,
-                      const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
-                      double momentum) {
-  // Geometry divides by N·C: an empty batch (nothing to normalize) is the callers' to pass through.
-  TORCH_CHECK(input.numel() > 0, "adanorm CPU kernel: input of shape ", input.sizes(), " is empty");
-  const auto requires_grad = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); };
-  if (!at::GradMode::is_enabled() || !(input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
-    // Inference (no_grad, sliding-window prediction): no graph node, nothing saved.
-    const auto [x, channels_last] = dense_layout(input);
-    return norm_forward(x, weight, bias, groups, eps, running_mean, running_var, momentum, channels_last)[0];
-  }
-  return FusedNorm::apply(input, weight, bias, groups, eps, running_mean, running_var, momentum);
+// While torch.jit.trace (or ONNX export) records: the native op, which every runtime of a traced
+// graph knows, instead of adanorm's.
+at::Tensor native_group_norm_traced(const at::Tensor& input, const OptionalTensor& weight,
+                                    const OptionalTensor& bias, int64_t groups, double eps) {
+  return at::group_norm(input, groups, weight, bias, eps, false);
 }
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fused_norm", &fused_norm,
-        "normalize with the input's own statistics: per (sample, group), or per channel over the batch for "
-        "groups=0 (updating running statistics when given); differentiable, output in the input's layout");
-  m.def("native_group_norm", &native_group_norm,
-        "torch.group_norm with a backward that always computes the input gradient (see NativeGroupNorm)");
+// The operators. Running statistics are mutated inputs (a!, b!): batch mode (groups = 0) blends
+// the batch's statistics into them in place. Fake kernels (shapes and layouts only) are registered
+// from Python by the module named here, which FakeTensor imports when it meets an operator first.
+TORCH_LIBRARY(adanorm, m) {
+  m.set_python_module("adanorm.functional.cpu_fused");
+  m.def(
+      "fused_norm(Tensor input, Tensor? weight, Tensor? bias, int groups, float eps, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def("native_group_norm(Tensor input, Tensor? weight, Tensor? bias, int groups, float eps) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // What the autograd kernel of fused_norm runs: the forward also returns the (N, C) float64 mean
+  // and rstd tables it saves; the backward returns (dx or None, dγ, dβ), dγ and dβ in float64.
+  m.def(
+      "_fused_norm_forward(Tensor input, Tensor? weight, Tensor? bias, int groups, float eps, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "_fused_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor rstd, int groups, "
+      "bool need_input) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(adanorm, CPU, m) {
+  m.impl("fused_norm", fused_norm_cpu);
+  m.impl("native_group_norm", native_group_norm_cpu);
+  m.impl("_fused_norm_forward", fused_norm_forward_cpu);
+  m.impl("_fused_norm_backward", fused_norm_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(adanorm, Autograd, m) {
+  m.impl("fused_norm", fused_norm_autograd);
+  m.impl("native_group_norm", native_group_norm_autograd);
+}
+
+TORCH_LIBRARY_IMPL(adanorm, Tracer, m) {
+  m.impl("native_group_norm", native_group_norm_traced);
 }

@@ -12,14 +12,27 @@ same three steps, mirroring the Triton backend:
 3. one read+write pass: ``y = scale·x + shift`` in the input's own layout.
 
 Backward is the same shape: Σdy and Σdy·(x−μ) in one pass, then dx = A·dy + B·x + C in one pass.
-Autograd is wired in C++ too, so a call costs a few microseconds beyond its two passes.
+
+The kernels are torch operators, registered in C++ (``TORCH_LIBRARY(adanorm, ...)``):
+``torch.ops.adanorm.fused_norm`` and ``torch.ops.adanorm.native_group_norm``, with CPU and autograd
+kernels in C++ (a call costs a few microseconds beyond its two passes) and fake kernels here
+(shapes and layouts only), so that torch.compile, AOTAutograd, torch.export and torch.jit.trace
+see one operator instead of an opaque call. ``_fused_norm_forward`` / ``_fused_norm_backward`` are
+what the autograd kernel of ``fused_norm`` runs (they also carry the saved statistics).
 
 The source compiles once per machine and torch version on first use (``torch.utils.cpp_extension``,
 about a minute, cached under ``TORCH_EXTENSIONS_DIR``; ``python -m adanorm.build`` does it ahead of
-time). Without a compiler, or with ``ADANORM_CPU_KERNEL=0``, callers keep the native kernels.
+time); ``cpu_kernels()`` builds and loads it, which registers the operators. Without a compiler, or
+with ``ADANORM_CPU_KERNEL=0``, callers keep the native kernels.
 
 The extension also wires native group norm into autograd with a backward that cannot crash
-(``native_group_norm``; see ``adanorm.functional._group_norm``).
+(``native_group_norm``; see ``adanorm.functional.dispatch._group_norm``).
+
+The Python wrappers below are for eager calls: dynamo cannot trace ``cpu_kernels()`` (it builds),
+so captured code calls ``torch.ops.adanorm.fused_norm`` / ``native_group_norm`` directly (arguments
+in schema order: input, weight, bias, groups, eps[, running_mean, running_var, momentum]). Through
+``torch.ops`` a call costs about 2-4 µs more than the previous pybind11 binding did (Python
+arguments converted against the schema); the dispatcher itself adds well under a microsecond.
 """
 from __future__ import annotations
 
@@ -35,6 +48,7 @@ from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 from adanorm.functional.layout import is_channels_last
 
@@ -76,9 +90,17 @@ class BuildWaitExpired(Exception):
 @lru_cache(maxsize=None)
 def cpu_kernels() -> Optional[ModuleType]:
     """The compiled kernels, or None (disabled, no toolchain, or another process's build did not end
-    in time: a warning says what to do)."""
+    in time: a warning says what to do). Their ``fused_norm`` and ``native_group_norm`` are the
+    operators ``torch.ops.adanorm.fused_norm.default`` and ``torch.ops.adanorm.native_group_norm.default``
+    (``__file__``: the shared library), which this call registers by loading the library."""
+    global _library
     if os.environ.get("ADANORM_CPU_KERNEL", "1") == "0":
         return None
+    if _registered():
+        # Loaded earlier in this process (before a cache_clear, or by torch.ops.load_library): loading
+        # again, after a rebuild or from another directory, would register the operators a second
+        # time, which aborts the process.
+        return _kernels_module()
     from torch.utils import cpp_extension
 
     try:
@@ -87,8 +109,10 @@ def cpu_kernels() -> Optional[ModuleType]:
             print("adanorm: compiling its CPU kernels (once per machine and torch version, about a minute)...",
                   file=sys.stderr, flush=True)
         with _build_lock(build_directory):
-            return cpp_extension.load(name=_EXTENSION, sources=[str(_SOURCE)], build_directory=str(build_directory),
-                                      extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS], verbose=False)
+            # A plain library, not a Python module: loading it registers the operators.
+            _library = cpp_extension.load(name=_EXTENSION, sources=[str(_SOURCE)], build_directory=str(build_directory),
+                                          extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS], is_python_module=False,
+                                          verbose=False)
     except BuildWaitExpired as expired:
         warnings.warn(str(expired), RuntimeWarning, stacklevel=3)
         return None
@@ -101,6 +125,75 @@ def cpu_kernels() -> Optional[ModuleType]:
             stacklevel=3,
         )
         return None
+    return _kernels_module()
+
+
+_library: Optional[str] = None  # the shared library cpu_kernels() loaded
+
+
+def _registered() -> bool:
+    """Whether the adanorm operators are registered in this process."""
+    return bool(torch._C._jit_get_schemas_for_operator("adanorm::fused_norm"))
+
+
+def _kernels_module() -> ModuleType:
+    """The registered operators as the module ``cpu_kernels()`` returns (fake kernels registered)."""
+    _register_fake_kernels()
+    kernels = ModuleType("adanorm._cpu_kernels", "adanorm's compiled CPU kernels: torch.ops.adanorm operators")
+    kernels.__file__ = _library or next(
+        (path for path in sorted(torch.ops.loaded_libraries) if Path(path).name == f"{_EXTENSION}.so"), None)
+    kernels.fused_norm = torch.ops.adanorm.fused_norm.default
+    kernels.native_group_norm = torch.ops.adanorm.native_group_norm.default
+    return kernels
+
+
+def _dense_format(input: Tensor) -> torch.memory_format:
+    """The layout the compiled kernels give their output (``dense_layout`` in norm_cpu.cpp): channels-last
+    for input dense in channels_last(_3d) and not also contiguous, or a strided view that native
+    kernels lay out channels-last; else contiguous."""
+    if input.dim() in (4, 5) and not input.is_contiguous():
+        channels_last = torch.channels_last_3d if input.dim() == 5 else torch.channels_last
+        if input.is_contiguous(memory_format=channels_last) or suggest_memory_format(input) == channels_last:
+            return channels_last
+    return torch.contiguous_format
+
+
+# Fake kernels: output shapes, dtypes and layouts without running the kernels (FakeTensor, dynamo,
+# AOTAutograd, torch.export). Arguments are those of the operators' schemas in norm_cpu.cpp.
+def _fake_fused_norm(input, weight, bias, groups, eps, running_mean, running_var, momentum):
+    return torch.empty_like(input, memory_format=_dense_format(input))
+
+
+def _fake_fused_norm_forward(input, weight, bias, groups, eps, running_mean, running_var, momentum):
+    mean = input.new_empty((input.shape[0], input.shape[1]), dtype=torch.float64)  # (N, C) tables
+    return _fake_fused_norm(input, weight, bias, groups, eps, running_mean, running_var, momentum), mean, \
+        torch.empty_like(mean)
+
+
+def _fake_fused_norm_backward(grad_output, input, weight, mean, rstd, groups, need_input):
+    grad_input = torch.empty_like(input, memory_format=_dense_format(input)) if need_input else None
+    grad_weight = input.new_empty((input.shape[1],), dtype=torch.float64)
+    return grad_input, grad_weight, torch.empty_like(grad_weight)
+
+
+def _fake_native_group_norm(input, weight, bias, groups, eps):
+    return torch.empty_like(input, memory_format=suggest_memory_format(input))  # as at::group_norm lays it out
+
+
+_FAKE_KERNELS = {
+    "adanorm::fused_norm": _fake_fused_norm,
+    "adanorm::_fused_norm_forward": _fake_fused_norm_forward,
+    "adanorm::_fused_norm_backward": _fake_fused_norm_backward,
+    "adanorm::native_group_norm": _fake_native_group_norm,
+}
+
+
+def _register_fake_kernels() -> None:
+    """Register the fake kernels once the operators exist, once per process (the C++ library names
+    this module in ``set_python_module``, so FakeTensor imports it when it first meets them)."""
+    for name, fake in _FAKE_KERNELS.items():
+        if not torch._library.simple_registry.singleton.find(name).fake_impl.kernels:
+            torch.library.register_fake(name, fake)
 
 
 @contextmanager
@@ -212,5 +305,9 @@ def native_group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], 
                       eps: float) -> Tensor:
     """``torch.group_norm`` (its kernels and numbers) with a backward that always computes the input
     gradient, so that torch 2.13's channels-last backward cannot crash. Call only where
-    ``cpu_kernels()`` built, outside ``torch.compile`` (dynamo cannot trace into the extension)."""
+    ``cpu_kernels()`` built; under ``torch.compile`` call ``torch.ops.adanorm.native_group_norm``."""
     return cpu_kernels().native_group_norm(input, weight, bias, num_groups, eps)
+
+
+if _registered():
+    _register_fake_kernels()  # the library was loaded before this module (a reload, or FakeTensor importing it)
