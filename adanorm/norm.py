@@ -94,6 +94,7 @@ class AdaptiveNorm(_NormBase):
         self.mode_counts: Dict[str, int] = dict.fromkeys(MODES, 0)
         self._warned_fallback = False
         self._warned_nonfinite = 0
+        self._nonfinite_skips_version = 0
         self._native_spec: Optional[Tuple[type, Dict[str, Any]]] = None  # set by adanorm.convert, read by revert
         if self.track_running_stats:
             # Non-persistent buffers: the state dict keeps BatchNorm's keys, yet every copy of the
@@ -163,12 +164,17 @@ class AdaptiveNorm(_NormBase):
         other regime. So a smaller last batch per epoch does not switch a batch-trained layer's eval
         to per-sample statistics, while fine-tuning that really moved to a per-sample mode does.
         """
-        step = (1.0 - BALANCE_DECAY) * (1.0 if updated_running_stats else -1.0)
-        self.running_stats_balance.mul_(BALANCE_DECAY).add_(step)
+        balance = self.running_stats_balance
+        target = 1.0 if updated_running_stats else -1.0
+        if torch.compiler.is_compiling():
+            balance.mul_(BALANCE_DECAY).add_((1.0 - BALANCE_DECAY) * target)  # fused by the compiler
+        else:  # one op instead of two (each costs a few µs, as much as a small layer's kernel)
+            balance.lerp_(_balance_target(target, balance.device, balance.dtype), 1.0 - BALANCE_DECAY)
 
     def _warn_nonfinite_skips(self) -> None:
         if self.nonfinite_skips is None or torch.compiler.is_compiling():
             return
+        self._nonfinite_skips_version = self.nonfinite_skips._version
         skips = int(self.nonfinite_skips.item())
         if skips > self._warned_nonfinite:
             if not self._warned_nonfinite:
@@ -282,8 +288,11 @@ class AdaptiveNorm(_NormBase):
             num_groups=self.num_groups,
             nonfinite_skips=self.nonfinite_skips if guard else None,
         )
-        if guard and not self._warned_nonfinite and input.is_cpu:
-            self._warn_nonfinite_skips()  # free to read on the CPU; on GPUs it waits for train()/eval(), to avoid a sync per step
+        if guard and input.is_cpu and not torch.compiler.is_compiling() and \
+                self.nonfinite_skips._version != self._nonfinite_skips_version:
+            # Read only after the counter was written (the compiled CPU blend writes it only on a skip);
+            # on GPUs the check waits for train()/eval(), to avoid a sync per step.
+            self._warn_nonfinite_skips()
         return output
 
     def _update_factor(self, batch_size: int, count_step: bool) -> Union[float, Tensor]:
@@ -312,6 +321,11 @@ class AdaptiveNorm(_NormBase):
             f"{super().extra_repr()}, mode={self.mode}, num_groups={self.num_groups}, "
             f"preset={self.momentum_preset.name}{', sync=True' if self.sync else ''}"
         )
+
+
+@lru_cache(maxsize=None)
+def _balance_target(target: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.tensor(target, device=device, dtype=dtype)
 
 
 def _resolve_momentum(name: str, momentum: Optional[float], preset: Optional[str]) -> MomentumPreset:

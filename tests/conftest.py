@@ -27,8 +27,6 @@ def cpu_backend(request, monkeypatch):
         monkeypatch.setattr(cpu_fused, "cpu_kernels", lambda: None)
     else:
         assert cpu_fused.cpu_kernels() is not None, "the fused CPU kernels did not compile (see the warning)"
-        monkeypatch.setattr(cpu_fused, "MIN_NUMEL_BATCH", 0)
-        monkeypatch.setattr(cpu_fused, "MIN_NUMEL_PER_SAMPLE_CHANNELS_LAST", 0)
-        monkeypatch.setattr(cpu_fused, "MIN_NUMEL_PER_SAMPLE_CONTIGUOUS", 0)
-        monkeypatch.setattr(cpu_fused, "MIN_NUMEL_PER_SAMPLE_FEW_GROUPS", 0)
+        for threshold in (name for name in dir(cpu_fused) if name.startswith("MIN_NUMEL_")):
+            monkeypatch.setattr(cpu_fused, threshold, 0)
     return request.param

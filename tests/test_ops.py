@@ -112,6 +112,59 @@ def test_opcheck_internal_operators(layout):
                               (dy, x, weight, mean, rstd, 2, need_input), test_utils=OPCHECK_TESTS)
 
 
+BLEND_CASES = [  # (dtype, factor: a float or a 0-dim tensor, batch statistics hold NaN/Inf)
+    (torch.float32, 0.1, False), (torch.float64, 0.3, False), (torch.bfloat16, 0.1, False),
+    (torch.float16, 0.7, False), (torch.float32, "tensor", False), (torch.float32, 0.1, "nan"),
+    (torch.float64, "tensor", "inf"), (torch.bfloat16, 0.1, "inf"),
+]
+
+
+@pytest.mark.parametrize("dtype,factor,nonfinite", BLEND_CASES, ids=str)
+@pytest.mark.parametrize("guard", [True, False], ids=["guard", "no-guard"])
+def test_blend_operator_equals_the_tensor_operations(dtype, factor, nonfinite, guard):
+    """``adanorm::blend_running_stats`` (what eager CPU layers run) against ``running_stats.blend``
+    (what compiled, scripted and CUDA layers run): same running statistics and counter, bit for bit
+    in float64, to one rounding in the low-precision dtypes; a non-finite step is skipped and counted
+    only with the guard, else it propagates as in native BatchNorm."""
+    from adanorm.functional.running_stats import blend
+
+    generator = torch.Generator().manual_seed(3)
+    channels = 37
+    running = [torch.randn(channels, generator=generator, dtype=torch.float64).to(dtype),
+               (torch.rand(channels, generator=generator, dtype=torch.float64) + 0.5).to(dtype)]
+    batch = [torch.randn(channels, generator=generator, dtype=torch.float64).to(dtype),
+             (torch.rand(channels, generator=generator, dtype=torch.float64) * 3).to(dtype)]
+    if nonfinite:
+        batch[1][5] = float("nan") if nonfinite == "nan" else float("inf")
+    factor = torch.tensor(0.25, dtype=torch.float64) if factor == "tensor" else factor
+    expected = [t.clone() for t in running]
+    expected_skips = torch.zeros((), dtype=torch.long) if guard else None
+    blend(*expected, *batch, factor, expected_skips)
+    actual = [t.clone() for t in running]
+    actual_skips = torch.zeros((), dtype=torch.long) if guard else None
+    cpu_fused.blend_running_stats(*actual, *batch, factor, actual_skips)
+    tolerance = {} if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2) if dtype != torch.float32 else \
+        dict(rtol=1e-6, atol=1e-7)
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want, equal_nan=True, **(tolerance or dict(rtol=0, atol=0)))
+    if guard:
+        assert int(actual_skips) == int(expected_skips) == (1 if nonfinite else 0)
+        if nonfinite:
+            assert all(torch.equal(got, start) for got, start in zip(actual, running))
+    elif nonfinite:
+        assert not torch.isfinite(actual[1]).all()
+
+
+def test_opcheck_blend_operator():
+    running = (torch.zeros(4), torch.ones(4))
+    batch = (torch.randn(4), torch.rand(4))
+    for factor, tensor_factor, skips in ((0.1, None, torch.zeros((), dtype=torch.long)),
+                                         (0.0, torch.tensor(0.5), None)):
+        torch.library.opcheck(torch.ops.adanorm.blend_running_stats.default,
+                              (*[t.clone() for t in running], *batch, factor, tensor_factor, skips),
+                              test_utils=["test_schema", "test_faketensor"])
+
+
 def _strided_channels_last_view():
     return _input((2, 6, 4, 4, 8))[..., ::2]  # native kernels lay it out channels-last
 

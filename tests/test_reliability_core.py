@@ -84,8 +84,7 @@ _FROZEN_INPUT_SCRIPT = """
 
     cpu_kernels = cpu_fused.cpu_kernels
     assert cpu_kernels() is not None, "the compiled kernels did not build"
-    thresholds = {name: getattr(cpu_fused, name) for name in ("MIN_NUMEL_BATCH", "MIN_NUMEL_PER_SAMPLE_CHANNELS_LAST",
-                                                             "MIN_NUMEL_PER_SAMPLE_CONTIGUOUS", "MIN_NUMEL_PER_SAMPLE_FEW_GROUPS")}
+    thresholds = {name: getattr(cpu_fused, name) for name in dir(cpu_fused) if name.startswith("MIN_NUMEL_")}
     for backend in ("native", "compiled", "fused"):
         use(backend)
         for shape in [(2, 8, 2, 2, 2), (1, 64, 4, 4, 4), (2, 64, 1, 2, 1), (2, 8, 2, 2), (1, 64, 4, 4), (2, 16, 1, 3)]:

@@ -39,6 +39,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/native/Lerp.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -800,6 +801,42 @@ at::Tensor native_group_norm_traced(const at::Tensor& input, const OptionalTenso
   return at::group_norm(input, groups, weight, bias, eps, false);
 }
 
+// running ← lerp(running, batch, factor) per channel, in place, as torch.lerp computes it. With a
+// nonfinite_skips counter, a step whose batch statistics hold NaN or Inf leaves the running
+// statistics as they were and adds one to the counter. One call instead of the dozen tensor ops of
+// running_stats.blend, each of which costs more than a small layer's kernel on the CPU.
+void blend_running_stats_cpu(const at::Tensor& running_mean, const at::Tensor& running_var,
+                             const at::Tensor& batch_mean, const at::Tensor& batch_var, double momentum,
+                             const OptionalTensor& momentum_tensor, const OptionalTensor& nonfinite_skips) {
+  for (const at::Tensor* t : {&running_mean, &running_var, &batch_mean, &batch_var}) {
+    TORCH_CHECK(t->is_contiguous() && t->numel() == running_mean.numel() && t->scalar_type() == running_mean.scalar_type(),
+                "adanorm::blend_running_stats: statistics must be contiguous, of one size and dtype");
+  }
+  const double factor = momentum_tensor.has_value() ? momentum_tensor->item<double>() : momentum;
+  const int64_t channels = running_mean.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "blend_running_stats", [&] {
+    const scalar_t *mean = batch_mean.const_data_ptr<scalar_t>(), *var = batch_var.const_data_ptr<scalar_t>();
+    if (nonfinite_skips.has_value()) {
+      for (int64_t c = 0; c < channels; ++c) {
+        if (!std::isfinite(to_acc(mean[c])) || !std::isfinite(to_acc(var[c]))) {
+          nonfinite_skips->add_(1);
+          return;
+        }
+      }
+    }
+    // Written in place below autograd: bump the version counters as an in-place ATen op would
+    // (the layers' eval rule and autograd's saved-tensor checks read them).
+    running_mean.unsafeGetTensorImpl()->bump_version();
+    running_var.unsafeGetTensorImpl()->bump_version();
+    scalar_t *running_mean_data = running_mean.data_ptr<scalar_t>(), *running_var_data = running_var.data_ptr<scalar_t>();
+    const auto weight = static_cast<at::opmath_type<scalar_t>>(factor);
+    for (int64_t c = 0; c < channels; ++c) {
+      running_mean_data[c] = at::native::lerp(running_mean_data[c], mean[c], weight);
+      running_var_data[c] = at::native::lerp(running_var_data[c], var[c], weight);
+    }
+  });
+}
+
 }  // namespace
 
 // The operators. Running statistics are mutated inputs (a!, b!): batch mode (groups = 0) blends
@@ -823,9 +860,14 @@ TORCH_LIBRARY(adanorm, m) {
       "_fused_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor rstd, int groups, "
       "bool need_input) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  m.def(
+      "blend_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor batch_mean, Tensor batch_var, "
+      "float momentum, Tensor? momentum_tensor, Tensor(c!)? nonfinite_skips) -> ()",
+      {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(adanorm, CPU, m) {
+  m.impl("blend_running_stats", blend_running_stats_cpu);
   m.impl("fused_norm", fused_norm_cpu);
   m.impl("native_group_norm", native_group_norm_cpu);
   m.impl("_fused_norm_forward", fused_norm_forward_cpu);

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from adanorm.functional import dispatch
-from adanorm.functional.running_stats import blend, scratch_statistics
+from adanorm.functional.running_stats import scratch_statistics
 
 
 def adaptive_norm(
@@ -59,7 +59,8 @@ def adaptive_norm(
             return kernel(input, weight, bias, None, None, 0.0, eps)
         batch_mean, batch_var = scratch_statistics(running_mean, running_var)
         output = kernel(input, weight, bias, batch_mean, batch_var, 1.0, eps)  # scratch := batch statistics
-        blend(running_mean, running_var, batch_mean, batch_var, momentum, nonfinite_skips)
+        dispatch.blend_kernel(running_mean, running_var)(running_mean, running_var, batch_mean, batch_var, momentum,
+                                                        nonfinite_skips)
         return output
     return grouped_norm(input, groups_for_mode(mode, input.shape[1], num_groups), weight, bias, eps)
 
@@ -84,7 +85,8 @@ def _instance_norm_with_running_stats(input: Tensor, weight: Optional[Tensor], b
     _require_several_values(_spatial_size(input), input, "instance", "the patch size")
     batch_mean, batch_var = scratch_statistics(running_mean, running_var)
     output = torch.instance_norm(input, weight, bias, batch_mean, batch_var, True, 1.0, eps, torch.backends.cudnn.enabled)
-    blend(running_mean, running_var, batch_mean, batch_var, momentum, nonfinite_skips)
+    dispatch.blend_kernel(running_mean, running_var)(running_mean, running_var, batch_mean, batch_var, momentum,
+                                                    nonfinite_skips)
     return output
 
 

@@ -12,17 +12,21 @@ Kernels, in order of preference:
 * otherwise native group norm, kept away from torch 2.13's crashing CPU backward (``_group_norm``,
   and ``_captured_group_norm`` where only native ops may run).
 
+Running statistics are blended (``blend_kernel``) by one compiled operator on the CPU in eager
+mode, by tensor operations elsewhere.
+
 Each size rule lives with its kernel (measured thresholds in ``cpu_fused``, ``triton_norm``); the
 order of the rules, and every environment switch, are read here.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from adanorm.functional import cpu_fused
+from adanorm.functional.running_stats import blend
 from adanorm.functional.instance_channels_last import channels_last_instance_norm
 from adanorm.functional.layout import is_channels_last, native_memory_format
 
@@ -31,12 +35,17 @@ BatchKernel = Callable[[Tensor, Optional[Tensor], Optional[Tensor], Optional[Ten
 running ones in place (``momentum`` as in ``F.batch_norm``) when they are given."""
 GroupedKernel = Callable[[Tensor, int, Optional[Tensor], Optional[Tensor], float], Tensor]
 """``kernel(input, num_groups, weight, bias, eps)``: statistics per (sample, group)."""
+BlendKernel = Callable[[Tensor, Tensor, Tensor, Tensor, Union[float, Tensor], Optional[Tensor]], None]
+"""``kernel(running_mean, running_var, batch_mean, batch_var, factor, nonfinite_skips)``: ``running_stats.blend``."""
 
 
 def capturing() -> bool:
-    """Whether a compiler, tracer or exporter is recording this call (then only native ops may run)."""
-    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export())
+    """Whether a compiler, tracer or exporter is recording this call (then only native ops may run).
+
+    ONNX export needs no check of its own: the legacy exporter records with ``torch.jit.trace`` and
+    the dynamo exporter with ``torch.export``. (``torch.onnx.is_in_onnx_export`` costs 2.5 µs a call,
+    which this function, called on every forward, must not.)"""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def batch_kernel(input: Tensor) -> BatchKernel:
@@ -67,6 +76,15 @@ def grouped_kernel(input: Tensor, num_groups: int) -> GroupedKernel:
     if instance and input.is_cpu and is_channels_last(input):
         return _channels_last_instance_norm
     return _group_norm
+
+
+def blend_kernel(running_mean: Tensor, running_var: Tensor) -> BlendKernel:
+    """How batch statistics are blended into running ones: on the CPU in eager mode one compiled
+    operator; elsewhere tensor operations, which compilers fuse and GPUs run without a host sync."""
+    if (not capturing() and running_mean.is_cpu and running_mean.is_contiguous() and running_var.is_contiguous()
+            and cpu_fused.cpu_kernels() is not None):
+        return cpu_fused.blend_running_stats
+    return blend
 
 
 def _triton_batch_norm(input, weight, bias, running_mean, running_var, momentum, eps):
