@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from adanorm.functional import adaptive_norm
+from adanorm.functional.dispatch import capturing
 from adanorm.functional.sync import gather_batch, is_synced, synced_batch_norm
 from adanorm.policy import (
     MODES,
@@ -166,8 +167,8 @@ class AdaptiveNorm(_NormBase):
         """
         balance = self.running_stats_balance
         target = 1.0 if updated_running_stats else -1.0
-        if torch.compiler.is_compiling():
-            balance.mul_(BALANCE_DECAY).add_((1.0 - BALANCE_DECAY) * target)  # fused by the compiler
+        if capturing():  # no cached constant in a graph: the tracer would record its first creation
+            balance.mul_(BALANCE_DECAY).add_((1.0 - BALANCE_DECAY) * target)
         else:  # one op instead of two (each costs a few µs, as much as a small layer's kernel)
             balance.lerp_(_balance_target(target, balance.device, balance.dtype), 1.0 - BALANCE_DECAY)
 
