@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from adanorm.functional import adaptive_norm
 from adanorm.functional.dispatch import capturing
+from adanorm.functional.renorm import RenormLimits, renorm_factors, renormalize
 from adanorm.functional.sync import gather_batch, is_synced, synced_batch_norm
 from adanorm.policy import (
     MODES,
@@ -50,6 +51,11 @@ class AdaptiveNorm(_NormBase):
 
     Accepts (N, C, *) input; the 1d/2d/3d subclasses add the input-rank check of the BatchNorm
     class they replace. See the README for the fallback table and the eval rule.
+
+    ``renorm=True`` trains batch-mode steps with Batch Renormalization (``functional.renorm``),
+    pulling them toward the running statistics eval will use, within ``renorm_r_max`` and
+    ``renorm_d_max`` reached after ``renorm_warmup_steps`` steps of ``num_batches_tracked``. It needs
+    running statistics to pull toward: without them (``track_running_stats=False``) batch mode is plain.
     """
 
     _input_ranks: Tuple[int, ...] = ()
@@ -72,6 +78,10 @@ class AdaptiveNorm(_NormBase):
         policy: Optional[Policy] = None,
         sync: bool = False,
         process_group: Optional[Any] = None,
+        renorm: bool = False,
+        renorm_r_max: float = RenormLimits.r_max,
+        renorm_d_max: float = RenormLimits.d_max,
+        renorm_warmup_steps: int = RenormLimits.warmup_steps,
     ) -> None:
         name = type(self).__name__
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
@@ -91,6 +101,7 @@ class AdaptiveNorm(_NormBase):
         self.policy = policy if policy is not None else Policy()
         self.sync = sync
         self.process_group = process_group
+        self.renorm_limits = _resolve_renorm(name, renorm, renorm_r_max, renorm_d_max, renorm_warmup_steps)
         self.last_mode: Optional[str] = None
         self.mode_counts: Dict[str, int] = dict.fromkeys(MODES, 0)
         self._warned_fallback = False
@@ -257,13 +268,15 @@ class AdaptiveNorm(_NormBase):
         if not torch.compiler.is_compiling():  # telemetry stays out of graphs: no guards on counters, no breaks
             self.__dict__["last_mode"] = mode  # plain attribute write: skips nn.Module.__setattr__ on the hot path
             self.mode_counts[mode] += 1
-        factor = 0.0
+        factor, renorm = 0.0, None
         if self.training:
             use_buffers = self.track_running_stats and (
                 mode == "batch" or (mode == "instance" and self.policy.instance_running_stats))
             if self.track_running_stats and self.running_mean is not None:
                 self._record_training_step(use_buffers)
             if use_buffers:
+                if mode == "batch" and self.renorm_limits is not None:  # the limits after the steps learned so far
+                    renorm = self.renorm_limits.at(self._state("num_batches_tracked"))
                 factor = self._update_factor(input.shape[0], count_step=mode == "batch")
         elif self.mode == "auto":
             use_buffers = mode == "batch" and self._eval_rule
@@ -272,10 +285,13 @@ class AdaptiveNorm(_NormBase):
                 mode == "batch" or (mode == "instance" and self.policy.instance_running_stats))
         guard = use_buffers and self.training and self.policy.skip_nonfinite
         if global_batch is not None and mode == "batch":
-            return synced_batch_norm(
+            factors = None if renorm is None else renorm_factors(  # before the update, as adaptive_norm does
+                global_batch.mean, global_batch.variance, self._state("running_mean"), self._state("running_var"), renorm, self.eps)
+            output = synced_batch_norm(
                 input, global_batch, self._state("weight"), self._state("bias"),
                 self._state("running_mean") if use_buffers else None, self._state("running_var") if use_buffers else None,
                 factor, self.eps, self.nonfinite_skips if guard else None, self.process_group)
+            return output if factors is None else renormalize(output, factors, self._state("weight"), self._state("bias"))
         output = adaptive_norm(
             input,
             mode,
@@ -288,6 +304,7 @@ class AdaptiveNorm(_NormBase):
             eps=self.eps,
             num_groups=self.num_groups,
             nonfinite_skips=self.nonfinite_skips if guard else None,
+            renorm=renorm,
         )
         if guard and input.is_cpu and not torch.compiler.is_compiling() and \
                 self.nonfinite_skips._version != self._nonfinite_skips_version:
@@ -320,13 +337,33 @@ class AdaptiveNorm(_NormBase):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, mode={self.mode}, num_groups={self.num_groups}, "
-            f"preset={self.momentum_preset.name}{', sync=True' if self.sync else ''}"
+            f"preset={self.momentum_preset.name}{', sync=True' if self.sync else ''}{_renorm_repr(self.renorm_limits)}"
         )
 
 
 @lru_cache(maxsize=None)
 def _balance_target(target: float, device: torch.device, dtype: torch.dtype) -> Tensor:
     return torch.tensor(target, device=device, dtype=dtype)
+
+
+def _resolve_renorm(name: str, renorm: bool, r_max: float, d_max: float, warmup_steps: int) -> Optional[RenormLimits]:
+    """The limits of a renorm layer; limits given without ``renorm=True`` are an error, not silently
+    ignored (a YAML config that sets them but forgot the switch would train plain batch norm)."""
+    if not isinstance(renorm, bool):
+        raise TypeError(f"{name}: renorm={renorm!r} must be True or False.")
+    try:
+        limits = RenormLimits(r_max, d_max, warmup_steps)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+    if not renorm and limits != RenormLimits():
+        raise ValueError(f"{name}: {limits} has no effect without renorm=True; pass renorm=True or drop the renorm_* arguments.")
+    return limits if renorm else None
+
+
+def _renorm_repr(limits: Optional[RenormLimits]) -> str:
+    if limits is None:
+        return ""
+    return f", renorm=True, renorm_r_max={limits.r_max}, renorm_d_max={limits.d_max}, renorm_warmup_steps={limits.warmup_steps}"
 
 
 def _resolve_momentum(name: str, momentum: Optional[float], preset: Optional[str]) -> MomentumPreset:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adanorm.functional.api import affine_only
+from adanorm.functional.renorm import RenormClip, clip_at, renormalize_batch_mode
 from adanorm.functional.running_stats import blend, scratch_statistics
 from adanorm.policy import candidates, choose, usable
 from adanorm.presets import step_factor
@@ -54,6 +55,11 @@ class ScriptableAdaptiveNorm(nn.Module):
         self.counts_steps: bool = preset.counts_steps
         self.window_samples: int = preset.window_samples or 0
         self.balance_decay: float = layer_balance_decay()
+        limits = layer.renorm_limits
+        self.renorm: bool = limits is not None
+        self.renorm_r_max: float = 1.0 if limits is None else float(limits.r_max)
+        self.renorm_d_max: float = 0.0 if limits is None else float(limits.d_max)
+        self.renorm_warmup_steps: int = 0 if limits is None else limits.warmup_steps
         self.weight = layer.weight
         self.bias = layer.bias
         for name in ("running_mean", "running_var", "num_batches_tracked"):
@@ -80,15 +86,19 @@ class ScriptableAdaptiveNorm(nn.Module):
         mode = self._select_mode(shape)
         running_mean, running_var = self._buffers_for(mode)
         factor: Union[float, Tensor] = 0.0
+        renorm: Optional[RenormClip] = None
         if self.training:
             balance = self.running_stats_balance
             if self.track_running_stats and balance is not None and self.running_mean is not None:
                 # the eval rule's record of how the layer trains (AdaptiveNorm._record_training_step)
                 step = 1.0 - self.balance_decay
                 balance.mul_(self.balance_decay).add_(step if running_mean is not None else -step)
+            steps = self.num_batches_tracked
+            if self.renorm and mode == "batch" and running_mean is not None and steps is not None:
+                renorm = clip_at(steps, self.renorm_r_max, self.renorm_d_max, self.renorm_warmup_steps)
             if running_mean is not None:
                 factor = self._update_factor(shape[0], mode == "batch")
-        return self._normalize(input, mode, running_mean, running_var, factor)
+        return self._normalize(input, mode, running_mean, running_var, factor, renorm)
 
     @torch.jit.unused
     def run_eager_layer(self, input: Tensor) -> Tensor:
@@ -139,7 +149,7 @@ class ScriptableAdaptiveNorm(nn.Module):
         return step_factor(batch_size, steps, self.window_samples)
 
     def _normalize(self, input: Tensor, mode: str, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                   factor: Union[float, Tensor]) -> Tensor:
+                   factor: Union[float, Tensor], renorm: Optional[RenormClip]) -> Tensor:
         if mode == "identity" or input.numel() == 0:
             return affine_only(input, self.weight, self.bias)
         if running_mean is not None and running_var is not None and (mode == "batch" or mode == "instance"):
@@ -150,6 +160,9 @@ class ScriptableAdaptiveNorm(nn.Module):
             batch_mean, batch_var = scratch_statistics(running_mean, running_var)
             if mode == "batch":
                 output = F.batch_norm(input, batch_mean, batch_var, self.weight, self.bias, True, 1.0, self.eps)
+                if renorm is not None:
+                    output = renormalize_batch_mode(output, renorm, batch_mean, batch_var, input.numel() // input.size(1),
+                                                    running_mean, running_var, self.weight, self.bias, self.eps)
             else:
                 output = F.instance_norm(input, batch_mean, batch_var, self.weight, self.bias, True, 1.0, self.eps)
             blend(running_mean, running_var, batch_mean, batch_var, factor,

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from adanorm.functional import dispatch
+from adanorm.functional.renorm import RenormClip, renormalize_batch_mode
 from adanorm.functional.running_stats import scratch_statistics
 
 
@@ -29,6 +30,7 @@ def adaptive_norm(
     eps: float = 1e-5,
     num_groups: int = 1,
     nonfinite_skips: Optional[Tensor] = None,
+    renorm: Optional[RenormClip] = None,
 ) -> Tensor:
     """Normalize ``input`` (N, C, *) in ``mode``: "batch", "instance", "group", "layer" or "identity".
 
@@ -38,6 +40,9 @@ def adaptive_norm(
     ``use_input_stats=training``. ``momentum`` may be a 0-dim tensor (a step-dependent factor that
     must not be read back into Python). With ``nonfinite_skips`` (a counter), an update whose
     statistics are NaN or Inf is skipped and counted. ``num_groups`` is group mode's group count.
+    ``renorm`` (this step's clip limits, ``RenormLimits.at(steps)``) turns batch-mode training with
+    running statistics into Batch Renormalization (``functional.renorm``); elsewhere it is ignored,
+    as ``momentum`` is, so one set of arguments serves every mode.
 
     Raises:
         ValueError: if a statistic would be over a single value (the output would silently be β);
@@ -59,6 +64,9 @@ def adaptive_norm(
             return kernel(input, weight, bias, None, None, 0.0, eps)
         batch_mean, batch_var = scratch_statistics(running_mean, running_var)
         output = kernel(input, weight, bias, batch_mean, batch_var, 1.0, eps)  # scratch := batch statistics
+        if renorm is not None:  # r and d read the running statistics before this step's update
+            output = renormalize_batch_mode(output, renorm, batch_mean, batch_var, input.shape[0] * spatial,
+                                            running_mean, running_var, weight, bias, eps)
         dispatch.blend_kernel(running_mean, running_var)(running_mean, running_var, batch_mean, batch_var, momentum,
                                                         nonfinite_skips)
         return output
