@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from adanorm.functional.layout import is_channels_last
+from adanorm.functional.layout import KERNEL_DTYPES, is_channels_last
 
 __all__ = ["cpu_kernels", "prefer_fused_cpu", "fused_norm", "native_group_norm"]
 
@@ -64,7 +64,6 @@ _ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
 }.get(_CPU_CAPABILITY, [])
-_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Smallest inputs worth the fused kernels, measured on 2-core x86 CPUs with benchmarks/norms.py:
 # below these, the native kernels' lower fixed cost per call wins. Contiguous per-sample modes
 # compete with native group norm, which makes two cache-local passes per (sample, group) pair as the
@@ -284,7 +283,7 @@ def prefer_fused_cpu(input: Tensor, num_groups: Optional[int]) -> bool:
             numel >= MIN_NUMEL_PER_SAMPLE_FEW_GROUPS and input.shape[0] * num_groups < torch.get_num_threads())
     return (
         worth_it
-        and input.dtype in _SUPPORTED_DTYPES
+        and input.dtype in KERNEL_DTYPES
         and not torch.is_autocast_enabled("cpu")
         and not torch.jit.is_tracing()  # the tracer records dispatcher ops only; it would freeze our output
         and not torch.compiler.is_compiling()  # torch.compile fuses the native ops itself, without graph breaks

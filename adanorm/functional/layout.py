@@ -1,6 +1,10 @@
-"""Memory-layout tests shared by the kernels that pick a path per layout."""
+"""Input properties shared by the kernel backends (CPU fused, Triton): the dtypes they compute in,
+and the memory-layout tests of the kernels that pick a path per layout."""
 import torch
 from torch import Tensor
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""Input dtypes the fused CPU and Triton kernels take; inputs of any other dtype keep the native kernels."""
 
 
 def is_channels_last(input: Tensor) -> bool:

@@ -27,12 +27,11 @@ import torch
 from torch import Tensor
 
 from adanorm.functional import triton_kernels as kernels
-from adanorm.functional.layout import is_channels_last
+from adanorm.functional.layout import KERNEL_DTYPES, is_channels_last
 from adanorm.functional.triton_kernels import triton  # None without triton
 
 __all__ = ["triton_available", "prefer_triton", "triton_grouped_norm", "triton_batch_norm"]
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Elements per program tile; tests shrink these to drive the chunk and merge loops on tiny inputs.
 _MAX_TILE = 2048
 _MAX_CHANNEL_BLOCK = 128
@@ -58,7 +57,7 @@ def triton_available(input: Tensor) -> bool:
     CUDA tensors qualify when triton imports. CPU tensors qualify only when this module was
     imported under ``TRITON_INTERPRET=1``, so tests can check the kernels without a GPU.
     """
-    if triton is None or input.dtype not in _SUPPORTED_DTYPES or input.dim() < 2 or input.numel() == 0:
+    if triton is None or input.dtype not in KERNEL_DTYPES or input.dim() < 2 or input.numel() == 0:
         return False
     return input.is_cuda or (input.device.type == "cpu" and _KERNELS_INTERPRETED)
 
@@ -222,7 +221,7 @@ def _apply(x: Tensor, dy: Optional[Tensor], x_scale: Tensor, shift: Tensor, dy_s
 
 def _check_input(input: Tensor) -> None:
     """What the kernels need of the input; the public functions' callers check ``triton_available`` first."""
-    if input.dtype not in _SUPPORTED_DTYPES or input.dim() < 2:
+    if input.dtype not in KERNEL_DTYPES or input.dim() < 2:
         raise RuntimeError(f"Triton norm expects (N, C, *) floating-point input, "
                            f"got {input.dtype} of shape {list(input.shape)}")
     if triton is None:
