@@ -55,11 +55,8 @@
 namespace {
 
 constexpr int64_t kChunkElements = 1 << 15;  // elements per task: a chunk fits in L2
-#ifndef ADANORM_MIN_ELEMENTS_PER_THREAD
-#define ADANORM_MIN_ELEMENTS_PER_THREAD (1 << 14)
-#endif
 // Below this many elements per thread a pass runs faster on one thread than split (fork/join costs more).
-constexpr int64_t kMinElementsPerThread = ADANORM_MIN_ELEMENTS_PER_THREAD;
+constexpr int64_t kMinElementsPerThread = 1 << 14;
 constexpr int64_t kBlockValues = 256;  // values per channel summed in float before flushing to double
 // Inputs up to this size make one pass per direction over all samples; larger ones go a sample at
 // a time, so that a sample is still in the last-level cache for its affine pass.
@@ -666,23 +663,55 @@ std::array<bool, 3> needed_gradients(torch::autograd::AutogradContext* ctx, cons
           bias.defined() && ctx->needs_input_grad(bias_edge)};
 }
 
+// What FusedNorm and NativeGroupNorm both keep from forward for backward: the arguments a native op
+// needs to recompute the output (differentiable_gradients) and the forward's (N, G) statistics.
+struct SavedNorm {
+  at::Tensor input, weight, bias;  // weight, bias undefined where absent
+  at::Tensor mean, rstd;
+  int64_t groups;  // 0: batch statistics
+  double eps;
+  std::array<bool, 3> need;  // which of (input, weight, bias) get a gradient
+
+  static void save(torch::autograd::AutogradContext* ctx, const at::Tensor& input, const OptionalTensor& weight,
+                   const OptionalTensor& bias, const at::Tensor& mean, const at::Tensor& rstd, int64_t groups,
+                   double eps) {
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), mean, rstd});
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["eps"] = eps;
+  }
+
+  static SavedNorm load(torch::autograd::AutogradContext* ctx) {
+    auto saved = ctx->get_saved_variables();
+    const auto need = needed_gradients(ctx, saved[1], saved[2]);
+    return {std::move(saved[0]),
+            std::move(saved[1]),
+            std::move(saved[2]),
+            std::move(saved[3]),
+            std::move(saved[4]),
+            ctx->saved_data["groups"].toInt(),
+            ctx->saved_data["eps"].toDouble(),
+            need};
+  }
+};
+
 // Gradients that must themselves be differentiable (create_graph=True, e.g. gradient penalties):
 // recomputed through the native ops, which autograd can differentiate twice (with grad mode on,
 // native group norm's backward is its composite formula, not the kernel NativeGroupNorm avoids).
-// `saved` starts with (input, weight, bias); the list has `edges` entries, as forward has arguments.
-torch::autograd::variable_list differentiable_gradients(const torch::autograd::variable_list& saved,
-                                                        const std::array<bool, 3>& need, int64_t groups, double eps,
-                                                        const at::Tensor& grad_output, size_t edges) {
-  const at::Tensor &input = saved[0], &weight = saved[1], &bias = saved[2];
-  const at::Tensor output = groups == 0 ? at::batch_norm(input, weight, bias, {}, {}, true, 0.0, eps, false)
-                                        : at::group_norm(input, groups, weight, bias, eps, false);
+// The list has `edges` entries, as forward has arguments.
+torch::autograd::variable_list differentiable_gradients(const SavedNorm& saved, const at::Tensor& grad_output,
+                                                        size_t edges) {
+  const at::Tensor output =
+      saved.groups == 0
+          ? at::batch_norm(saved.input, saved.weight, saved.bias, {}, {}, true, 0.0, saved.eps, false)
+          : at::group_norm(saved.input, saved.groups, saved.weight, saved.bias, saved.eps, false);
+  const std::array<const at::Tensor*, 3> arguments = {&saved.input, &saved.weight, &saved.bias};
   torch::autograd::variable_list wanted;
   for (int i = 0; i < 3; ++i)
-    if (need[i]) wanted.push_back(saved[i]);
+    if (saved.need[i]) wanted.push_back(*arguments[i]);
   const auto computed = torch::autograd::grad({output}, wanted, {grad_output}, true, true);
   torch::autograd::variable_list grads(edges);
   for (int i = 0, k = 0; i < 3; ++i)
-    if (need[i]) grads[i] = computed[k++];
+    if (saved.need[i]) grads[i] = computed[k++];
   return grads;
 }
 
@@ -697,31 +726,24 @@ struct FusedNorm : public torch::autograd::Function<FusedNorm> {
       std::tie(output, mean, rstd) =
           fused_norm_forward_op().call(input, weight, bias, groups, eps, running_mean, running_var, momentum);
     }
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), mean, rstd});
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["eps"] = eps;
+    SavedNorm::save(ctx, input, weight, bias, mean, rstd, groups, eps);
     return output;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &input = saved[0], &weight = saved[1], &bias = saved[2];
-    const int64_t groups = ctx->saved_data["groups"].toInt();
-    const auto need = needed_gradients(ctx, weight, bias);
-    if (at::GradMode::is_enabled()) {
-      return differentiable_gradients(saved, need, groups, ctx->saved_data["eps"].toDouble(), grad_outputs[0], 8);
-    }
+    const SavedNorm saved = SavedNorm::load(ctx);
+    if (at::GradMode::is_enabled()) return differentiable_gradients(saved, grad_outputs[0], 8);
     at::Tensor grad_input, grad_weight, grad_bias;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(grad_input, grad_weight, grad_bias) =
-          fused_norm_backward_op().call(grad_outputs[0], input, present(weight), saved[3], saved[4], groups, need[0]);
+      std::tie(grad_input, grad_weight, grad_bias) = fused_norm_backward_op().call(
+          grad_outputs[0], saved.input, present(saved.weight), saved.mean, saved.rstd, saved.groups, saved.need[0]);
     }
     torch::autograd::variable_list grads(8);
-    if (need[0]) grads[0] = grad_input;
-    if (need[1]) grads[1] = grad_weight.to(weight.scalar_type());
-    if (need[2]) grads[2] = grad_bias.to(bias.scalar_type());
+    if (saved.need[0]) grads[0] = grad_input;
+    if (saved.need[1]) grads[1] = grad_weight.to(saved.weight.scalar_type());
+    if (saved.need[2]) grads[2] = grad_bias.to(saved.bias.scalar_type());
     return grads;
   }
 };
@@ -738,29 +760,22 @@ struct NativeGroupNorm : public torch::autograd::Function<NativeGroupNorm> {
     const at::Tensor x = input.contiguous(input.suggest_memory_format());  // as at::group_norm
     auto [y, mean, rstd] =
         at::native_group_norm_symint(x, weight, bias, x.sym_size(0), x.sym_size(1), spatial_size(x), groups, eps);
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), mean, rstd});
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["eps"] = eps;
+    SavedNorm::save(ctx, input, weight, bias, mean, rstd, groups, eps);
     return y;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &input = saved[0], &weight = saved[1], &bias = saved[2];
-    const int64_t groups = ctx->saved_data["groups"].toInt();
-    const auto need = needed_gradients(ctx, weight, bias);
-    if (at::GradMode::is_enabled()) {
-      return differentiable_gradients(saved, need, groups, ctx->saved_data["eps"].toDouble(), grad_outputs[0], 5);
-    }
-    const at::Tensor x = input.contiguous(input.suggest_memory_format());
+    const SavedNorm saved = SavedNorm::load(ctx);
+    if (at::GradMode::is_enabled()) return differentiable_gradients(saved, grad_outputs[0], 5);
+    const at::Tensor x = saved.input.contiguous(saved.input.suggest_memory_format());
     auto [dx, dw, db] = at::native_group_norm_backward_symint(
-        grad_outputs[0].contiguous(x.suggest_memory_format()), x, saved[3], saved[4], weight, x.sym_size(0),
-        x.sym_size(1), spatial_size(x), groups, {true, need[1], need[2]});
+        grad_outputs[0].contiguous(x.suggest_memory_format()), x, saved.mean, saved.rstd, saved.weight,
+        x.sym_size(0), x.sym_size(1), spatial_size(x), saved.groups, {true, saved.need[1], saved.need[2]});
     torch::autograd::variable_list grads(5);
-    if (need[0]) grads[0] = dx;
-    if (need[1]) grads[1] = dw;
-    if (need[2]) grads[2] = db;
+    if (saved.need[0]) grads[0] = dx;
+    if (saved.need[1]) grads[1] = dw;
+    if (saved.need[2]) grads[2] = db;
     return grads;
   }
 
