@@ -276,7 +276,7 @@ class AdaptiveNorm(_NormBase):
                 self._record_training_step(use_buffers)
             if use_buffers:
                 if mode == "batch" and self.renorm_limits is not None:  # the limits after the steps learned so far
-                    renorm = self.renorm_limits.at(self._state("num_batches_tracked"))
+                    renorm = self.renorm_limits.at(self._state("num_batches_tracked"), self._state("running_var").dtype)
                 factor = self._update_factor(input.shape[0], count_step=mode == "batch")
         elif self.mode == "auto":
             use_buffers = mode == "batch" and self._eval_rule

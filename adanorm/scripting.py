@@ -94,8 +94,8 @@ class ScriptableAdaptiveNorm(nn.Module):
                 step = 1.0 - self.balance_decay
                 balance.mul_(self.balance_decay).add_(step if running_mean is not None else -step)
             steps = self.num_batches_tracked
-            if self.renorm and mode == "batch" and running_mean is not None and steps is not None:
-                renorm = clip_at(steps, self.renorm_r_max, self.renorm_d_max, self.renorm_warmup_steps)
+            if self.renorm and mode == "batch" and running_var is not None and steps is not None:
+                renorm = clip_at(steps, self.renorm_r_max, self.renorm_d_max, self.renorm_warmup_steps, running_var.dtype)
             if running_mean is not None:
                 factor = self._update_factor(shape[0], mode == "batch")
         return self._normalize(input, mode, running_mean, running_var, factor, renorm)

@@ -63,27 +63,34 @@ class RenormLimits:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"renorm_warmup_steps={steps!r} is invalid; use a non-negative integer (0: no warm-up).")
 
-    def at(self, steps: Tensor) -> RenormClip:
-        """The limits for a training step taken after ``steps`` learned ones (``num_batches_tracked``)."""
-        return clip_at(steps, float(self.r_max), float(self.d_max), self.warmup_steps)
+    def at(self, steps: Tensor, dtype: torch.dtype = torch.float32) -> RenormClip:
+        """The limits for a training step taken after ``steps`` learned ones (``num_batches_tracked``),
+        for running statistics of ``dtype``."""
+        return clip_at(steps, float(self.r_max), float(self.d_max), self.warmup_steps, dtype)
 
 
-def clip_at(steps: Tensor, r_max: float, d_max: float, warmup_steps: int) -> RenormClip:
-    """Limits ramped linearly from (1, 0) at step 0 to (r_max, d_max) at ``warmup_steps``.
+def clip_at(steps: Tensor, r_max: float, d_max: float, warmup_steps: int, dtype: torch.dtype) -> RenormClip:
+    """Limits ramped linearly from (1, 0) at step 0 to (r_max, d_max) at ``warmup_steps``, in the
+    dtype ``renorm_factors`` computes in (a float32 ramp would round float64 layers' clipped r).
 
     Step 0 is plain batch norm even without a warm-up: the running statistics are still their
     initial 0/1 then, and pulling the batch toward them would be wrong, not merely noisy.
     """
-    progress = (steps.to(torch.float32) / max(warmup_steps, 1)).clamp(0.0, 1.0)
+    progress = (steps.to(factor_dtype(dtype)) / max(warmup_steps, 1)).clamp(0.0, 1.0)
     return RenormClip(1.0 + (r_max - 1.0) * progress, d_max * progress)
+
+
+def factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 or wider, whatever the buffers' dtype: float16 buffers of a ``.half()`` model would
+    round σ_B/σ to three digits."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def renorm_factors(batch_mean: Tensor, batch_var: Tensor, running_mean: Tensor, running_var: Tensor,
                    clip: RenormClip, eps: float) -> RenormFactors:
     """r and d from the batch's mean and biased variance and the running statistics before this
-    step's update, in float32 or wider whatever the buffers' dtype (float16 buffers of a ``.half()``
-    model would round σ_B/σ to three digits)."""
-    dtype = torch.promote_types(running_var.dtype, torch.float32)
+    step's update, in ``factor_dtype`` of the buffers'."""
+    dtype = factor_dtype(running_var.dtype)
     running_std = (running_var.detach().to(dtype) + eps).sqrt()
     batch_std = (batch_var.detach().to(dtype) + eps).sqrt()
     r_max, d_max = clip.r_max.to(dtype), clip.d_max.to(dtype)
