@@ -4,11 +4,13 @@ from adanorm.norm import AdaptiveNorm, AdaptiveNorm1d, AdaptiveNorm2d, AdaptiveN
 from adanorm.policy import MODES, FallbackError, FallbackWarning, NonFiniteStatsWarning, Policy, choose_mode
 from adanorm.presets import PRESETS, MomentumPreset, get_preset
 from adanorm.recalibration import update_bn
+from adanorm.tiling import NormStatistics, TileReport, norm_statistics, tile_report
 
 __all__ = [
     "AdaptiveNorm", "AdaptiveNorm1d", "AdaptiveNorm2d", "AdaptiveNorm3d",
     "Policy", "choose_mode", "MODES", "FallbackError", "FallbackWarning", "NonFiniteStatsWarning",
     "PRESETS", "MomentumPreset", "get_preset", "convert", "revert", "update_bn",
+    "norm_statistics", "NormStatistics", "tile_report", "TileReport",
 ]
 __version__ = "0.1.0"
 

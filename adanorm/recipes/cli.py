@@ -43,7 +43,12 @@ Segmentation checkpoints write one label NIfTI per input (same file name, same a
 sliding-window inference with Gaussian blending. Classification checkpoints print each volume's class
 probabilities and write them to probabilities.csv.
 
-example: adanorm-predict outputs/<date>/<time>/checkpoints/last.ckpt scans/ --output predictions/"""
+--norm-stats volume gives InstanceNorm/GroupNorm/adaptive per-sample layers the statistics of the whole
+volume instead of each window's (no per-window exposure shifts or seams where the intensity drifts); it
+gathers them in extra passes over non-overlapping windows, at most one per norm layer.
+
+example: adanorm-predict outputs/<date>/<time>/checkpoints/last.ckpt scans/ --output predictions/
+         adanorm-predict last.ckpt scan.nii.gz --norm-stats volume --tile-report"""
 
 
 def predict_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -54,6 +59,14 @@ def predict_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=Path("predictions"), help="output folder (default: predictions/)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, 0 to <1 (default: 0.5)")
     parser.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default: auto)")
+    parser.add_argument("--norm-stats", choices=("tile", "running", "volume"), default="tile",
+                        help="where per-sample norm layers take eval statistics from in sliding-window inference: "
+                             "each window's (tile, the default and fastest), the layers' learned running statistics "
+                             "(running; an error names layers without them), or the whole volume's (volume; up to one "
+                             "extra pass over non-overlapping windows per norm layer)")
+    parser.add_argument("--tile-report", action="store_true",
+                        help="also predict each volume in one window and print/write (tile_report.csv) how far the "
+                             "tiled prediction is from it and how strong its window seams are")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="let the checkpoint build a network outside MONAI and adanorm (runs its constructor): "
                              "only for checkpoints you wrote yourself")
@@ -61,11 +74,12 @@ def predict_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def predict_main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> None:
-    """``adanorm-predict CHECKPOINT INPUTS [--output DIR] [--overlap F] [--accelerator A] [--trust-checkpoint]``."""
+    """``adanorm-predict CHECKPOINT INPUTS [--output DIR] [--overlap F] [--accelerator A] [--norm-stats S]
+    [--tile-report] [--trust-checkpoint]``."""
     args = predict_parser(prog).parse_args(argv)
 
     from adanorm.recipes.inference import predict  # imported here so that --help answers fast
 
     output = predict(args.checkpoint, args.inputs, args.output, overlap=args.overlap, accelerator=args.accelerator,
-                     trust_checkpoint=args.trust_checkpoint)
+                     trust_checkpoint=args.trust_checkpoint, norm_stats=args.norm_stats, report_tiles=args.tile_report)
     print(f"predictions: {output}")

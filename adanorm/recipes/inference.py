@@ -6,8 +6,9 @@ result as soon as its volume is done, so memory does not grow with the number of
 from __future__ import annotations
 
 import csv
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
 import nibabel as nib
@@ -20,8 +21,10 @@ from adanorm.recipes.data import CLASSIFICATION, case_name, volume_transforms
 from adanorm.recipes.checkpoint import load_recipe_module
 from adanorm.recipes.module import RecipeModule
 from adanorm.recipes.quiet import quiet_third_party
+from adanorm.tiling import SOURCES, TileReport
 
 PROBABILITIES_CSV = "probabilities.csv"
+TILE_REPORT_CSV = "tile_report.csv"
 
 
 def nifti_inputs(path: Path) -> List[Path]:
@@ -83,17 +86,42 @@ class NiftiPredictionWriter(BasePredictionWriter):
         print(f"class probabilities: {self.csv_path}")
 
 
+def write_tile_reports(reports: List[Tuple[str, TileReport]], output_dir: Path) -> Path:
+    """Prints each volume's tile report and writes them all to tile_report.csv; returns its path."""
+    path = output_dir / TILE_REPORT_CSV
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image"] + [field.name for field in fields(TileReport)])
+        writer.writeheader()
+        for image, report in reports:
+            print(f"{Path(image).name}: {report}")
+            writer.writerow({"image": image, **{key: round(value, 6) for key, value in asdict(report).items()}})
+    print(f"tile report: {path}")
+    return path
+
+
 def predict(checkpoint: Path, inputs: Path, output_dir: Path, overlap: float = 0.5, accelerator: str = "auto",
-            num_workers: int = 0, trust_checkpoint: bool = False) -> Path:
+            num_workers: int = 0, trust_checkpoint: bool = False, norm_stats: str = "tile",
+            report_tiles: bool = False) -> Path:
     """Predicts every input volume at batch 1 and returns the folder the results were written to.
 
     ``trust_checkpoint`` lets the checkpoint build a network outside MONAI and adanorm
-    (see ``adanorm.recipes.checkpoint``): only for checkpoints you wrote yourself.
+    (see ``adanorm.recipes.checkpoint``): only for checkpoints you wrote yourself. ``norm_stats`` is
+    where per-sample norm layers take their statistics from in sliding-window inference
+    (``adanorm.norm_statistics``); ``report_tiles`` also predicts each volume in one window and
+    writes how far the tiled prediction is from it (``adanorm.tiling.tile_report``).
     """
+    if norm_stats not in SOURCES:
+        raise ValueError(f"norm_stats={norm_stats!r} is unknown; choose one of {SOURCES}.")
     files = nifti_inputs(Path(inputs))
     module: RecipeModule = load_recipe_module(checkpoint, trust_checkpoint=trust_checkpoint)
-    if module.task != CLASSIFICATION:
+    if module.task == CLASSIFICATION:
+        if norm_stats != "tile" or report_tiles:
+            raise ValueError("--norm-stats and --tile-report are for segmentation checkpoints (sliding-window inference); "
+                             "a classification checkpoint already sees each volume whole.")
+    else:
         module.hparams.predict_overlap = overlap
+        module.predict_norm_stats = norm_stats
+        module.tile_reports = [] if report_tiles else None
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     dataset = Dataset([{"image": str(path)} for path in files],
@@ -104,4 +132,6 @@ def predict(checkpoint: Path, inputs: Path, output_dir: Path, overlap: float = 0
                              callbacks=[writer])
         trainer.predict(module, DataLoader(dataset, batch_size=1, num_workers=num_workers), return_predictions=False)
     writer.print_summary()  # after trainer.predict: the progress bar has finished its line
+    if report_tiles:
+        write_tile_reports(module.tile_reports, output_dir)
     return output_dir

@@ -5,7 +5,8 @@ carries everything needed to rebuild the model: ``predict.py`` needs only the ch
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple, Type
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import lightning.pytorch as pl
 import torch
@@ -16,6 +17,8 @@ from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from monai.utils import convert_to_tensor
 from torch import Tensor, nn
+
+from adanorm.tiling import TileReport, norm_statistics, tile_report
 
 CLASS_PATH_KEY = "adanorm_module_class"
 """Checkpoint key naming the recipe module that wrote it, as a key of ``RECIPE_MODULES``."""
@@ -68,6 +71,10 @@ class SegmentationModule(RecipeModule):
         super().__init__(*args, **kwargs)
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
         self.dice = DiceMetric(include_background=False, reduction="mean")
+        self.predict_norm_stats = "tile"
+        """Where prediction takes per-sample norm statistics from: "tile", "running" or "volume" (adanorm.tiling)."""
+        self.tile_reports: Optional[List[Tuple[str, TileReport]]] = None
+        """A list to collect each predicted volume's (file, tile report) in, or None for no reports."""
 
     def infer(self, image: Tensor, overlap: float, progress: bool = False) -> Tensor:
         """Logits for whole volumes of any size (padded where smaller than the patch)."""
@@ -85,9 +92,27 @@ class SegmentationModule(RecipeModule):
         self.log("val/dice", self.dice.aggregate().item(), prog_bar=True, sync_dist=True)
         self.dice.reset()
 
+    def whole_volume(self, image: Tensor) -> Tensor:
+        """Logits of one window over the whole volume, zero-padded to a multiple of the largest power of two
+        dividing each patch dimension (strided networks need it; the patch size shows it suffices)."""
+        window = [math.ceil(size / (patch & -patch)) * (patch & -patch) for size, patch in zip(image.shape[2:], self.patch_size)]
+        return sliding_window_inference(image, window, sw_batch_size=1, predictor=self.net, overlap=0.0)
+
     def predict_step(self, batch: Dict[str, Any], batch_idx: int) -> Tensor:
+        """Whole-volume statistics are gathered over non-overlapping windows: each voxel counts once,
+        and a pass has about 2^3 times fewer windows than the prediction at overlap 0.5."""
         (image,) = self.tensors(batch, "image")
-        return self.infer(image, self.hparams.predict_overlap).argmax(1)
+        overlap = self.hparams.predict_overlap
+        with norm_statistics(self.net, self.predict_norm_stats, progress=True) as stats:
+            stats.gather(lambda: self.infer(image, 0.0))
+            logits = self.infer(image, overlap)
+        if self.tile_reports is not None:
+            # The reference uses the same statistics; "volume" statistics of a single window are its own.
+            with norm_statistics(self.net, "running" if self.predict_norm_stats == "running" else "tile"):
+                whole = self.whole_volume(image)
+            self.tile_reports.append((batch["image"].meta["filename_or_obj"][0],
+                                      tile_report(logits, whole, self.patch_size, overlap)))
+        return logits.argmax(1)
 
 
 class ClassificationModule(RecipeModule):
