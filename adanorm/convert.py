@@ -8,7 +8,7 @@ rebuilds the very configuration it came from.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Dict, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 from torch import nn
 
@@ -142,11 +142,27 @@ def _native_for_first_mode(module: AdaptiveNorm) -> Tuple[Type[nn.Module], Dict[
     return nn.GroupNorm, {"num_groups": groups, "num_channels": module.num_features, **config}
 
 
-def _replace_modules(model: nn.Module, should_replace, build) -> nn.Module:
+def replace_modules(
+    model: nn.Module, should_replace: Callable[[nn.Module], bool], build: Callable[[nn.Module], nn.Module]
+) -> nn.Module:
+    """Replace, in place, every submodule of ``model`` for which ``should_replace`` holds by ``build(submodule)``.
+
+    The one module walk behind :func:`convert`, :func:`revert` and the recipes' model builders. A
+    replaced module's own children are not visited (its replacement is final), and ``model`` itself
+    is tested first, so a bare layer comes back as its replacement.
+
+    Args:
+        model: the module to walk; changed in place.
+        should_replace: whether a module is to be replaced.
+        build: the replacement of a module ``should_replace`` accepted.
+
+    Returns:
+        ``model``, or ``build(model)`` when ``model`` itself is replaced.
+    """
     if should_replace(model):
         return build(model)
     for name, child in model.named_children():
-        replacement = _replace_modules(child, should_replace, build)
+        replacement = replace_modules(child, should_replace, build)
         if replacement is not child:
             setattr(model, name, replacement)
     return model
@@ -159,9 +175,9 @@ def convert(model: nn.Module, **kwargs: Any) -> nn.Module:
     Parameters, running statistics, device, dtype and train/eval flags are kept; the model is
     changed in place and returned (a bare norm layer is returned as its replacement).
     """
-    return _replace_modules(model, lambda m: type(m) in _ADAPTIVE_BY_NATIVE, lambda m: _adaptive_from_native(m, kwargs))
+    return replace_modules(model, lambda m: type(m) in _ADAPTIVE_BY_NATIVE, lambda m: _adaptive_from_native(m, kwargs))
 
 
 def revert(model: nn.Module) -> nn.Module:
     """Replace every adaptive layer by the native class of its first mode, keeping the state."""
-    return _replace_modules(model, lambda m: isinstance(m, AdaptiveNorm), _native_from_adaptive)
+    return replace_modules(model, lambda m: isinstance(m, AdaptiveNorm), _native_from_adaptive)

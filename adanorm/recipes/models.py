@@ -9,6 +9,7 @@ from monai.networks.layers.factories import split_args
 from torch import nn
 
 import adanorm
+from adanorm.convert import replace_modules
 
 NormSpec = Union[str, Tuple[str, dict], Sequence[Any]]
 RESNETS = {10: resnet10, 18: resnet18, 34: resnet34}
@@ -19,8 +20,9 @@ def resnet_classifier(norm: NormSpec, depth: int = 18, in_channels: int = 1, num
 
     MONAI's ``ResNet(norm=...)`` only reaches the stem; the blocks keep ``nn.BatchNorm3d``. So the
     net is built with batch norm and every norm layer is replaced afterwards: adaptive through
-    ``adanorm.convert`` (the tool users apply to their own models), the native norms through
-    MONAI's norm factory, so ``norm=instance`` means here exactly what it means in the UNets.
+    ``adanorm.convert`` (the tool users apply to their own models), the native norms by the same
+    module walk (``adanorm.convert.replace_modules``) with layers from MONAI's norm factory, so
+    ``norm=instance`` means here exactly what it means in the UNets.
     """
     if depth not in RESNETS:
         raise ValueError(f"depth={depth} is not offered; choose one of {sorted(RESNETS)}.")
@@ -28,13 +30,5 @@ def resnet_classifier(norm: NormSpec, depth: int = 18, in_channels: int = 1, num
     name, kwargs = split_args(norm)
     if name.lower() == "adaptive":
         return adanorm.convert(model, **kwargs)
-    return _replace_batch_norms(model, norm)
-
-
-def _replace_batch_norms(model: nn.Module, norm: NormSpec) -> nn.Module:
-    for name, child in model.named_children():
-        if isinstance(child, nn.BatchNorm3d):
-            setattr(model, name, get_norm_layer(name=norm, spatial_dims=3, channels=child.num_features))
-        else:
-            _replace_batch_norms(child, norm)
-    return model
+    return replace_modules(model, lambda module: isinstance(module, nn.BatchNorm3d),
+                           lambda batch_norm: get_norm_layer(name=norm, spatial_dims=3, channels=batch_norm.num_features))
