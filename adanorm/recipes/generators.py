@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -56,6 +57,88 @@ class SyntheticVolumes(GeneratedFolder):
                 writer = csv.DictWriter(handle, fieldnames=["image", "label"])
                 writer.writeheader()
                 writer.writerows(rows)
+
+
+class SyntheticHardVolumes(GeneratedFolder):
+    """A harder synthetic segmentation task whose norms differ (``data=synthetic_hard``; the study, issue #13).
+
+    Background plus ``num_classes - 1`` kinds of blob (random ellipsoids; later ones overwrite earlier ones)
+    told apart by intensity only, at low contrast, and each volume comes from its own "scanner":
+
+    * class intensity spacing drawn per volume (``contrast`` times a factor in ``spacing_range``),
+    * noise level drawn per volume (``noise`` times a factor in ``noise_range``),
+    * a smooth multiplicative bias field (amplitude ``bias_field``, a few low-frequency waves),
+    * a gamma curve (exponent in ``gamma_range``, after mapping intensities to [0, 1]),
+    * a global scale and offset (``log_scale_range``, ``offset_range``).
+
+    The recipe's percentile scaling removes the global scale and offset again (as it would between real
+    scanners); the spacing, noise, gamma and bias field survive it, so absolute intensity is an unreliable
+    cue and a network must read intensity relative to the rest of the patch or volume.
+    """
+
+    def __init__(self, root: str = "~/.cache/adanorm/synthetic_hard", num_volumes: int = 48, volume_size: int = 32,
+                 num_objects: int = 10, radius_range: Sequence[float] = (2.0, 6.0), contrast: float = 0.5,
+                 spacing_range: Sequence[float] = (0.6, 1.4), noise: float = 0.5, noise_range: Sequence[float] = (0.6, 1.5),
+                 bias_field: float = 0.4, gamma_range: Sequence[float] = (0.6, 1.7),
+                 log_scale_range: Sequence[float] = (-1.5, 1.5), offset_range: Sequence[float] = (-2.0, 2.0),
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("num_classes", 3)
+        super().__init__(root, **kwargs)
+        if self.task != SEGMENTATION:
+            raise VolumeDataError("data=synthetic_hard is a segmentation data set; use a segmentation model (unet, basic_unet, dynunet, segresnet).")
+        if self.num_classes < 2:
+            raise VolumeDataError(f"data.num_classes={self.num_classes}: synthetic_hard needs background plus at least one class.")
+        self.num_volumes = num_volumes
+        self.volume_size = volume_size
+        self.num_objects = num_objects
+        self.radius_range = tuple(float(r) for r in radius_range)
+        self.contrast = contrast
+        self.spacing_range = tuple(float(r) for r in spacing_range)
+        self.noise = noise
+        self.noise_range = tuple(float(r) for r in noise_range)
+        self.bias_field = bias_field
+        self.gamma_range = tuple(float(r) for r in gamma_range)
+        self.log_scale_range = tuple(float(r) for r in log_scale_range)
+        self.offset_range = tuple(float(r) for r in offset_range)
+
+    def signature(self) -> str:
+        settings = (self.num_volumes, self.volume_size, self.num_classes, self.num_objects, self.radius_range, self.contrast,
+                    self.spacing_range, self.noise, self.noise_range, self.bias_field, self.gamma_range,
+                    self.log_scale_range, self.offset_range)
+        digest = hashlib.sha1(repr(settings).encode()).hexdigest()[:10]
+        return f"hard-n{self.num_volumes}-size{self.volume_size}-c{self.num_classes}-{digest}-seed{self.seed}"
+
+    def volume(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Image (float32) and label (uint8) of volume ``index``: a pure function of the settings, seed and index."""
+        rng = np.random.RandomState(self.seed * 100_003 + index)
+        size = self.volume_size
+        grid = np.stack(np.meshgrid(*[np.arange(size, dtype=np.float32)] * 3, indexing="ij"))
+        label = np.zeros((size,) * 3, dtype=np.uint8)
+        for _ in range(self.num_objects):
+            radii = rng.uniform(*self.radius_range, size=3).astype(np.float32)
+            centre = rng.uniform(radii.max(), size - radii.max(), size=3).astype(np.float32)
+            inside = (((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0) <= 1.0
+            label[inside] = rng.randint(1, self.num_classes)
+        steps = self.contrast * rng.uniform(*self.spacing_range, size=self.num_classes - 1)
+        means = np.concatenate([[0.0], np.cumsum(steps)])          # class order kept, spacing per scanner
+        image = means[label] + rng.normal(0.0, self.noise * rng.uniform(*self.noise_range), size=label.shape)
+        field = np.zeros(label.shape)
+        for _ in range(3):                                           # smooth bias field: a few low-frequency waves
+            frequency = rng.uniform(0.5, 1.5, size=3) * 2 * np.pi / size
+            field += np.cos(np.tensordot(frequency, grid, axes=1) + rng.uniform(0, 2 * np.pi))
+        image = image * np.exp(self.bias_field * field / 3)
+        low, high = np.percentile(image, [0.5, 99.5])
+        unit = np.clip((image - low) / max(high - low, 1e-6), 0.0, 1.0)
+        image = unit ** np.exp(rng.uniform(*np.log(self.gamma_range)))   # nonlinear contrast per scanner
+        image = image * np.exp(rng.uniform(*self.log_scale_range)) + rng.uniform(*self.offset_range)
+        return image.astype(np.float32), label
+
+    def generate(self, folder: Path) -> None:
+        for index in range(self.num_volumes):
+            image, label = self.volume(index)
+            name = f"case_{index:03d}.nii.gz"
+            nib.save(nib.Nifti1Image(label, np.eye(4)), _with_parent(folder / self.label_dir / name))
+            nib.save(nib.Nifti1Image(image, np.eye(4)), _with_parent(folder / self.image_dir / name))
 
 
 class MNI152Tissue(GeneratedFolder):

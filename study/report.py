@@ -1,0 +1,212 @@
+"""Summarises the study's runs (``study/run.py``): a CSV, a Markdown report and a plot.
+
+    python -m study.report                      # study/results/runs.csv -> study.csv, study.md, study.png
+    python -m study.report --data mni152        # one data set only (default: every data set in the runs)
+
+For every (data, protocol, batch, norm): the mean and sd over seeds of the final validation Dice (eval mode),
+the best-epoch Dice, the train-mode Dice and the train/eval gap (train mode minus eval mode), and the tile
+mismatch of each ``--norm-stats`` choice where measured. The comparison the study answers, "at my batch size,
+is adaptive at least as good as the best fixed norm?", is made per seed (the same seed means the same data
+and crops): adaptive minus the fixed norm (batch, instance, group) with the best mean at that batch size,
+against the seed noise (the sd over seeds, pooled over the norms at that batch size).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import pandas as pd
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FIXED = ("batch", "instance", "group")
+ADAPTIVE = ("adaptive", "adaptive+renorm")
+NORM_ORDER = FIXED + ADAPTIVE
+TILE_MODES = ("tile", "running", "volume")
+METRICS = ("val_dice", "val_dice_best", "train_mode_dice", "train_eval_gap",
+           *[f"tile_mismatch_{mode}" for mode in TILE_MODES], "fit_s", "total_s")
+
+
+def load_runs(path: Path, data: Optional[str], protocol: Optional[str]) -> pd.DataFrame:
+    runs = pd.read_csv(path)
+    runs = runs[runs["status"] == "ok"]
+    if data:
+        runs = runs[runs["data"] == data]
+    if protocol:
+        runs = runs[runs["protocol"] == protocol]
+    for column in METRICS:
+        runs[column] = pd.to_numeric(runs.get(column), errors="coerce")
+    return runs
+
+
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (data, protocol, batch, norm): n seeds, and mean/sd of each metric."""
+    rows = []
+    for (data, protocol, batch, norm), group in runs.groupby(["data", "protocol", "batch", "norm"]):
+        row: Dict[str, object] = {"data": data, "protocol": protocol, "batch": int(batch), "norm": norm, "seeds": len(group)}
+        for column in METRICS:
+            values = group[column].dropna()
+            row[f"{column}_mean"] = round(values.mean(), 5) if len(values) else None
+            row[f"{column}_sd"] = round(values.std(ddof=1), 5) if len(values) > 1 else None
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table["norm_rank"] = table["norm"].map({norm: index for index, norm in enumerate(NORM_ORDER)}).fillna(99)
+    return table.sort_values(["data", "protocol", "batch", "norm_rank"]).drop(columns="norm_rank")
+
+
+def compare(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (data, protocol, batch): adaptive (and adaptive+renorm) minus the best fixed norm, paired by seed."""
+    rows = []
+    for (data, protocol, batch), group in runs.groupby(["data", "protocol", "batch"]):
+        by_norm = group.pivot_table(index="seed", columns="norm", values="val_dice")
+        fixed = [norm for norm in FIXED if norm in by_norm]
+        if not fixed:
+            continue
+        best = max(fixed, key=lambda norm: by_norm[norm].mean())
+        variances = [by_norm[norm].dropna().var(ddof=1) for norm in by_norm if by_norm[norm].count() > 1]
+        noise = math.sqrt(sum(variances) / len(variances)) if variances else float("nan")
+        for candidate in ADAPTIVE:
+            if candidate not in by_norm:
+                continue
+            paired = (by_norm[candidate] - by_norm[best]).dropna()
+            if paired.empty:
+                continue
+            mean = paired.mean()
+            sd = paired.std(ddof=1) if len(paired) > 1 else float("nan")
+            verdict = ("behind" if mean < -noise else "ahead" if mean > noise else "within noise") if noise == noise else "n/a"
+            rows.append({"data": data, "protocol": protocol, "batch": int(batch), "candidate": candidate,
+                         "best_fixed": best, "best_fixed_dice": by_norm[best].mean(),
+                         "candidate_dice": by_norm[candidate].mean(), "diff_mean": mean, "diff_sd": sd,
+                         "seeds": len(paired), "seed_noise": noise, "verdict": verdict,
+                         "batch_minus_instance": (by_norm["batch"] - by_norm["instance"]).dropna().mean()
+                         if {"batch", "instance"} <= set(by_norm) else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def pm(mean: Optional[float], sd: Optional[float], digits: int = 3) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    if sd is None or (isinstance(sd, float) and math.isnan(sd)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def grid_table(summary: pd.DataFrame, metric: str, digits: int = 3) -> List[str]:
+    norms = [norm for norm in NORM_ORDER if norm in set(summary["norm"])]
+    lines = ["| batch | " + " | ".join(norms) + " |", "|---:|" + "---:|" * len(norms)]
+    for batch, group in summary.groupby("batch"):
+        cells = []
+        for norm in norms:
+            row = group[group["norm"] == norm]
+            if row.empty:
+                cells.append("–")
+                continue
+            row = row.iloc[0]
+            mean, sd = row[f"{metric}_mean"], row[f"{metric}_sd"]
+            cells.append(pm(None if pd.isna(mean) else float(mean), None if pd.isna(sd) else float(sd), digits))
+        best = max((norm for norm in FIXED if norm in norms), default=None,
+                   key=lambda norm: float(group[group["norm"] == norm][f"{metric}_mean"].fillna(-1).max()))
+        if metric == "val_dice" and best is not None:
+            index = norms.index(best)
+            cells[index] = f"**{cells[index]}**"
+        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(summary: pd.DataFrame, comparison: pd.DataFrame, runs: pd.DataFrame) -> str:
+    out: List[str] = []
+    for (data, protocol), part in summary.groupby(["data", "protocol"]):
+        seeds = sorted(runs[(runs["data"] == data) & (runs["protocol"] == protocol)]["seed"].unique())
+        out += [f"## {data} (protocol {protocol}, seeds {', '.join(map(str, seeds))})", ""]
+        out += ["Validation Dice (final epoch, eval mode, foreground classes), mean ± sd over seeds; bold: best fixed norm.", ""]
+        out += grid_table(part, "val_dice") + [""]
+        out += ["Best-epoch validation Dice (what the recipe's checkpoint keeps), mean ± sd:", ""]
+        out += grid_table(part, "val_dice_best") + [""]
+        out += ["Train/eval gap: Dice with the model in train mode (batch statistics over `batch` windows at a time) "
+                "minus eval mode, mean ± sd:", ""]
+        out += grid_table(part, "train_eval_gap") + [""]
+        tile_columns = [mode for mode in TILE_MODES if part[f"tile_mismatch_{mode}_mean"].notna().any()]
+        if tile_columns:
+            for mode in tile_columns:
+                out += [f"Tile mismatch with `--norm-stats {mode}`, mean ± sd:", ""]
+                out += grid_table(part, f"tile_mismatch_{mode}", digits=4) + [""]
+        else:
+            out += ["Tile mismatch: not measured (`adanorm.tiling` was not available when these runs ran).", ""]
+        cmp = comparison[(comparison["data"] == data) & (comparison["protocol"] == protocol)]
+        if not cmp.empty:
+            out += ["Adaptive vs the best fixed norm at each batch size, paired by seed (difference of validation Dice; "
+                    "seed noise = sd over seeds pooled over the norms at that batch size; 'behind' = the mean difference "
+                    "is below minus the seed noise):", "",
+                    "| batch | candidate | best fixed | best fixed Dice | candidate Dice | difference (mean ± sd) | seed noise | verdict | batch − instance |",
+                    "|---:|---|---|---:|---:|---:|---:|---|---:|"]
+            for row in cmp.itertuples():
+                out.append(f"| {row.batch} | {row.candidate} | {row.best_fixed} | {row.best_fixed_dice:.3f} | "
+                           f"{row.candidate_dice:.3f} | {pm(row.diff_mean, row.diff_sd, 3)} | {row.seed_noise:.3f} | "
+                           f"{row.verdict} | {row.batch_minus_instance:+.3f} |")
+            out.append("")
+        seconds = runs[(runs["data"] == data) & (runs["protocol"] == protocol)]["total_s"]
+        out += [f"{len(seconds)} runs, {seconds.sum() / 60:.1f} min of cell time in all "
+                f"(median {seconds.median():.1f} s per run).", ""]
+    return "\n".join(out)
+
+
+def plot(summary: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(summary.groupby(["data", "protocol"]))
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4.2 * len(groups)), squeeze=False)
+    for (key, part), (dice_axis, gap_axis) in zip(groups, axes):
+        for norm in [norm for norm in NORM_ORDER if norm in set(part["norm"])]:
+            rows = part[part["norm"] == norm].sort_values("batch")
+            style = {"linestyle": "-" if norm in ADAPTIVE else "--", "marker": "o", "capsize": 3}
+            dice_axis.errorbar(rows["batch"], rows["val_dice_mean"], yerr=rows["val_dice_sd"].fillna(0), label=norm, **style)
+            gap_axis.errorbar(rows["batch"], rows["train_eval_gap_mean"], yerr=rows["train_eval_gap_sd"].fillna(0),
+                              label=norm, **style)
+        for axis, label in ((dice_axis, "validation Dice (eval mode)"), (gap_axis, "train-mode minus eval-mode Dice")):
+            axis.set_xscale("log", base=2)
+            batches = sorted(part["batch"].unique())
+            axis.set_xticks(batches, [str(batch) for batch in batches])
+            axis.set_xlabel("batch size")
+            axis.set_ylabel(label)
+            axis.grid(alpha=0.3)
+            axis.axvline(8, color="grey", linewidth=0.8, linestyle=":")  # Policy(min_batch_size=8)
+        gap_axis.axhline(0, color="black", linewidth=0.6)
+        dice_axis.set_title(f"{key[0]} ({key[1]}): mean ± sd over seeds")
+        gap_axis.set_title("train/eval gap")
+        dice_axis.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, default=RESULTS / "runs.csv", help="the runner's CSV (default: %(default)s)")
+    parser.add_argument("--data", default=None, help="one data set (default: all in the runs)")
+    parser.add_argument("--protocol", default=None, help="one protocol tag (default: all)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for study.csv, study.md, study.png")
+    parser.add_argument("--name", default="study", help="file name stem (default: %(default)s)")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.runs, args.data, args.protocol)
+    if runs.empty:
+        raise SystemExit(f"no finished runs in {args.runs}" + (f" for data={args.data}" if args.data else ""))
+    summary = summarise(runs)
+    comparison = compare(runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(args.out / f"{args.name}.csv", index=False)
+    text = markdown(summary, comparison, runs)
+    (args.out / f"{args.name}.md").write_text(text)
+    plot(summary, args.out / f"{args.name}.png")
+    print(text)
+    print(f"wrote {args.out / (args.name + '.csv')}, {args.out / (args.name + '.md')}, {args.out / (args.name + '.png')}")
+
+
+if __name__ == "__main__":
+    main()

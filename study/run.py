@@ -1,0 +1,345 @@
+"""The norm study (issue #13): batch size x norm x seed, each cell a short recipe training run, in one process.
+
+    python -m study.run                                   # the hard synthetic grid (STUDY.md), resumable
+    python -m study.run --data mni152                     # the MNI152 grid
+    python -m study.run --batches 1,16 --norms batch,adaptive --seeds 0 --out study/results/calibration.csv
+
+Every cell composes the recipe's own Hydra config (``adanorm/configs``: model=unet, norm=..., data=...) and
+builds the recipe's data module and Lightning module from it, so the data path, network, loss and
+validation are exactly ``adanorm-train``'s; only the Trainer is a lean one (no checkpoints, loggers or
+plots: they would cost more than a small cell's training). The runs share one process, so the imports and
+the kernel build are paid once.
+
+Protocol (the same at every batch size): ``--steps-per-epoch`` optimizer steps per epoch for ``--epochs``
+epochs, so every batch size gets the same number of updates (and of running-statistics updates) and larger
+batches see proportionally more patches; validation (eval mode, sliding window) after every epoch.
+
+Each finished cell appends one row to ``--out`` (CSV): the final validation Dice in eval mode, the best
+over epochs, the Dice with the model in train mode (batch statistics of ``batch`` windows at a time, as in
+training), their gap, and the tile mismatch of each ``--norm-stats`` choice when ``adanorm.tiling`` exists.
+A cell whose row is already there (same data, protocol, batch, norm and seed) is skipped, so an interrupted
+sweep continues where it stopped. ``adaptive+renorm`` is skipped with a message while ``AdaptiveNorm`` has no
+``renorm`` argument.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import importlib.util
+import inspect
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NORMS = ("batch", "instance", "group", "adaptive", "adaptive+renorm")
+BATCHES = (1, 2, 4, 8, 16)
+SEEDS = (0, 1, 2)
+TILE_MODES = ("tile", "running", "volume")
+"""The ``--norm-stats`` choices of tile-consistent inference (``adanorm.tiling``), one mismatch column each."""
+
+NORM_OVERRIDES: Dict[str, List[str]] = {
+    "batch": ["norm=batch"],
+    "instance": ["norm=instance"],
+    "group": ["norm=group"],
+    "adaptive": ["norm=adaptive"],
+    # Batch Renormalization inside the adaptive layer's batch mode: the adaptive norm config with renorm on.
+    "adaptive+renorm": ["norm=adaptive", "norm.args=[adaptive,{preset:default,renorm:true,renorm_warmup_steps:WARMUP}]"],
+}
+RENORM_WARMUP_SHARE = 4
+"""Renorm's clip limits widen over the first quarter of a cell's steps (WARMUP above). Its default warm-up is
+10k steps, past any cell of this study, which would leave renorm at r=1, d=0 (plain batch norm) throughout;
+the paper widens them over roughly the first quarter of training too (Ioffe 2017: r_max from 5k to 40k steps
+of about 160k)."""
+
+
+def synthetic_hard_batch(batch: int, steps_per_epoch: int) -> List[str]:
+    """32 training volumes, one patch each per step: ``repeats`` makes every batch size run ``steps_per_epoch`` steps."""
+    if (steps_per_epoch * batch) % 32:
+        raise ValueError(f"--steps-per-epoch {steps_per_epoch} x batch {batch} must be a multiple of the 32 training volumes.")
+    return [f"data.batch_size={batch}", "data.samples_per_volume=1", f"data.repeats={steps_per_epoch * batch // 32}"]
+
+
+def mni152_batch(batch: int, steps_per_epoch: int) -> List[str]:
+    """One training volume (the left hemisphere): a batch is ``batch`` patches of it; ``repeats`` is the step count."""
+    return ["data.batch_size=1", f"data.samples_per_volume={batch}", f"data.repeats={steps_per_epoch}"]
+
+
+DATA: Dict[str, Dict[str, Any]] = {
+    "synthetic_hard": {"overrides": ["data=synthetic_hard"], "batch": synthetic_hard_batch,
+                       "epochs": 6, "steps_per_epoch": 32},
+    "mni152": {"overrides": ["data=mni152", "data.patch_size=[32,32,32]"], "batch": mni152_batch,
+               "epochs": 4, "steps_per_epoch": 16},
+    "synthetic": {"overrides": ["data=synthetic", "data.patch_size=[16,16,16]", "data.volume_size=32"],
+                  "batch": lambda batch, steps: [f"data.batch_size={batch}", "data.samples_per_volume=1",
+                                                 f"data.repeats={max(1, steps * batch // 26)}"],
+                  "epochs": 4, "steps_per_epoch": 26},
+}
+
+FIELDS = ["data", "protocol", "batch", "norm", "seed", "status", "val_dice", "val_dice_best", "best_epoch",
+          "train_mode_dice", "train_eval_gap", "val_dice_per_epoch",
+          *[f"tile_mismatch_{mode}" for mode in TILE_MODES], "tile_note",
+          "steps", "patches_seen", "fit_s", "eval_s", "total_s", "threads", "torch", "note"]
+
+
+def renorm_available() -> bool:
+    from adanorm import AdaptiveNorm
+
+    return "renorm" in inspect.signature(AdaptiveNorm.__init__).parameters
+
+
+def tiling_available() -> bool:
+    return importlib.util.find_spec("adanorm.tiling") is not None
+
+
+def protocol_tag(data: str, epochs: int, steps_per_epoch: int, extra: Sequence[str]) -> str:
+    """Names the settings a row was measured under: rows of another protocol are never reused or mixed.
+
+    A hash of the composed data and model configs (without what each cell sets: batch, norm, seed) and the
+    step counts, so editing a data config (e.g. synthetic_hard.yaml) starts a new protocol too.
+    """
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(["model=unet", *DATA[data]["overrides"], "output_dir=/tmp/adanorm-study", *extra])
+    settings = {key: value for key, value in OmegaConf.to_container(cfg.data, resolve=False).items()
+                if key not in ("batch_size", "samples_per_volume", "repeats", "seed")}
+    model = OmegaConf.to_container(cfg.model, resolve=False)
+    text = json.dumps([settings, model, epochs, steps_per_epoch, list(extra)], sort_keys=True, default=str)
+    return f"e{epochs}x{steps_per_epoch}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def done_cells(path: Path) -> set:
+    if not path.is_file():
+        return set()
+    with path.open(newline="") as handle:
+        return {(row["data"], row["protocol"], int(row["batch"]), row["norm"], int(row["seed"]))
+                for row in csv.DictReader(handle)}
+
+
+def append_row(path: Path, row: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file() or path.stat().st_size == 0
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def compose_config(overrides: Sequence[str]):
+    from hydra import compose, initialize_config_module
+
+    from adanorm.recipes.resolvers import register_resolvers
+
+    register_resolvers()
+    with initialize_config_module(config_module="adanorm.configs", version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def dice_of(net, loader, patch_size, num_classes: int, sw_batch_size: int, overlap: float) -> float:
+    """Mean foreground Dice over ``loader``'s whole volumes, sliding window as the recipe validates."""
+    import torch
+    from monai.inferers import sliding_window_inference
+    from monai.metrics import DiceMetric
+    from monai.networks.utils import one_hot
+    from monai.utils import convert_to_tensor
+
+    metric = DiceMetric(include_background=False, reduction="mean")
+    with torch.no_grad():
+        for batch in loader:
+            image = convert_to_tensor(batch["image"], track_meta=False)
+            label = convert_to_tensor(batch["label"], track_meta=False)
+            logits = sliding_window_inference(image, patch_size, sw_batch_size=sw_batch_size, predictor=net,
+                                              overlap=overlap, mode="gaussian")
+            metric(one_hot(logits.argmax(1, keepdim=True), num_classes), one_hot(label, num_classes))
+    return float(metric.aggregate().item())
+
+
+def tile_mismatch(net, loader, patch_size) -> Tuple[Dict[str, Optional[float]], str]:
+    """Tile mismatch of each ``--norm-stats`` choice, by ``adanorm.tiling``'s diagnostic (empty until it exists)."""
+    if not tiling_available():
+        return {mode: None for mode in TILE_MODES}, "adanorm.tiling not available"
+    import adanorm.tiling as tiling
+
+    diagnostic = next((getattr(tiling, name) for name in ("tile_mismatch", "tile_mismatch_report", "measure_tile_mismatch")
+                       if callable(getattr(tiling, name, None))), None)
+    if diagnostic is None:
+        return {mode: None for mode in TILE_MODES}, "adanorm.tiling has no tile_mismatch function"
+    from monai.utils import convert_to_tensor
+
+    values: Dict[str, Optional[float]] = {}
+    notes = []
+    batch = next(iter(loader))
+    image = convert_to_tensor(batch["image"], track_meta=False)
+    for mode in TILE_MODES:
+        try:
+            result = diagnostic(net, image, patch_size=tuple(patch_size), mode=mode)
+            values[mode] = float(result if not isinstance(result, dict) else result.get("max", next(iter(result.values()))))
+        except Exception as error:  # an API still in progress: record why, keep the cell
+            values[mode] = None
+            notes.append(f"{mode}: {type(error).__name__}: {error}"[:200])
+    return values, "; ".join(notes)
+
+
+class DiceHistory:
+    """A Lightning callback collecting val/dice after every validation (callbacks' epoch-end hooks run before the module's)."""
+
+    def __new__(cls):
+        import lightning.pytorch as pl
+
+        class _History(pl.Callback):
+            def __init__(self) -> None:
+                self.values: List[float] = []
+
+            def on_validation_end(self, trainer, pl_module) -> None:  # after the module logged val/dice
+                if not trainer.sanity_checking and "val/dice" in trainer.callback_metrics:
+                    self.values.append(float(trainer.callback_metrics["val/dice"]))
+
+        return _History()
+
+
+def run_cell(data: str, batch: int, norm: str, seed: int, epochs: int, steps_per_epoch: int,
+             extra: Sequence[str]) -> Dict[str, Any]:
+    import lightning.pytorch as pl
+    import torch
+    from hydra.utils import instantiate
+
+    from adanorm.policy import FallbackWarning
+    from adanorm.recipes.quiet import quiet_third_party
+
+    spec = DATA[data]
+    warmup = epochs * steps_per_epoch // RENORM_WARMUP_SHARE
+    overrides = ["model=unet", *[item.replace("WARMUP", str(warmup)) for item in NORM_OVERRIDES[norm]], *spec["overrides"], *spec["batch"](batch, steps_per_epoch),
+                 f"seed={seed}", "output_dir=/tmp/adanorm-study", *extra]
+    cfg = compose_config(overrides)
+    start = time.perf_counter()
+    pl.seed_everything(seed, workers=True, verbose=False)
+    with quiet_third_party(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        datamodule = instantiate(cfg.data)
+        module = instantiate(cfg.module)
+        history = DiceHistory()
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             callbacks=[history])
+        fit_start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule)
+        fit_s = time.perf_counter() - fit_start
+        eval_start = time.perf_counter()
+        net = module.net.eval()
+        loader = datamodule.val_dataloader()
+        overlap = module.hparams.get("val_overlap", 0.25) if hasattr(module.hparams, "get") else 0.25
+        patch, classes = tuple(cfg.data.patch_size), int(cfg.data.num_classes)
+        val_dice = dice_of(net, loader, patch, classes, sw_batch_size=4, overlap=overlap)
+        # Train mode: batch statistics of `batch` windows at a time, as the network saw them in training
+        # (on a copy, so that no running statistic moves).
+        train_net = copy.deepcopy(net).train()
+        train_dice = dice_of(train_net, loader, patch, classes, sw_batch_size=batch, overlap=overlap)
+        mismatch, tile_note = tile_mismatch(net, loader, patch)
+        eval_s = time.perf_counter() - eval_start
+    steps = trainer.global_step
+    best = max(range(len(history.values)), key=history.values.__getitem__) if history.values else None
+    return {
+        "status": "ok", "val_dice": round(val_dice, 5),
+        "val_dice_best": round(history.values[best], 5) if best is not None else "",
+        "best_epoch": best if best is not None else "",
+        "train_mode_dice": round(train_dice, 5), "train_eval_gap": round(train_dice - val_dice, 5),
+        "val_dice_per_epoch": " ".join(f"{value:.4f}" for value in history.values),
+        **{f"tile_mismatch_{mode}": ("" if value is None else f"{value:.6g}") for mode, value in mismatch.items()},
+        "tile_note": tile_note, "steps": steps, "patches_seen": steps * batch, "fit_s": round(fit_s, 2),
+        "eval_s": round(eval_s, 2), "total_s": round(time.perf_counter() - start, 2),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+
+
+def cells(batches: Iterable[int], norms: Iterable[str], seeds: Iterable[int]) -> List[Tuple[int, str, int]]:
+    """Seed-major order: a sweep stopped early holds whole seeds of the grid, not whole batch sizes."""
+    return [(batch, norm, seed) for seed in seeds for batch in batches for norm in norms]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="synthetic_hard", choices=sorted(DATA))
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--norms", default=",".join(NORMS), help="comma-separated, of: " + ", ".join(NORMS))
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: per data set (synthetic_hard 6, mni152 4)")
+    parser.add_argument("--steps-per-epoch", type=int, default=None, help="default: per data set (synthetic_hard 32, mni152 16)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "runs.csv", help="the per-run CSV (default: %(default)s)")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells to run and exit")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every cell (part of the protocol tag)")
+    args = parser.parse_args(argv)
+    unknown = [norm for norm in args.norms.split(",") if norm not in NORMS]
+    if unknown:
+        parser.error(f"unknown norms {unknown}; choose from {NORMS}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+    from tqdm import tqdm
+
+    torch.set_num_threads(args.threads)
+    spec = DATA[args.data]
+    epochs = args.epochs or spec["epochs"]
+    steps = args.steps_per_epoch or spec["steps_per_epoch"]
+    protocol = protocol_tag(args.data, epochs, steps, args.overrides)
+    grid = cells([int(b) for b in args.batches.split(",")], args.norms.split(","), [int(s) for s in args.seeds.split(",")])
+    done = done_cells(args.out)
+    todo = [cell for cell in grid if (args.data, protocol, *cell) not in done]
+    renorm = renorm_available()
+    print(f"study: data={args.data} protocol={protocol} ({epochs} epochs x {steps} steps), {len(grid)} cells, "
+          f"{len(grid) - len(todo)} already in {args.out}, {len(todo)} to run; torch {torch.__version__}, "
+          f"{args.threads} threads, {platform.processor() or platform.machine()}", flush=True)
+    if not renorm and any(norm == "adaptive+renorm" for _, norm, _ in todo):
+        print("study: adaptive+renorm skipped: AdaptiveNorm has no renorm argument yet (adanorm/norm.py); "
+              "rerun once it has, the finished cells are kept.", flush=True)
+    if not tiling_available():
+        print("study: tile-mismatch columns left empty: adanorm.tiling is not there yet.", flush=True)
+    if args.dry_run:
+        for cell in todo:
+            print("  batch={} norm={} seed={}".format(*cell))
+        return 0
+    build = time.perf_counter()
+    from adanorm.functional.cpu_fused import cpu_kernels
+
+    cpu_kernels()  # built (or loaded) once before the first cell, so no cell's time includes the build
+    print(f"study: adanorm CPU kernels ready in {time.perf_counter() - build:.1f} s", flush=True)
+    failures = 0
+    bar = tqdm(todo, desc=f"{args.data} cells", unit="cell", file=sys.stderr, mininterval=5, dynamic_ncols=False)
+    for batch, norm, seed in bar:
+        bar.set_postfix_str(f"batch={batch} {norm} seed={seed}")
+        if norm == "adaptive+renorm" and not renorm:
+            continue  # not recorded: runs once renorm exists
+        row: Dict[str, Any] = {"data": args.data, "protocol": protocol, "batch": batch, "norm": norm, "seed": seed}
+        try:
+            row.update(run_cell(args.data, batch, norm, seed, epochs, steps, args.overrides))
+        except Exception as error:  # recorded, so the sweep goes on; the report shows failed cells
+            failures += 1
+            row.update(status="failed", note=f"{type(error).__name__}: {error}"[:300], torch=torch.__version__)
+            traceback.print_exc()
+        append_row(args.out, row)
+        tqdm.write(f"batch={batch:>2} {norm:<16} seed={seed}: {row['status']} val_dice={row.get('val_dice', '')} "
+                   f"train_mode={row.get('train_mode_dice', '')} fit {row.get('fit_s', '')} s, eval {row.get('eval_s', '')} s",
+                   file=sys.stderr)
+    bar.close()
+    print(f"study: finished; {failures} failed cells; rows in {args.out}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
