@@ -8,12 +8,12 @@ rebuilds the very configuration it came from.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, Dict, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Tuple, Type, Union
 
 from torch import nn
 
 from adanorm.norm import AdaptiveNorm, AdaptiveNorm1d, AdaptiveNorm2d, AdaptiveNorm3d
-from adanorm.policy import MIN_VALUES_PER_STATISTIC, MODES, Policy
+from adanorm.policy import MIN_VALUES_PER_STATISTIC, MODES, Policy, get_policy
 
 _ADAPTIVE_BY_NATIVE: Dict[Type[nn.Module], Type[AdaptiveNorm]] = {
     nn.BatchNorm1d: AdaptiveNorm1d,
@@ -48,7 +48,7 @@ def _native_config(module: nn.Module) -> Dict[str, Any]:
     return config
 
 
-def _faithful_policy(module: nn.Module, base: Optional[Policy]) -> Policy:
+def _faithful_policy(module: nn.Module, base: Union[Policy, str, None]) -> Policy:
     """A policy under which the adaptive layer normalizes as ``module`` does wherever ``module`` can run,
     in training and in eval, and falls back only where it would raise.
 
@@ -58,6 +58,7 @@ def _faithful_policy(module: nn.Module, base: Optional[Policy]) -> Policy:
     the chain at their own mode with thresholds at the native floor; InstanceNorm with running
     statistics updates and evaluates with them as ``F.instance_norm`` does.
     """
+    base = None if base is None else get_policy(base)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         policy = base or Policy(min_batch_size=SMALL_BATCH_FINE_TUNING)
         return replace(policy, native_eval_rule=module.track_running_stats,

@@ -99,6 +99,15 @@ def test_convert_keeps_device_and_preset_kwargs():
     assert model[0].momentum == 0.05 and model[0].momentum_preset.name == "small_batch"
 
 
+def test_convert_takes_a_policy_by_name():
+    """``policy=`` takes what the adaptive constructor takes: a Policy or a NAMED_POLICIES name."""
+    from adanorm.policy import NAMED_POLICIES
+
+    layer = adanorm.convert(nn.BatchNorm3d(4), policy="instance_first")
+    assert layer.policy.chain == NAMED_POLICIES["instance_first"].chain
+    assert layer.policy.native_eval_rule  # still evaluates with its running statistics, as BatchNorm does
+
+
 def test_sync_batchnorm_conversion_leaves_adaptive_layers():
     model = nn.Sequential(nn.Conv3d(1, 4, 1), adanorm.AdaptiveNorm3d(4), nn.BatchNorm3d(4))
     converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
