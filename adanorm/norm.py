@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from functools import lru_cache
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,11 +29,14 @@ from adanorm.policy import (
     Policy,
     check_num_groups,
     choose_mode,
+    first_choice,
+    get_policy,
     is_fallback,
     mode_is_usable,
 )
 from adanorm.presets import MomentumPreset, get_preset
 from adanorm.scripting import ScriptableAdaptiveNorm
+from adanorm.warning_site import calling_site, first_report, layer_path
 
 MODE_CHOICES = ("auto",) + MODES
 # The policy's pure functions, cached for the eager hot path (a layer asks once per call). Compiled
@@ -41,6 +44,7 @@ MODE_CHOICES = ("auto",) + MODES
 _cached_mode_is_usable = lru_cache(maxsize=4096)(mode_is_usable)
 _cached_choose_mode = lru_cache(maxsize=4096)(choose_mode)
 _cached_is_fallback = lru_cache(maxsize=4096)(is_fallback)
+_cached_first_choice = lru_cache(maxsize=64)(first_choice)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 BALANCE_DECAY = 0.9
 """Weight of the past in ``running_stats_balance``: about the last ten training steps decide."""
@@ -75,7 +79,7 @@ class AdaptiveNorm(_NormBase):
         mode: str = "auto",
         num_groups: Optional[int] = None,
         preset: Optional[str] = None,
-        policy: Optional[Policy] = None,
+        policy: Union[Policy, str, None] = None,
         sync: bool = False,
         process_group: Optional[Any] = None,
         renorm: bool = False,
@@ -90,21 +94,19 @@ class AdaptiveNorm(_NormBase):
             raise ValueError(f"{name}: eps={eps!r} is invalid; pass a small non-negative float such as 1e-5.")
         if mode not in MODE_CHOICES:
             raise ValueError(f"{name}: mode={mode!r} is unknown; choose one of {MODE_CHOICES}.")
-        if policy is not None and not isinstance(policy, Policy):
-            raise TypeError(f"{name}: policy must be an adanorm.Policy, got {type(policy).__name__}; build one with adanorm.Policy(...).")
         self.momentum_preset = _resolve_momentum(name, momentum, preset)
         super().__init__(
             num_features, float(eps), self.momentum_preset.momentum, affine, track_running_stats, device, dtype, bias=bias
         )
         self.mode = mode
         self.num_groups = check_num_groups(num_groups, num_features)
-        self.policy = policy if policy is not None else Policy()
+        self.policy = Policy() if policy is None else get_policy(policy)
         self.sync = sync
         self.process_group = process_group
         self.renorm_limits = _resolve_renorm(name, renorm, renorm_r_max, renorm_d_max, renorm_warmup_steps)
         self.last_mode: Optional[str] = None
         self.mode_counts: Dict[str, int] = dict.fromkeys(MODES, 0)
-        self._warned_fallback = False
+        self._reported_fallbacks: Set[Tuple[str, str, bool]] = set()  # (from-mode, to-mode, training)
         self._warned_nonfinite = 0
         self._nonfinite_skips_version = 0
         self._native_spec: Optional[Tuple[type, Dict[str, Any]]] = None  # set by adanorm.convert, read by revert
@@ -195,7 +197,7 @@ class AdaptiveNorm(_NormBase):
                     f"statistics update was skipped so the buffers stay finite (count in .nonfinite_skips). Check the input "
                     f"for NaN/Inf (under AMP, an fp16 overflow); Policy(skip_nonfinite=False) updates them as native BatchNorm does.",
                     NonFiniteStatsWarning,
-                    stacklevel=3,
+                    stacklevel=calling_site()[0],
                 )
             self._warned_nonfinite = skips
 
@@ -247,16 +249,31 @@ class AdaptiveNorm(_NormBase):
         return mode
 
     def _report_fallback(self, shape: Tuple[int, ...], mode: str, compiling: bool) -> None:
-        if (self._warned_fallback or compiling) and not self.policy.strict:
-            return  # counted in mode_counts (eager only); the message is built only when it is shown
+        """Raise under ``Policy(strict=True)``; otherwise warn once per model and regime (from-mode,
+        to-mode, training or eval) at the line that called the model: a network's layers fall back
+        together, and a warning per layer would bury the one that matters."""
+        if compiling and not self.policy.strict:
+            return  # warnings stay out of graphs
+        preferred = (first_choice if compiling else _cached_first_choice)(self.training, self.policy)
+        regime = (preferred, mode, self.training)
+        if regime in self._reported_fallbacks and not self.policy.strict:
+            return  # counted in mode_counts; the message is built only when it is shown
         message = (
-            f"{type(self).__name__}({self.num_features}) fell back to {mode!r} mode for input of shape {tuple(shape)} "
-            f"in {'training' if self.training else 'eval'}."
+            f"{type(self).__name__}({self.num_features}) fell back to {mode!r} mode from {preferred!r} for input of "
+            f"shape {tuple(shape)} in {'training' if self.training else 'eval'}"
         )
         if self.policy.strict:
-            raise FallbackError(message + " Policy(strict=True) forbids falling back: change the input shape or the policy.")
-        self._warned_fallback = True
-        warnings.warn(message + " Further fallbacks of this layer are counted in .mode_counts.", FallbackWarning, stacklevel=3)
+            raise FallbackError(message + ". Policy(strict=True) forbids falling back: change the input shape or the policy.")
+        self._reported_fallbacks.add(regime)
+        stacklevel, model = calling_site()
+        if first_report(model, regime):
+            path = layer_path(model, self)
+            warnings.warn(
+                f"{message}{f' ({path})' if path else ''}. Shown once per model and regime (from-mode, to-mode, "
+                f"training/eval); other layers may have fallen back too: each counts its calls per mode in .mode_counts.",
+                FallbackWarning,
+                stacklevel=stacklevel,
+            )
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)

@@ -6,8 +6,8 @@ hot path, and compilers trace them, folding the choice into the graph for the sh
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Tuple, Union
 
 MODES: Tuple[str, ...] = ("batch", "instance", "group", "layer", "identity")
 """Every mode, in the order auto mode tries them."""
@@ -24,7 +24,8 @@ class FallbackError(RuntimeError):
 
 
 class FallbackWarning(UserWarning):
-    """Emitted once per layer, the first time auto mode falls back from its first choice."""
+    """Emitted when auto mode falls back from its first choice: once per model and regime (the
+    from-mode, the to-mode, training or eval), pointing at the line that called the model."""
 
 
 class NonFiniteStatsWarning(RuntimeWarning):
@@ -79,6 +80,41 @@ class Policy:
                 raise ValueError(f"Policy.{name}={value!r} is invalid; use an integer >= 1.")
 
 
+def native_first(mode: str, base: Optional[Policy] = None) -> Policy:
+    """``base`` (default ``Policy()``) with the chain starting at the per-sample ``mode`` and its
+    thresholds at the native floor: the layer normalizes as ``nn.InstanceNorm``/``nn.GroupNorm`` do
+    wherever they can run, and falls back only where they would raise (a 1×1×1 bottleneck)."""
+    return replace(
+        base or Policy(),
+        chain=MODES[MODES.index(mode):],
+        min_instance_size=MIN_VALUES_PER_STATISTIC,
+        min_group_size=MIN_VALUES_PER_STATISTIC,
+    )
+
+
+NAMED_POLICIES: Dict[str, Policy] = {
+    "batch_first": Policy(),
+    "instance_first": native_first("instance"),
+    "group_first": native_first("group"),
+}
+"""Policies by name, for configurations that hold plain values (nnU-Net plans, Hydra YAML, MONAI's
+``("adaptive", {...})`` norm tuples): ``policy="instance_first"`` is the drop-in for InstanceNorm."""
+
+
+def get_policy(policy: Union[Policy, str]) -> Policy:
+    """A ``Policy`` as given, or the one ``NAMED_POLICIES`` holds under that name."""
+    if isinstance(policy, Policy):
+        return policy
+    if not isinstance(policy, str):
+        raise TypeError(
+            f"policy must be an adanorm.Policy or one of the names {sorted(NAMED_POLICIES)}, got "
+            f"{type(policy).__name__}; build one with adanorm.Policy(...)."
+        )
+    if policy not in NAMED_POLICIES:
+        raise ValueError(f"policy={policy!r} is unknown; choose one of {sorted(NAMED_POLICIES)} or pass an adanorm.Policy(...).")
+    return NAMED_POLICIES[policy]
+
+
 def default_num_groups(num_channels: int) -> int:
     """The largest divisor of C that is at most 32 and leaves at least two channels per group.
 
@@ -120,27 +156,34 @@ def mode_is_usable(mode: str, shape: Tuple[int, ...], num_groups: int, policy: O
 def choose_mode(
     shape: Tuple[int, ...],
     training: bool,
-    policy: Policy,
+    policy: Union[Policy, str],
     num_groups: int,
     has_running_stats: bool,
 ) -> str:
-    """The mode auto mode runs for this input.
+    """The mode auto mode runs for this input (``policy``: a ``Policy`` or a ``NAMED_POLICIES`` name).
 
     In eval, usable running statistics (``has_running_stats``: see ``AdaptiveNorm``'s eval rule)
     win: they are valid at every shape, including batch 1 and 1×1×1. Without them, batch mode is
     skipped in eval (its statistics would mix the samples of an inference batch) unless
     ``policy.eval_batch_stats``, and the rest of the chain is walked as in training.
     """
+    policy = get_policy(policy)
     return choose(list(shape), training, candidates(training, list(policy.chain), policy.eval_batch_stats),
                   num_groups, policy.min_batch_size, policy.min_instance_size, policy.min_group_size, has_running_stats)
+
+
+def first_choice(training: bool, policy: Policy) -> str:
+    """The mode the chain prefers without usable running statistics (eval skips batch mode unless
+    ``policy.eval_batch_stats``): what a layer runs when it does not fall back."""
+    preferred = candidates(training, list(policy.chain), policy.eval_batch_stats)
+    return preferred[0] if preferred else "identity"
 
 
 def is_fallback(mode: str, training: bool, policy: Policy, has_running_stats: bool) -> bool:
     """Whether ``mode`` is a step down from the first mode the chain would prefer."""
     if not training and has_running_stats:
         return False
-    preferred = candidates(training, list(policy.chain), policy.eval_batch_stats)
-    return mode != (preferred[0] if preferred else "identity")
+    return mode != first_choice(training, policy)
 
 
 # The decision itself, over plain values so that TorchScript compiles the same code the eager layers run

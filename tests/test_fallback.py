@@ -1,4 +1,5 @@
 """The fallback policy: which mode auto picks, that it never raises, and the eval rule."""
+import inspect
 import itertools
 import math
 import warnings
@@ -83,12 +84,11 @@ def test_mode_changes_between_steps_keep_running_stats():
         layer(big), native(big)
     assert layer.last_mode == "batch"
     stats = layer.running_mean.clone(), layer.running_var.clone()
-    with pytest.warns(FallbackWarning, match="fell back to 'instance'"):
+    with pytest.warns(FallbackWarning, match="fell back to 'instance' mode from 'batch'"):
         y = layer(torch.randn(2, 4, 3, 3, 3))  # a smaller last batch
     assert layer.last_mode == "instance"
     torch.testing.assert_close((layer.running_mean, layer.running_var), stats)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FallbackWarning)  # warned once already: no second warning
+    with pytest.warns(FallbackWarning, match="fell back to 'layer' mode from 'batch'"):  # a new regime warns
         layer(torch.randn(2, 4, 1, 1, 1))  # a different patch size
     assert layer.last_mode == "layer"
     assert layer.mode_counts == {"batch": 5, "instance": 1, "group": 0, "layer": 1, "identity": 0}
@@ -104,7 +104,7 @@ def test_mode_changes_between_steps_keep_running_stats():
     # Training that moved to per-sample statistics for good: eval follows it (and the statistics are kept).
     layer.train()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FallbackWarning)
+        warnings.simplefilter("error", FallbackWarning)  # this regime warned already: no second warning
         for _ in range(8):
             layer(torch.randn(2, 4, 3, 3, 3))
     layer.eval()
@@ -164,13 +164,78 @@ def test_strict_policy_raises_instead_of_falling_back():
         layer(torch.randn(2, 4, 2, 2, 2))
 
 
-def test_one_warning_per_layer():
-    layers = nn.Sequential(adanorm.AdaptiveNorm3d(4), adanorm.AdaptiveNorm3d(4))
+class TwoBlocks(nn.Module):
+    """A model with a forward of its own, so the warning must walk past user forward methods too."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Sequential(nn.Conv3d(4, 4, 1), adanorm.AdaptiveNorm3d(4))
+        self.second = nn.Sequential(nn.Conv3d(4, 4, 1), adanorm.AdaptiveNorm3d(4))
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def fallback_warnings(model, shapes):
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(3):
-            layers(torch.randn(1, 4, 2, 2, 2))
-    assert sum(issubclass(w.category, FallbackWarning) for w in caught) == 2
+        warnings.simplefilter("always")  # no help from Python's once-per-location registry
+        for shape in shapes:
+            model(torch.randn(shape)); line = inspect.currentframe().f_lineno
+    return [w for w in caught if issubclass(w.category, FallbackWarning)], line
+
+
+def test_one_warning_per_model_and_regime_at_the_calling_line():
+    model = TwoBlocks()
+    caught, line = fallback_warnings(model, [(2, 4, 2, 2, 2)] * 3)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert (caught[0].filename, caught[0].lineno) == (__file__, line), "points at the line that called the model"
+    assert "fell back to 'instance' mode from 'batch'" in str(caught[0].message)
+    assert "(TwoBlocks.first.1)" in str(caught[0].message)
+
+    caught, _ = fallback_warnings(model, [(2, 4, 1, 1, 1)] * 2 + [(2, 4, 2, 2, 2)])  # a new regime, then the old one
+    assert [str(w.message).split(" for ")[0] for w in caught] == ["AdaptiveNorm3d(4) fell back to 'layer' mode from 'batch'"]
+    caught, _ = fallback_warnings(model.eval(), [(2, 4, 1, 1, 1)])  # eval without running statistics: another regime
+    assert len(caught) == 1 and "from 'instance'" in str(caught[0].message) and "in eval" in str(caught[0].message)
+
+    caught, _ = fallback_warnings(TwoBlocks(), [(2, 4, 2, 2, 2)])  # another model is told again
+    assert len(caught) == 1
+    for layer in (model.first[1], model.second[1]):
+        assert layer.mode_counts["instance"] == 4 and layer.mode_counts["layer"] == 3  # telemetry counts every call
+
+
+def test_no_warning_while_the_first_choice_runs():
+    layer = adanorm.AdaptiveNorm3d(4, policy="instance_first")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        layer(torch.randn(1, 4, 2, 2, 2)), layer.eval()(torch.randn(3, 4, 2, 1, 1))
+    assert layer.mode_counts["instance"] == 2
+    trained = adanorm.AdaptiveNorm3d(4)
+    for _ in range(3):
+        trained(torch.randn(8, 4, 2, 2, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        trained.eval()(torch.randn(1, 4, 1, 1, 1))  # running statistics: no fallback at any shape
+    assert trained.last_mode == "batch"
+
+
+def test_nonfinite_warning_points_at_the_calling_line():
+    model = nn.Sequential(adanorm.AdaptiveNorm3d(4))
+    x = torch.randn(8, 4, 2, 2, 2)
+    x[0, 0, 0, 0, 0] = float("nan")
+    with pytest.warns(adanorm.NonFiniteStatsWarning) as caught:
+        model(x); line = inspect.currentframe().f_lineno
+    assert (caught[0].filename, caught[0].lineno) == (__file__, line)
+
+
+def test_named_policies():
+    assert adanorm.AdaptiveNorm3d(4, policy="batch_first").policy == Policy()
+    instance_first = adanorm.AdaptiveNorm3d(4, policy="instance_first").policy
+    assert instance_first.chain == ("instance", "group", "layer", "identity")
+    assert instance_first.min_instance_size == 2, "instance statistics wherever nn.InstanceNorm3d computes them"
+    assert adanorm.AdaptiveNorm3d(4, policy="group_first").policy.chain == ("group", "layer", "identity")
+    assert choose_mode((1, 4, 1, 1, 2), True, "instance_first", 2, False) == "instance"
+    with pytest.raises(ValueError, match=r"policy='instance'.*\['batch_first', 'group_first', 'instance_first'\]"):
+        adanorm.AdaptiveNorm3d(4, policy="instance")
 
 
 def test_policy_is_pure_and_validated():
