@@ -268,8 +268,8 @@ def _flock(descriptor: int, build_directory: Path) -> bool:
 def prefer_fused_cpu(input: Tensor, num_groups: Optional[int]) -> bool:
     """Whether ``fused_norm`` is the faster kernel for this input, with statistics per (sample, group)
     for ``num_groups`` groups (instance, group, layer) or over the batch for None (batch mode): on a
-    CPU tensor of a supported dtype, outside autocast (whose dtype policy the native ops carry),
-    ``torch.jit.trace`` / ONNX export and ``torch.compile``."""
+    CPU tensor of a supported dtype, outside autocast (whose dtype policy the native ops carry).
+    Captured code (compile, export, tracing) never asks: ``dispatch`` routes it to native ops first."""
     if not input.is_cpu or input.dim() < 3:  # cheapest tests first: this runs on every call of a layer
         return False
     numel = input.numel()
@@ -285,8 +285,6 @@ def prefer_fused_cpu(input: Tensor, num_groups: Optional[int]) -> bool:
         worth_it
         and input.dtype in KERNEL_DTYPES
         and not torch.is_autocast_enabled("cpu")
-        and not torch.jit.is_tracing()  # the tracer records dispatcher ops only; it would freeze our output
-        and not torch.compiler.is_compiling()  # torch.compile fuses the native ops itself, without graph breaks
         and cpu_kernels() is not None
     )
 
