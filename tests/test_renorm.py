@@ -239,6 +239,23 @@ def test_torch_compile_fullgraph_equals_eager_without_recompiling_through_the_wa
         torch._dynamo.reset()
 
 
+def test_a_dynamic_batch_compiles_once_and_an_empty_batch_compiles():
+    eager = renorm_layer(5)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(copy.deepcopy(eager), backend=counter, fullgraph=True, dynamic=True)
+        for batch in (5, 7, 9):  # none equal to a spatial size: dynamo would duck-size them together
+            x, _ = drifting_batches((batch, 4, 2, 3, 2), steps=1, seed=batch)[0]
+            torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+        assert counter.frame_count == 1
+        torch._dynamo.reset()
+        empty = torch.compile(renorm_layer(5), backend="aot_eager", fullgraph=True)(torch.randn(0, 4, 2, 3, 2))
+        assert empty.shape == (0, 4, 2, 3, 2)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_scripted_renorm_layer_equals_eager_and_survives_save_load():
     eager = renorm_layer(5, mode="auto", policy=adanorm.Policy(min_batch_size=3))
     buffer = io.BytesIO()

@@ -103,8 +103,10 @@ def renormalize_batch_mode(output: Tensor, clip: RenormClip, batch_mean: Tensor,
                             running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                             eps: float) -> Tensor:
     """Batch mode's ``output`` renormalized, from the statistics its kernel wrote for the running update:
-    the mean and unbiased variance of ``count`` values per channel."""
-    factors = renorm_factors(batch_mean, batch_var * ((count - 1) / count), running_mean, running_var, clip, eps)
+    the mean and unbiased variance of ``count`` values per channel. (Only captured code reaches this
+    with an empty batch, whose output is empty whatever r and d are.)"""
+    biased_var = batch_var * ((count - 1) / max(count, 1))
+    factors = renorm_factors(batch_mean, biased_var, running_mean, running_var, clip, eps)
     return renormalize(output, factors, weight, bias)
 
 
