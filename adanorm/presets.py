@@ -13,7 +13,32 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class MomentumPreset:
-    """``momentum`` is fixed; ``None`` counts steps (cumulative), and ``window_samples`` then follows the batch size."""
+    """A named rule for the update factor (momentum) of the running statistics.
+
+    The momentum that keeps eval statistics steady depends on how many samples a step sees, so a
+    preset names the choice (``AdaptiveNorm(preset="small_batch")``, ``norm.preset=`` in the recipes)
+    instead of leaving a number to tune. :data:`PRESETS` holds the built-in ones, which
+    :func:`get_preset` looks up.
+
+    Args:
+        name (str): the name :func:`get_preset` and ``preset=`` find it by.
+        momentum (float, optional): a fixed update factor, as ``nn.BatchNorm3d``'s ``momentum``;
+            ``None`` makes the factor depend on the step count (see ``window_samples``).
+        window_samples (int, optional): with ``momentum=None``, the number of samples the running
+            statistics average over: the factor is ``batch_size / window_samples``, but never less
+            than the cumulative average's ``1 / steps``, so early steps do not lean toward the initial
+            mean 0 and variance 1. Without it, ``momentum=None`` is PyTorch's cumulative average.
+            Default: ``None``.
+
+    Example:
+        >>> import torch
+        >>> from adanorm import get_preset
+        >>> get_preset("small_batch").momentum
+        0.05
+        >>> auto = get_preset("auto")  # momentum=None, window_samples=256
+        >>> float(auto.factor(batch_size=2, num_batches_tracked=torch.tensor(1000)))
+        0.0078125
+    """
 
     name: str
     momentum: Optional[float]
@@ -58,7 +83,27 @@ PRESETS: Dict[str, MomentumPreset] = {
 
 
 def get_preset(name: str) -> MomentumPreset:
-    """Look a preset up by name, with the valid names in the error."""
+    """The built-in momentum preset called ``name``.
+
+    Presets are chosen by name in configurations (``AdaptiveNorm(preset=...)``, Hydra's
+    ``norm.preset=``); this is the one lookup, so that a misspelt name fails with the valid ones.
+
+    Args:
+        name (str): one of ``default`` (0.1: batch 16 and more), ``small_batch`` (0.05: batch 4–8),
+            ``tiny_batch`` (0.01: batch 1–3), ``cumulative`` (every batch weighs the same, for
+            fine-tuning or calibrating) and ``auto`` (about 256 samples, at any batch size).
+
+    Returns:
+        MomentumPreset: the preset.
+
+    Raises:
+        ValueError: if ``name`` is not in :data:`PRESETS`.
+
+    Example:
+        >>> from adanorm import get_preset
+        >>> get_preset("tiny_batch").momentum
+        0.01
+    """
     if name not in PRESETS:
         raise ValueError(f"preset={name!r} is unknown; choose one of {sorted(PRESETS)} or pass momentum= instead.")
     return PRESETS[name]

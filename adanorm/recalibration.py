@@ -65,21 +65,48 @@ def update_bn(
 ) -> None:
     """Recompute the running statistics of every adaptive and native batch-norm layer in ``model``.
 
-    Call it after training with EMA/SWA weights, after fine-tuning at small batch, or whenever
-    eval should use statistics of the final weights. Each layer's running mean and variance
-    become the exact mean and unbiased variance of all values its input held over ``loader``,
-    at any batch size, including batch 1. ``num_batches_tracked`` becomes the number of batches
-    seen, and the layer's eval then uses these statistics (see the README's eval rule).
-    InstanceNorm-style running statistics are left alone, as in torch.
+    Running statistics lag behind the weights they are used with: EMA and SWA weights were never
+    trained with any, fine-tuning at small batch moves the weights faster than a small momentum
+    follows, and a short run's statistics still carry its first epochs. ``update_bn`` replaces
+    them by statistics of the current weights over ``loader`` (PreciseBN). Unlike
+    ``torch.optim.swa_utils.update_bn``, which it can replace call for call, it also reaches
+    adaptive layers, and every layer gets the exact mean and unbiased variance of all values its
+    input held over the loader (pooled in float64 with Chan's formula), at any batch size,
+    including batch 1, with every layer upstream normalizing with batch statistics.
+
+    Layers that evaluate with running statistics are recalibrated: native ``_BatchNorm`` layers
+    with ``track_running_stats=True`` and adaptive layers in ``mode="auto"`` or ``"batch"``. Their
+    ``num_batches_tracked`` becomes the number of batches seen, and adaptive layers then evaluate
+    with these statistics. InstanceNorm-style running statistics are left alone, as in torch.
+    Synced layers (``sync=True``, ``nn.SyncBatchNorm``) pool over every rank's loader.
 
     Args:
-        loader: batches, as for ``torch.optim.swa_utils.update_bn``.
-        model: the model; its train/eval flag is restored afterwards.
-        device: if given, each input is moved there first.
-        num_batches: stop after this many batches (PreciseBN suggests ~10^3–10^4 samples in all).
-        forward_fn: ``forward_fn(model, batch)`` runs the model on a batch that is not a tensor or a
-            list/tuple of tensors (e.g. MONAI's dict batches); inputs are then not moved to ``device``.
-        progress: show a progress bar (needs tqdm).
+        loader (Iterable): batches, each a tensor or a list/tuple whose first element is the input
+            tensor (as for ``torch.optim.swa_utils.update_bn``), or anything ``forward_fn`` takes.
+        model (nn.Module): the model; its train/eval flag is restored afterwards.
+        device (str or torch.device, optional): if given, each input is moved there first.
+            Default: ``None``.
+        num_batches (int, optional): stop after this many batches; PreciseBN suggests 10^3–10^4
+            samples in all. Default: ``None`` (the whole loader).
+        forward_fn (Callable, optional): ``forward_fn(model, batch)`` runs the model on a batch that
+            is neither a tensor nor a list/tuple of tensors (MONAI's dict batches, for one); inputs
+            are then not moved to ``device``. Default: ``None``.
+        progress (bool): show a progress bar (needs tqdm). Default: ``False``.
+
+    Raises:
+        TypeError: if a batch is not a tensor or a list/tuple of tensors and ``forward_fn`` is not given.
+
+    Example:
+        >>> import torch, adanorm
+        >>> from torch import nn
+        >>> model = adanorm.convert(nn.Sequential(nn.Conv3d(1, 4, 3), nn.BatchNorm3d(4)))
+        >>> loader = [torch.randn(2, 1, 8, 8, 8) for _ in range(5)]
+        >>> adanorm.update_bn(loader, model)
+        >>> int(model[1].num_batches_tracked)
+        5
+        >>> # MONAI dict batches:
+        >>> dict_loader = [{"image": batch} for batch in loader]
+        >>> adanorm.update_bn(dict_loader, model, forward_fn=lambda model, batch: model(batch["image"]))
     """
     layers = _recalibrated_layers(model)
     if not layers:

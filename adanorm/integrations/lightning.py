@@ -28,9 +28,21 @@ DEFAULT_PREFIX = "norm"
 class NormMetric(NamedTuple):
     """One metric :class:`NormModeMonitor` logs, and its key: ``{prefix}/{stage}/{layer}/{name}``.
 
-    ``name`` is a mode (a forward count) or ``fallback_fraction``; ``layer`` is the module name, or
-    ``""`` for the stage's total over all layers (key ``{prefix}/{stage}/fallback_fraction``).
-    The one place that builds and parses these keys: the callback writes them, the plots read them.
+    The one place that builds and parses these keys, so that the callback that writes them and
+    the plots that read them (``adanorm.recipes.plots``) cannot drift apart.
+
+    Args:
+        stage (str): ``"train"`` or ``"eval"``.
+        layer (str): the module name of the adaptive layer, or ``""`` for the stage's total over
+            all layers (key ``{prefix}/{stage}/fallback_fraction``).
+        name (str): a mode (the metric is that mode's forward count) or ``"fallback_fraction"``.
+
+    Example:
+        >>> from adanorm.integrations.lightning import NormMetric
+        >>> NormMetric("train", "encoder.norm1", "instance").key()
+        'norm/train/encoder.norm1/instance'
+        >>> NormMetric.parse("norm/eval/fallback_fraction")
+        NormMetric(stage='eval', layer='', name='fallback_fraction')
     """
 
     stage: str
@@ -38,11 +50,12 @@ class NormMetric(NamedTuple):
     name: str
 
     def key(self, prefix: str = DEFAULT_PREFIX) -> str:
+        """The logged key, under ``prefix`` (the monitor's)."""
         return "/".join(part for part in (prefix, self.stage, self.layer, self.name) if part)
 
     @classmethod
     def parse(cls, key: str, prefix: str = DEFAULT_PREFIX) -> Optional["NormMetric"]:
-        """The metric behind ``key``, or None for a key the monitor does not write."""
+        """The metric behind ``key``, or None for a key the monitor does not write (other metrics of the run)."""
         if not key.startswith(f"{prefix}/"):
             return None
         stage, _, rest = key[len(prefix) + 1:].partition("/")
@@ -57,11 +70,25 @@ class NormMetric(NamedTuple):
 class NormModeMonitor(pl.Callback):
     """Logs, per epoch and per adaptive layer, how many forwards ran each mode and which share fell back.
 
-    Keys (built and parsed by :class:`NormMetric`): ``{prefix}/{stage}/{layer}/{mode}`` (forward
-    counts of the modes used), ``{prefix}/{stage}/{layer}/fallback_fraction`` and
-    ``{prefix}/{stage}/fallback_fraction`` (all layers together), where stage is ``train`` or
-    ``eval``. A fallback is a forward that ran a later mode of the policy's chain than its first
-    choice (see ``adanorm.policy.is_fallback``): at small batches that is the designed behaviour.
+    An adaptive layer decides its mode per call, so a run's metrics alone do not say what the
+    layers did: whether batch statistics were ever used, or which layers fell back at the last
+    patches of an epoch. Training and validation forwards are counted apart, because the same
+    layer picks differently in the two.
+
+    Keys (built and parsed by :class:`NormMetric`), with stage ``train`` or ``eval``:
+    ``{prefix}/{stage}/{layer}/{mode}`` (forward counts, summed over ranks),
+    ``{prefix}/{stage}/{layer}/fallback_fraction`` and ``{prefix}/{stage}/fallback_fraction`` (all
+    layers together). A fallback is a forward that ran a later mode of the policy's chain than its
+    first choice (see ``adanorm.policy.is_fallback``); at small batches that is the designed behaviour.
+    Every key is logged every epoch, also at zero, so that all ranks log the same keys under DDP.
+
+    Args:
+        prefix (str): the first part of every key. Default: ``"norm"``.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from adanorm.integrations.lightning import NormModeMonitor
+        >>> trainer = pl.Trainer(callbacks=[NormModeMonitor()])  # doctest: +SKIP
     """
 
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
@@ -136,7 +163,17 @@ class RecalibrateNorms(pl.Callback):
     Validation and the checkpoints written after it then use statistics of the current weights
     over ``num_batches`` training batches, at any batch size: adaptive layers trained per-sample
     evaluate with population statistics instead, and batch-mode layers lose the lag of their
-    momentum. Batches may be tensors, tuples (first element) or dicts (``input_key``).
+    momentum. Skipped during Lightning's sanity check.
+
+    Args:
+        num_batches (int): training batches to pool the statistics over. Default: ``32``.
+        input_key (str): the input's key in dict batches (MONAI's); tensor batches are used as
+            they are, list/tuple batches by their first element. Default: ``"image"``.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from adanorm.integrations.lightning import RecalibrateNorms
+        >>> trainer = pl.Trainer(callbacks=[RecalibrateNorms(num_batches=64)])  # doctest: +SKIP
     """
 
     def __init__(self, num_batches: int = 32, input_key: str = "image") -> None:
@@ -158,10 +195,17 @@ class RecalibrateNorms(pl.Callback):
 class AdaptiveNormSync(TorchSyncBatchNorm):
     """Lightning's layer-sync plugin for adaptive layers: ``Trainer(plugins=[AdaptiveNormSync()])``.
 
-    Turns on ``sync`` for every adaptive layer (batch statistics over all ranks, one decision from
-    the global batch; see ``adanorm.functional.sync``) and, as ``sync_batchnorm=True`` does, converts
-    native BatchNorm layers to ``nn.SyncBatchNorm``. Being a ``TorchSyncBatchNorm``, it may also be
-    combined with ``sync_batchnorm=True``. ``revert`` undoes both.
+    ``Trainer(sync_batchnorm=True)`` converts native BatchNorm layers to ``nn.SyncBatchNorm`` and
+    leaves adaptive layers per-rank: under DDP at 2 samples per GPU each rank would then decide
+    from its own tiny batch. This plugin also turns on ``sync`` for every adaptive layer (batch
+    statistics over all ranks, one decision from the global batch; see ``adanorm.functional.sync``).
+    Being a ``TorchSyncBatchNorm``, it may also be combined with ``sync_batchnorm=True``;
+    ``revert`` undoes both. It takes no arguments.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from adanorm.integrations.lightning import AdaptiveNormSync
+        >>> trainer = pl.Trainer(strategy="ddp", devices=4, plugins=[AdaptiveNormSync()])  # doctest: +SKIP
     """
 
     def apply(self, model: Module) -> Module:

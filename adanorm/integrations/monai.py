@@ -21,7 +21,25 @@ _lock = threading.Lock()
 
 
 def adaptive_norm_factory(dim: int) -> type:
-    """MONAI calls this with the network's spatial_dims."""
+    """The adaptive layer class for ``dim`` spatial dimensions: what ``norm="adaptive"`` builds in MONAI.
+
+    MONAI's norm factory maps a name and the network's ``spatial_dims`` to a layer class, which the
+    network then builds with the channel count and the arguments of its ``norm=("adaptive", {...})``.
+
+    Args:
+        dim (int): the network's ``spatial_dims``: 1, 2 or 3.
+
+    Returns:
+        type: ``AdaptiveNorm1d``, ``AdaptiveNorm2d`` or ``AdaptiveNorm3d``.
+
+    Raises:
+        ValueError: for any other ``dim``.
+
+    Example:
+        >>> from adanorm.integrations.monai import adaptive_norm_factory
+        >>> adaptive_norm_factory(3).__name__
+        'AdaptiveNorm3d'
+    """
     from adanorm.norm import AdaptiveNorm1d, AdaptiveNorm2d, AdaptiveNorm3d
 
     by_spatial_dims = {1: AdaptiveNorm1d, 2: AdaptiveNorm2d, 3: AdaptiveNorm3d}
@@ -31,7 +49,21 @@ def adaptive_norm_factory(dim: int) -> type:
 
 
 def register() -> None:
-    """Adds ``"adaptive"`` to ``monai.networks.layers.factories.Norm`` (imports MONAI; safe to call again)."""
+    """Add ``"adaptive"`` to MONAI's norm factory (``monai.networks.layers.factories.Norm``) now.
+
+    ``import adanorm`` already arranges this through :func:`register_when_imported`; call it
+    directly only where that hook cannot run, e.g. after MONAI's factory module was reloaded.
+    Imports MONAI; calling it again is harmless.
+
+    Raises:
+        ModuleNotFoundError: without MONAI installed.
+
+    Example:
+        >>> from monai.networks.nets import UNet
+        >>> from adanorm.integrations.monai import register
+        >>> register()
+        >>> net = UNet(3, 1, 2, channels=(8, 16), strides=(2,), norm=("adaptive", {"preset": "small_batch"}))
+    """
     from monai.networks.layers.factories import Norm
 
     Norm.add_factory_callable("adaptive", adaptive_norm_factory)
@@ -77,7 +109,18 @@ def _remove_finder() -> None:
 
 
 def register_when_imported() -> None:
-    """Registers now if MONAI's factory module is imported, else as soon as it is. Never imports MONAI."""
+    """Register ``"adaptive"`` in MONAI's norm factory now if MONAI's factory module is imported, else as
+    soon as it is, whoever imports it and whenever.
+
+    ``import adanorm`` calls it, so that ``norm="adaptive"`` works in MONAI networks without an
+    extra import and without adanorm paying MONAI's import time (seconds) when MONAI is not used.
+    Never imports MONAI; calling it again is harmless.
+
+    Example:
+        >>> import adanorm  # calls register_when_imported()
+        >>> from monai.networks.nets import BasicUNet
+        >>> net = BasicUNet(spatial_dims=3, features=(8, 8, 16, 32, 64, 8), norm="adaptive")
+    """
     if FACTORIES_MODULE in sys.modules:
         register()
         return
