@@ -64,7 +64,6 @@ class PaperReference:
     def step(self, x, upstream):
         x = x.detach().to(torch.float64, copy=True).requires_grad_()
         dims = [0] + list(range(2, x.dim()))
-        count = x.numel() // x.shape[1]
         view = (1, -1) + (1,) * (x.dim() - 2)
         mu_b = x.mean(dims)
         sigma_b = torch.sqrt(x.var(dims, unbiased=False) + self.eps)

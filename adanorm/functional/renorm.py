@@ -46,7 +46,11 @@ class RenormLimits:
     """Batch renorm's clip limits once warmed up, and the warm-up length in training steps.
 
     The defaults are torchrl's ``BatchRenorm1d`` (3, 5, 10k steps), within the range the paper
-    reports (r_max 3 and d_max 5 reached over a few ten thousand steps).
+    reports (r_max 3 and d_max 5 reached over a few ten thousand steps). The warm-up relaxes the
+    limits, as the paper does, rather than blending the clipped r and d toward (1, 0) as torchrl
+    does (with ``smooth=True``; by default it switches at the end): r and d inside the current limits
+    are applied as they are, so the correction is exact wherever the batch is close to the running
+    statistics, from the first learned step on.
     """
 
     r_max: float = 3.0
