@@ -163,15 +163,74 @@ def replace_modules(
 
 
 def convert(model: nn.Module, **kwargs: Any) -> nn.Module:
-    """Replace every BatchNorm/InstanceNorm/GroupNorm in ``model`` by the matching adaptive layer.
+    """Replace every BatchNorm, InstanceNorm and GroupNorm layer in ``model`` by an adaptive one.
 
-    ``kwargs`` go to each adaptive layer's constructor (``preset=``, ``policy=``, ``mode=`` ...).
-    Parameters, running statistics, device, dtype and train/eval flags are kept; the model is
-    changed in place and returned (a bare norm layer is returned as its replacement).
+    Networks come with native norm layers (MONAI's, torchvision's, pretrained checkpoints), and those
+    raise on shapes that small-batch 3D training produces: BatchNorm on a batch of one sample with a
+    1×1×1 feature map, InstanceNorm on a single voxel. Each converted layer normalizes exactly as
+    the native layer did wherever that layer could run, in training and in eval, and falls back to
+    another mode only where the native layer would raise; so a converted checkpoint gives the same
+    numbers, and :func:`revert` gives the native layers back.
+
+    ``BatchNorm1d/2d/3d`` become ``AdaptiveNorm1d/2d/3d`` that keep batch statistics from
+    ``SMALL_BATCH_FINE_TUNING`` (2) samples on, so fine-tuning at small batch still updates the
+    running statistics that eval uses. ``InstanceNorm1d/2d/3d`` and ``GroupNorm`` start the fallback
+    chain at their own mode. ``SyncBatchNorm`` becomes an ``AdaptiveNorm`` synced over the same
+    process group. Parameters, buffers, device, dtype and the train/eval flag carry over.
+
+    Args:
+        model (nn.Module): the network, changed in place. A bare norm layer is converted too.
+        **kwargs: arguments for every adaptive layer's constructor, such as ``preset="small_batch"``
+            (instead of the native ``momentum``), ``policy=`` (a :class:`~adanorm.Policy` or a
+            ``NAMED_POLICIES`` name, still given the native eval rule), ``mode="instance"`` (a fixed
+            mode instead of the native behaviour) or ``sync=True``.
+
+    Returns:
+        nn.Module: ``model``, or the adaptive replacement when ``model`` is itself a norm layer.
+
+    Raises:
+        TypeError: if ``kwargs`` hold an argument the adaptive constructor does not take.
+
+    Example:
+        >>> import torch, adanorm
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv3d(1, 8, 3), nn.BatchNorm3d(8), nn.ReLU())
+        >>> model = adanorm.convert(model, preset="small_batch")
+        >>> type(model[1]).__name__
+        'AdaptiveNorm3d'
+        >>> model(torch.randn(1, 1, 3, 3, 3)).shape  # one value per channel: BatchNorm3d raises here
+        torch.Size([1, 8, 1, 1, 1])
     """
     return replace_modules(model, lambda m: type(m) in _ADAPTIVE_BY_NATIVE, lambda m: _adaptive_from_native(m, kwargs))
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Replace every adaptive layer by the native class of its first mode, keeping the state."""
+    """Replace every adaptive layer in ``model`` by a native one, keeping parameters and buffers.
+
+    For runtimes and tools that know only the native layers, and to compare a model with and
+    without adaptive normalization. A layer :func:`convert` made becomes exactly the layer it
+    replaced (class and every constructor argument). A layer built as adaptive becomes the native
+    class of the first mode it would run: ``BatchNorm1d/2d/3d`` for batch mode,
+    ``InstanceNorm1d/2d/3d`` for instance mode, ``GroupNorm`` otherwise (which has no running
+    statistics, so these are dropped). Native layers cannot fall back: they raise on the shapes
+    the adaptive layers fell back on.
+
+    Args:
+        model (nn.Module): the network, changed in place. A bare adaptive layer is reverted too.
+
+    Returns:
+        nn.Module: ``model``, or the native replacement when ``model`` is itself an adaptive layer.
+
+    Raises:
+        TypeError: for a dimension-agnostic :class:`~adanorm.AdaptiveNorm` (not ``AdaptiveNorm1d/2d/3d``)
+            built to start in batch mode, which no single native class matches.
+
+    Example:
+        >>> import adanorm
+        >>> from torch import nn
+        >>> model = adanorm.convert(nn.Sequential(nn.Conv3d(1, 8, 3), nn.BatchNorm3d(8, momentum=0.01)))
+        >>> native = adanorm.revert(model)[1]
+        >>> type(native).__name__, native.momentum
+        ('BatchNorm3d', 0.01)
+    """
     return replace_modules(model, lambda m: isinstance(m, AdaptiveNorm), _native_from_adaptive)
