@@ -50,17 +50,130 @@ BALANCE_DECAY = 0.9
 """Weight of the past in ``running_stats_balance``: about the last ten training steps decide."""
 
 
+_LAYER_DOC = """{summary}
+
+Small-batch 3D training breaks every fixed normalization somewhere: BatchNorm's statistics from one
+or two volumes are noise (and it raises on one sample with a 1×1×1 feature map), InstanceNorm raises
+on the 1×1×1 bottleneck of a deep U-Net, GroupNorm needs channels to group. This layer runs, at each
+forward, the first mode of its policy's chain whose statistics are trustworthy for the input's shape
+(N samples, C channels, S spatial values), so one network trains at any batch and patch size; each
+mode computes what the native module it replaces computes:
+
+========  ======================================  =================================================
+mode      statistics over                         as
+========  ======================================  =================================================
+batch     N·S values per channel                  ``nn.BatchNorm``, updating the running statistics
+instance  S values per sample and channel         ``nn.InstanceNorm``
+group     (C/G)·S values per sample and group     ``nn.GroupNorm(G, C)``
+layer     C·S values per sample                   ``nn.GroupNorm(1, C)``
+identity  none: γ·x + β                           the affine alone (a single value per statistic)
+========  ======================================  =================================================
+
+No mode normalizes over a single value, which would silently output β. In eval the running
+statistics are used when they are learned and current (the recent training steps mostly updated
+them): the layer then evaluates like ``nn.BatchNorm`` at every shape, batch 1 and 1×1×1 included.
+Otherwise eval walks the chain without batch mode, whose statistics would make a prediction depend on
+its batch-mates: a layer trained in instance mode evaluates with instance statistics, without a
+train/eval gap. The constructor and state dict are ``nn.BatchNorm``'s, so its checkpoints load
+strictly; with ``track_running_stats=False`` the state dict is ``nn.InstanceNorm``'s (weight, bias).
+
+Args:
+    num_features (int): C, the number of channels of the input.
+    eps (float): added to the variance for numerical stability. Default: ``1e-5``
+    momentum (float, optional): the running statistics' update factor, as in ``nn.BatchNorm``;
+        ``None`` for a cumulative average. At batch 2 the default averages about 20 samples, so the
+        eval statistics swing with every step: ``preset`` names smaller values. Default: ``0.1``
+    affine (bool): learn a per-channel scale γ and shift β. Default: ``True``
+    track_running_stats (bool): keep a running mean and variance, updated by batch-mode steps, for
+        eval. ``False`` gives ``nn.InstanceNorm3d``'s state dict (its default), so stock InstanceNorm
+        checkpoints (nnU-Net's) load strictly in both directions. Default: ``True``, as ``nn.BatchNorm``
+    device (torch.device, optional): where the parameters and buffers are created. Default: ``None``
+    dtype (torch.dtype, optional): of the parameters and buffers. Default: ``None``
+    bias (bool): learn β along with γ when ``affine``; ``False`` keeps the scale only. Default: ``True``
+    mode (str): ``"auto"`` walks the policy's chain; ``"batch"``, ``"instance"``, ``"group"``,
+        ``"layer"`` or ``"identity"`` runs that mode alone, exactly as its native module (outputs,
+        gradients, running statistics), and raises ``ValueError`` where that module would compute a
+        statistic over a single value. Default: ``"auto"``
+    num_groups (int, optional): G for group mode; it must divide C. ``None`` takes the largest
+        divisor of C up to 32 (Group Norm's default) that leaves two channels per group, so group
+        mode stays distinct from instance mode; C < 4 or prime C has no group mode. Default: ``None``
+    preset (str, optional): the momentum by name, for the batch size: ``"default"`` (0.1),
+        ``"small_batch"`` (0.05, batch 4–8), ``"tiny_batch"`` (0.01, batch 1–3), ``"cumulative"``
+        (``None``) or ``"auto"`` (about the last 256 samples, cumulative until then). Given together
+        with a different ``momentum`` it raises. Default: ``None``
+    policy (Policy or str, optional): auto mode's chain and thresholds: an ``adanorm.Policy``, or a
+        name, since plans and configs (nnU-Net, Hydra, MONAI's norm tuples) hold plain values:
+        ``"batch_first"`` (``Policy()``: batch statistics from 8 samples on, then instance, group,
+        layer), ``"instance_first"`` (``nn.InstanceNorm`` wherever it can run, then group, layer,
+        identity) or ``"group_first"``. An unknown name raises and lists the names.
+        Default: ``None``, ``Policy()``
+    sync (bool): compute batch statistics over the ranks of ``process_group`` (one ``all_gather``
+        per training forward), so every rank decides the mode from the global batch and runs the
+        same one; without ``torch.distributed`` or with one process it changes nothing.
+        Default: ``False``
+    process_group (ProcessGroup, optional): the ranks ``sync`` gathers over. Default: ``None``, all
+    renorm (bool): train batch-mode steps with Batch Renormalization (Ioffe 2017), pulling them
+        toward the running statistics eval will use, so that small or non-i.i.d. batches train the
+        way the layer evaluates. It needs running statistics to pull toward: with
+        ``track_running_stats=False`` batch mode is plain. Default: ``False``
+    renorm_r_max (float): the clip of the scale correction r to [1/r_max, r_max] once warmed up.
+        Default: ``3.0``
+    renorm_d_max (float): the clip of the shift correction d to [-d_max, d_max] once warmed up.
+        Default: ``5.0``
+    renorm_warmup_steps (int): training steps (``num_batches_tracked``) over which the limits widen
+        from (1, 0), plain batch norm, to (r_max, d_max): the running statistics must be learned
+        before the layer is pulled toward them. The ``renorm_*`` limits without ``renorm=True``
+        raise. Default: ``10000``
+
+Shape:
+    - Input: {input_shape}
+    - Output: the input's shape, dtype and memory format
+
+Attributes:
+    last_mode (str or None): the mode of the last eager forward.
+    mode_counts (Dict[str, int]): eager forwards per mode. The full record of fallbacks, since the
+        ``FallbackWarning`` is shown once per model and regime; not saved in checkpoints.
+    nonfinite_skips (Tensor or None): batch-mode steps whose running-statistics update was skipped
+        because the batch statistics were NaN or Inf (``Policy.skip_nonfinite``); ``None`` without
+        running statistics. Copied with the buffers, not saved in checkpoints.
+    running_stats_balance (Tensor or None): moves toward +1 with each training step that updated
+        the running statistics and toward -1 with each per-sample one (about the last ten steps
+        decide); eval uses the running statistics while it is >= 0. Loading a state dict sets it to 0.
+    policy (Policy): the resolved policy.
+    num_groups (int): the resolved G.
+
+Warns:
+    FallbackWarning: auto mode ran a later mode of the chain than its first choice. Once per model
+        and regime (from-mode, to-mode, training or eval), at the line that called the model and
+        naming the layer: a network's layers fall back together.
+    NonFiniteStatsWarning: the first time a running-statistics update is skipped.
+
+Raises:
+    FallbackError: instead of falling back, under ``Policy(strict=True)``.
+
+Examples::
+
+{examples}"""
+
+
+def _layer_doc(summary: str, input_shape: str, examples: str) -> str:
+    """One class's docstring: every layer class documents every argument, as ``help()`` shows only
+    the class's own docstring, from the one text the classes share."""
+    return _LAYER_DOC.format(summary=summary, input_shape=input_shape, examples=examples)
+
+
 class AdaptiveNorm(_NormBase):
-    """Normalization that picks batch → instance → group → layer → identity per input shape.
-
-    Accepts (N, C, *) input; the 1d/2d/3d subclasses add the input-rank check of the BatchNorm
-    class they replace. See the README for the fallback table and the eval rule.
-
-    ``renorm=True`` trains batch-mode steps with Batch Renormalization (``functional.renorm``),
-    pulling them toward the running statistics eval will use, within ``renorm_r_max`` and
-    ``renorm_d_max`` reached after ``renorm_warmup_steps`` steps of ``num_batches_tracked``. It needs
-    running statistics to pull toward: without them (``track_running_stats=False``) batch mode is plain.
-    """
+    __doc__ = _layer_doc(
+        "Normalization that picks batch → instance → group → layer → identity statistics per input shape.",
+        "(N, C, *), any number of spatial dimensions (the 1d/2d/3d classes check the rank as "
+        "the BatchNorm class they replace does)",
+        """    >>> import torch, adanorm
+    >>> norm = adanorm.AdaptiveNorm(8)
+    >>> norm(torch.randn(2, 8, 5)).shape  # 2 samples: per-sample statistics
+    torch.Size([2, 8, 5])
+    >>> norm.last_mode
+    'instance'""",
+    )
 
     _input_ranks: Tuple[int, ...] = ()
     _input_layout = "(N, C, *)"
@@ -276,6 +389,9 @@ class AdaptiveNorm(_NormBase):
             )
 
     def forward(self, input: Tensor) -> Tensor:
+        """Normalize ``input`` in the mode its shape allows (auto) or the forced one. The choice is
+        made per call, since the batch and patch size may change between steps; eager calls record it
+        in ``last_mode`` and ``mode_counts``, compiled ones fold it into the graph."""
         self._check_input(input)
         global_batch = None
         if self.training and self.sync and (self.mode == "batch" or "batch" in self.policy.chain) and is_synced(self.process_group):
@@ -400,21 +516,61 @@ def _resolve_momentum(name: str, momentum: Optional[float], preset: Optional[str
 
 
 class AdaptiveNorm1d(AdaptiveNorm):
-    """Drop-in for ``nn.BatchNorm1d`` / ``nn.InstanceNorm1d`` on (N, C) or (N, C, L) input."""
+    __doc__ = _layer_doc(
+        "Drop-in for ``nn.BatchNorm1d`` and ``nn.InstanceNorm1d`` on (N, C) or (N, C, L) input.",
+        "(N, C) or (N, C, L)",
+        """    >>> import torch, adanorm
+    >>> norm = adanorm.AdaptiveNorm1d(8)
+    >>> _ = norm(torch.randn(16, 8))  # 16 samples: batch statistics
+    >>> norm.last_mode
+    'batch'
+    >>> _ = norm(torch.randn(2, 8))  # 2 samples of one value per channel: one statistic over the channels
+    >>> norm.last_mode
+    'layer'""",
+    )
 
     _input_ranks = (2, 3)
     _input_layout = "(N, C) or (N, C, L)"
 
 
 class AdaptiveNorm2d(AdaptiveNorm):
-    """Drop-in for ``nn.BatchNorm2d`` / ``nn.InstanceNorm2d`` on (N, C, H, W) input."""
+    __doc__ = _layer_doc(
+        "Drop-in for ``nn.BatchNorm2d`` and ``nn.InstanceNorm2d`` on (N, C, H, W) input.",
+        "(N, C, H, W)",
+        """    >>> import torch, adanorm
+    >>> norm = adanorm.AdaptiveNorm2d(3)
+    >>> _ = norm(torch.randn(4, 3, 32, 32))  # 4 samples: per-sample statistics
+    >>> norm.last_mode
+    'instance'""",
+    )
 
     _input_ranks = (4,)
     _input_layout = "(N, C, H, W)"
 
 
 class AdaptiveNorm3d(AdaptiveNorm):
-    """Drop-in for ``nn.BatchNorm3d`` / ``nn.InstanceNorm3d`` / ``nn.GroupNorm`` on (N, C, D, H, W) input."""
+    __doc__ = _layer_doc(
+        "Drop-in for ``nn.BatchNorm3d``, ``nn.InstanceNorm3d`` and ``nn.GroupNorm`` on (N, C, D, H, W) volumes.",
+        "(N, C, D, H, W)",
+        """    >>> import torch, adanorm
+    >>> norm = adanorm.AdaptiveNorm3d(16)
+    >>> norm(torch.randn(8, 16, 4, 4, 4)).shape  # 8 samples: batch statistics, as nn.BatchNorm3d
+    torch.Size([8, 16, 4, 4, 4])
+    >>> _ = norm(torch.randn(2, 16, 4, 4, 4))  # 2 samples: instance statistics
+    >>> norm.last_mode, norm.mode_counts["batch"], norm.mode_counts["instance"]
+    ('instance', 1, 1)
+
+    nnU-Net's InstanceNorm3d (in its plans: ``"norm_op": "adanorm.AdaptiveNorm3d"`` with these
+    ``norm_op_kwargs``), which also trains on a 1×1×1 bottleneck:
+
+    >>> bottleneck = adanorm.AdaptiveNorm3d(32, eps=1e-5, affine=True, track_running_stats=False,
+    ...                                     policy="instance_first")
+    >>> _ = bottleneck(torch.randn(2, 32, 1, 1, 1))  # nn.InstanceNorm3d raises here
+    >>> bottleneck.last_mode
+    'group'
+    >>> sorted(bottleneck.state_dict())  # nn.InstanceNorm3d's checkpoint layout
+    ['bias', 'weight']""",
+    )
 
     _input_ranks = (5,)
     _input_layout = "(N, C, D, H, W)"
