@@ -36,11 +36,44 @@ class NonFiniteStatsWarning(RuntimeWarning):
 class Policy:
     """Thresholds that decide when each mode's statistics are trustworthy enough to use.
 
-    ``chain`` is the fallback order auto mode walks; converted InstanceNorm and GroupNorm layers
-    start it later so that they keep their native behaviour wherever the native layer can run.
-    ``min_batch_size`` defaults to 8 because batch statistics from fewer samples are what makes
-    BatchNorm lose to per-sample norms at small batch (Wu & He 2018: BN's ImageNet error rises
-    from 24.8% at 8 samples to 27.3% at 4 and 34.7% at 2, while GN stays at ~24.7%).
+    A mode's statistics can be computed from two values, but not trusted: batch statistics from a
+    few samples are what makes BatchNorm lose to per-sample norms at small batch (Wu & He 2018: BN's
+    ImageNet error rises from 24.8% at 8 samples to 27.3% at 4 and 34.7% at 2, while GN stays at
+    ~24.7%), and instance statistics over a handful of voxels are mostly noise. Auto mode walks
+    ``chain`` and runs the first mode whose statistics clear its threshold. Configurations that hold
+    plain values name a policy instead (``NAMED_POLICIES``: ``"instance_first"`` ...).
+
+    Args:
+        chain (Tuple[str, ...]): the fallback order, a non-empty ordered subset of ``MODES``.
+            Converted InstanceNorm and GroupNorm layers start it later, so that they keep their native
+            behaviour wherever the native layer can run. Default: all of ``MODES``
+        min_batch_size (int): samples batch mode needs. Default: ``8``
+        min_instance_size (int): spatial values per sample and channel instance mode needs. Default: ``4``
+        min_group_size (int): values per sample and group group mode needs. Default: ``4``
+        strict (bool): raise ``FallbackError`` instead of falling back from the chain's first choice,
+            for runs that must not silently change their normalization. Default: ``False``
+        skip_nonfinite (bool): skip a running-statistics update whose statistics are NaN or Inf (one
+            bad batch, an fp16 overflow under AMP) instead of poisoning the buffers for good, as native
+            BatchNorm does. Default: ``True``
+        native_eval_rule (bool): use the running statistics in eval even while they hold their initial
+            mean 0 / variance 1, as native BatchNorm/InstanceNorm(track_running_stats=True) do;
+            ``convert`` sets it. Otherwise untrained statistics are ignored, since normalizing with 0/1
+            is no normalization. Default: ``False``
+        eval_batch_stats (bool): without usable running statistics, normalize eval batches with batch
+            statistics, as BatchNorm(track_running_stats=False) does; off by default because they mix
+            the samples of an inference batch, so a prediction would depend on its batch-mates.
+            Default: ``False``
+        instance_running_stats (bool): instance-mode training steps update the running statistics
+            with the batch's average instance statistics, as InstanceNorm(track_running_stats=True)
+            does, so eval uses them. Default: ``False``
+
+    Example:
+        >>> import adanorm
+        >>> shape = (2, 32, 4, 4, 4)  # nnU-Net's batch of 2
+        >>> adanorm.choose_mode(shape, True, adanorm.Policy(), num_groups=16, has_running_stats=False)
+        'instance'
+        >>> adanorm.choose_mode(shape, True, adanorm.Policy(min_batch_size=2), num_groups=16, has_running_stats=False)
+        'batch'
     """
 
     chain: Tuple[str, ...] = MODES
@@ -49,19 +82,9 @@ class Policy:
     min_group_size: int = 4
     strict: bool = False
     skip_nonfinite: bool = True
-    """Skip a running-statistics update whose statistics are NaN or Inf (one bad batch, an fp16
-    overflow under AMP) instead of poisoning the buffers for good, as native BatchNorm does."""
     native_eval_rule: bool = False
-    """Use current running statistics in eval even while they hold their initial mean 0 / variance 1,
-    as native BatchNorm/InstanceNorm(track_running_stats=True) do; ``convert`` sets it. Otherwise
-    untrained statistics are ignored, since normalizing with 0/1 is no normalization."""
     eval_batch_stats: bool = False
-    """Without usable running statistics, normalize eval batches with batch statistics, as
-    BatchNorm(track_running_stats=False) does; off by default because they mix the samples of an
-    inference batch, so a prediction would depend on its batch-mates."""
     instance_running_stats: bool = False
-    """Instance-mode training steps update the running statistics with the batch's average
-    instance statistics, as InstanceNorm(track_running_stats=True) does, so eval uses them."""
 
     def __post_init__(self) -> None:
         chain = tuple(self.chain)
@@ -102,7 +125,23 @@ NAMED_POLICIES: Dict[str, Policy] = {
 
 
 def get_policy(policy: Union[Policy, str]) -> Policy:
-    """A ``Policy`` as given, or the one ``NAMED_POLICIES`` holds under that name."""
+    """A ``Policy`` as given, or the one ``NAMED_POLICIES`` holds under that name.
+
+    Args:
+        policy (Policy or str): a policy, or one of ``NAMED_POLICIES``' names.
+
+    Returns:
+        Policy: the policy.
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+        TypeError: for anything but a ``Policy`` or a string.
+
+    Example:
+        >>> import adanorm
+        >>> adanorm.get_policy("instance_first").chain
+        ('instance', 'group', 'layer', 'identity')
+    """
     if isinstance(policy, Policy):
         return policy
     if not isinstance(policy, str):
@@ -160,12 +199,29 @@ def choose_mode(
     num_groups: int,
     has_running_stats: bool,
 ) -> str:
-    """The mode auto mode runs for this input (``policy``: a ``Policy`` or a ``NAMED_POLICIES`` name).
+    """The mode auto mode runs for this input: a pure function, so the choice can be tested and
+    reasoned about without running a layer.
 
-    In eval, usable running statistics (``has_running_stats``: see ``AdaptiveNorm``'s eval rule)
-    win: they are valid at every shape, including batch 1 and 1×1×1. Without them, batch mode is
-    skipped in eval (its statistics would mix the samples of an inference batch) unless
-    ``policy.eval_batch_stats``, and the rest of the chain is walked as in training.
+    In eval, usable running statistics win: they are valid at every shape, including batch 1 and
+    1×1×1. Without them, batch mode is skipped in eval (its statistics would mix the samples of an
+    inference batch) unless ``policy.eval_batch_stats``, and the rest of the chain is walked as in
+    training.
+
+    Args:
+        shape (Tuple[int, ...]): the input's shape, (N, C, *).
+        training (bool): whether the layer is in training mode.
+        policy (Policy or str): the thresholds, or a ``NAMED_POLICIES`` name.
+        num_groups (int): G for group mode (1: no group mode).
+        has_running_stats (bool): whether eval would use the running statistics (a layer's
+            ``has_learned_running_stats()``).
+
+    Returns:
+        str: one of ``MODES``.
+
+    Example:
+        >>> import adanorm
+        >>> adanorm.choose_mode((2, 32, 1, 1, 1), True, "instance_first", num_groups=16, has_running_stats=False)
+        'group'
     """
     policy = get_policy(policy)
     return choose(list(shape), training, candidates(training, list(policy.chain), policy.eval_batch_stats),
