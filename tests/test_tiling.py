@@ -140,7 +140,7 @@ def test_volume_statistics_make_a_tiled_prediction_equal_the_whole_volume_one():
         with norm_statistics(model, "volume") as stats:
             assert stats.gather(run) == 5 == stats.passes and len(stats.changes) == 5
             assert list(stats.layer_sources) == ["1", "4", "7", "10", "13"]
-            torch.testing.assert_close(run(), whole, rtol=0, atol=1e-4)
+            torch.testing.assert_close(run(), whole, rtol=0, atol=1e-5)  # the issue asks 1e-4; biased vs unbiased variance alone is ~5e-5
 
 
 def test_a_tolerance_stops_gathering_once_the_statistics_stop_moving():
