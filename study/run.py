@@ -37,7 +37,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NORMS = ("batch", "instance", "group", "adaptive", "adaptive+renorm")
@@ -45,6 +45,10 @@ BATCHES = (1, 2, 4, 8, 16)
 SEEDS = (0, 1, 2)
 TILE_MODES = ("tile", "running", "volume")
 """The ``--norm-stats`` choices of tile-consistent inference (``adanorm.tiling``), one mismatch column each."""
+TILE_OVERLAP = 0.5
+"""The sliding-window overlap of the tile-mismatch measurement: adanorm-predict's default (--overlap)."""
+TILE_VOLUMES = 4
+"""Validation volumes the tile mismatch is measured on (each costs a few sliding-window passes per choice)."""
 
 NORM_OVERRIDES: Dict[str, List[str]] = {
     "batch": ["norm=batch"],
@@ -86,8 +90,8 @@ DATA: Dict[str, Dict[str, Any]] = {
 
 FIELDS = ["data", "protocol", "batch", "norm", "seed", "status", "val_dice", "val_dice_best", "best_epoch",
           "train_mode_dice", "train_eval_gap", "val_dice_per_epoch",
-          *[f"tile_mismatch_{mode}" for mode in TILE_MODES], "tile_note",
-          "steps", "patches_seen", "fit_s", "eval_s", "total_s", "threads", "torch", "note"]
+          *[f"tile_mismatch_{mode}" for mode in TILE_MODES], *[f"tile_seam_{mode}" for mode in TILE_MODES], "tile_note",
+          "steps", "patches_seen", "fit_s", "eval_s", "total_s", "cpu_s", "load_avg", "threads", "torch", "note"]
 
 
 def renorm_available() -> bool:
@@ -125,8 +129,26 @@ def done_cells(path: Path) -> set:
 
 
 def append_row(path: Path, row: Dict[str, Any]) -> None:
+    """Appends under an exclusive lock of a side file, so that shards sharing the CSV never interleave."""
+    import fcntl
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _append_row(path, row)
+
+
+def _append_row(path: Path, row: Dict[str, Any]) -> None:
     new = not path.is_file() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            header, rows = reader.fieldnames, list(reader)
+        if header != FIELDS:  # a file written by an older runner: rewritten once with today's columns
+            with path.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
         if new:
@@ -165,29 +187,60 @@ def dice_of(net, loader, patch_size, num_classes: int, sw_batch_size: int, overl
     return float(metric.aggregate().item())
 
 
-def tile_mismatch(net, loader, patch_size) -> Tuple[Dict[str, Optional[float]], str]:
-    """Tile mismatch of each ``--norm-stats`` choice, by ``adanorm.tiling``'s diagnostic (empty until it exists)."""
-    if not tiling_available():
-        return {mode: None for mode in TILE_MODES}, "adanorm.tiling not available"
-    import adanorm.tiling as tiling
+def tile_mismatch(module, loader, patch_size, overlap: float, volumes: int) -> Tuple[Dict[str, Any], str]:
+    """Tile mismatch of each ``--norm-stats`` choice, as ``adanorm-predict --tile-report`` measures it.
 
-    diagnostic = next((getattr(tiling, name) for name in ("tile_mismatch", "tile_mismatch_report", "measure_tile_mismatch")
-                       if callable(getattr(tiling, name, None))), None)
-    if diagnostic is None:
-        return {mode: None for mode in TILE_MODES}, "adanorm.tiling has no tile_mismatch function"
+    For the first ``volumes`` validation volumes: the sliding-window prediction (``overlap``, Gaussian blending)
+    with per-sample norm statistics from ``source`` (whole-volume ones gathered over non-overlapping windows
+    first), against the whole volume in one window with the same statistics (per-sample ones of the whole
+    volume, or the running ones for "running"): ``adanorm.tiling.tile_report``'s mean |tiled − whole| in units
+    of the whole-volume logits' sd, and its seam ratio. "running" is left empty (noted) for a network with
+    per-sample layers that never learned running statistics (instance, group, adaptive below its batch
+    threshold), where ``--norm-stats running`` refuses to run. Empty with a note until ``adanorm.tiling`` exists.
+    """
+    empty = {f"tile_{kind}_{mode}": None for mode in TILE_MODES for kind in ("mismatch", "seam")}
+    if not tiling_available():
+        return empty, "adanorm.tiling not available"
+    import torch
+    from monai.inferers import sliding_window_inference
     from monai.utils import convert_to_tensor
 
-    values: Dict[str, Optional[float]] = {}
+    from adanorm.tiling import norm_statistics, tile_report
+
+    net = module.net.eval()
+
+    def infer(image, window_overlap):
+        return sliding_window_inference(image, patch_size, sw_batch_size=4, predictor=net, overlap=window_overlap,
+                                        mode="gaussian")
+
+    def whole_volume(image):
+        if hasattr(module, "whole_volume"):
+            return module.whole_volume(image)
+        window = [-(-size // (patch & -patch)) * (patch & -patch) for size, patch in zip(image.shape[2:], patch_size)]
+        return sliding_window_inference(image, window, sw_batch_size=1, predictor=net, overlap=0.0)
+
+    sums: Dict[str, List[float]] = {key: [] for key in empty}
     notes = []
-    batch = next(iter(loader))
-    image = convert_to_tensor(batch["image"], track_meta=False)
-    for mode in TILE_MODES:
-        try:
-            result = diagnostic(net, image, patch_size=tuple(patch_size), mode=mode)
-            values[mode] = float(result if not isinstance(result, dict) else result.get("max", next(iter(result.values()))))
-        except Exception as error:  # an API still in progress: record why, keep the cell
-            values[mode] = None
-            notes.append(f"{mode}: {type(error).__name__}: {error}"[:200])
+    with torch.no_grad():
+        for index, batch in enumerate(loader):
+            if index >= volumes:
+                break
+            image = convert_to_tensor(batch["image"], track_meta=False)
+            for mode in TILE_MODES:
+                try:
+                    with norm_statistics(net, mode) as stats:
+                        stats.gather(lambda: infer(image, 0.0))
+                        tiled = infer(image, overlap)
+                    with norm_statistics(net, "running" if mode == "running" else "tile"):
+                        whole = whole_volume(image)
+                except ValueError as error:  # --norm-stats running without running statistics
+                    if index == 0:
+                        notes.append(f"{mode}: n/a ({str(error).split(':')[0]})")
+                    continue
+                report = tile_report(tiled, whole, tuple(patch_size), overlap)
+                sums[f"tile_mismatch_{mode}"].append(report.mean_difference)
+                sums[f"tile_seam_{mode}"].append(report.seam)
+    values = {key: (sum(items) / len(items) if items else None) for key, items in sums.items()}
     return values, "; ".join(notes)
 
 
@@ -222,7 +275,7 @@ def run_cell(data: str, batch: int, norm: str, seed: int, epochs: int, steps_per
     overrides = ["model=unet", *[item.replace("WARMUP", str(warmup)) for item in NORM_OVERRIDES[norm]], *spec["overrides"], *spec["batch"](batch, steps_per_epoch),
                  f"seed={seed}", "output_dir=/tmp/adanorm-study", *extra]
     cfg = compose_config(overrides)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     pl.seed_everything(seed, workers=True, verbose=False)
     with quiet_third_party(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FallbackWarning)
@@ -246,7 +299,7 @@ def run_cell(data: str, batch: int, norm: str, seed: int, epochs: int, steps_per
         # (on a copy, so that no running statistic moves).
         train_net = copy.deepcopy(net).train()
         train_dice = dice_of(train_net, loader, patch, classes, sw_batch_size=batch, overlap=overlap)
-        mismatch, tile_note = tile_mismatch(net, loader, patch)
+        mismatch, tile_note = tile_mismatch(module, loader, patch, TILE_OVERLAP, TILE_VOLUMES)
         eval_s = time.perf_counter() - eval_start
     steps = trainer.global_step
     best = max(range(len(history.values)), key=history.values.__getitem__) if history.values else None
@@ -256,9 +309,10 @@ def run_cell(data: str, batch: int, norm: str, seed: int, epochs: int, steps_per
         "best_epoch": best if best is not None else "",
         "train_mode_dice": round(train_dice, 5), "train_eval_gap": round(train_dice - val_dice, 5),
         "val_dice_per_epoch": " ".join(f"{value:.4f}" for value in history.values),
-        **{f"tile_mismatch_{mode}": ("" if value is None else f"{value:.6g}") for mode, value in mismatch.items()},
+        **{key: ("" if value is None else f"{value:.6g}") for key, value in mismatch.items()},
         "tile_note": tile_note, "steps": steps, "patches_seen": steps * batch, "fit_s": round(fit_s, 2),
         "eval_s": round(eval_s, 2), "total_s": round(time.perf_counter() - start, 2),
+        "cpu_s": round(time.process_time() - cpu_start, 2), "load_avg": round(os.getloadavg()[0], 2),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
 
@@ -276,8 +330,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=None, help="default: per data set (synthetic_hard 6, mni152 4)")
     parser.add_argument("--steps-per-epoch", type=int, default=None, help="default: per data set (synthetic_hard 32, mni152 16)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s; "
+                        "on a busy machine one thread per process and --shard beat intra-op threads)")
     parser.add_argument("--out", type=Path, default=RESULTS / "runs.csv", help="the per-run CSV (default: %(default)s)")
+    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th cell from the i-th, so n processes "
+                        "(one thread each) share a grid and its CSV (default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells to run and exit")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every cell (part of the protocol tag)")
     args = parser.parse_args(argv)
@@ -290,6 +347,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # threads that spin at barriers starve on a shared machine
     import torch
     from tqdm import tqdm
 
@@ -300,6 +358,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     protocol = protocol_tag(args.data, epochs, steps, args.overrides)
     grid = cells([int(b) for b in args.batches.split(",")], args.norms.split(","), [int(s) for s in args.seeds.split(",")])
     done = done_cells(args.out)
+    shard, shards = (int(part) for part in args.shard.split("/"))
+    grid = grid[shard::shards]
     todo = [cell for cell in grid if (args.data, protocol, *cell) not in done]
     renorm = renorm_available()
     print(f"study: data={args.data} protocol={protocol} ({epochs} epochs x {steps} steps), {len(grid)} cells, "
