@@ -21,8 +21,6 @@ from adanorm.integrations import monai as monai_integration
 
 # Documented by whoever owns their modules; xfail (not strict) until their Args: sections land.
 DOCSTRING_PENDING = frozenset({
-    "adanorm.AdaptiveNorm", "adanorm.AdaptiveNorm1d", "adanorm.AdaptiveNorm2d", "adanorm.AdaptiveNorm3d",
-    "adanorm.Policy", "adanorm.choose_mode",
     "adanorm.norm_statistics", "adanorm.NormStatistics", "adanorm.tile_report", "adanorm.TileReport",
     "adanorm.functional.adaptive_norm", "adanorm.functional.affine_only", "adanorm.functional.grouped_norm",
     "adanorm.functional.groups_for_mode", "adanorm.functional.RenormClip", "adanorm.functional.RenormLimits",
