@@ -134,6 +134,30 @@ class NormStatistics:
     * ``"volume"``: the statistics each layer would compute over the whole volume, gathered by
       ``gather(run)`` over every tile of the caller's tiled inference and merged exactly
       (count/mean/M2 per group, Chan's formula in float64), then applied to every later call.
+
+    Args:
+        model (nn.Module): the network, in eval mode; its layers are taken over until exit.
+        source (str): ``"tile"``, ``"running"`` or ``"volume"``, as above. Default: ``"volume"``.
+        missing (str): under ``"running"``, what layers without learned running statistics use:
+            ``"error"`` (raise, naming them), ``"volume"`` or ``"tile"``. Default: ``"error"``.
+        tolerance (float): ``gather`` stops once no statistic moved by more than this many standard
+            deviations in a pass; 0 runs until every layer is exact. Default: ``1e-4``.
+        max_passes (int, optional): at most this many gathering passes; ``None`` runs up to one per
+            taken-over layer, which makes every layer exact. Default: ``None``.
+        progress (bool): show a progress bar over the gathering passes (needs tqdm). Default: ``False``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import adanorm
+        >>> model = nn.Sequential(nn.Conv3d(1, 4, 1), nn.InstanceNorm3d(4), nn.Conv3d(4, 1, 1)).eval()
+        >>> volume = torch.randn(1, 1, 8, 8, 8)
+        >>> tiles = lambda: torch.cat([model(volume[..., :4]), model(volume[..., 4:])], dim=-1)
+        >>> with adanorm.norm_statistics(model, "volume") as stats:
+        ...     passes = stats.gather(tiles)
+        ...     tiled = tiles()
+        >>> torch.allclose(tiled, model(volume), atol=1e-5)
+        True
     """
 
     def __init__(self, model: nn.Module, source: str = "volume", *, missing: str = "error", tolerance: float = 1e-4,
@@ -329,8 +353,18 @@ def norm_statistics(model: nn.Module, source: str = "volume", *, missing: str = 
             stats.gather(lambda: sliding_window_inference(image, roi, 4, model, overlap=0))
             logits = sliding_window_inference(image, roi, 4, model, overlap=0.5, mode="gaussian")
 
-    ``tolerance`` and ``max_passes`` bound the gathering passes (see ``NormStatistics.gather``);
-    ``progress`` shows a bar over them (needs tqdm).
+    Args:
+        model (nn.Module): the network, in eval mode.
+        source (str): ``"tile"``, ``"running"`` or ``"volume"``. Default: ``"volume"``.
+        missing (str): under ``"running"``, what layers without learned running statistics use:
+            ``"error"``, ``"volume"`` or ``"tile"``. Default: ``"error"``.
+        tolerance (float): stop gathering once no statistic moves by more than this many standard
+            deviations in a pass. Default: ``1e-4``.
+        max_passes (int, optional): at most this many gathering passes. Default: ``None`` (one per layer).
+        progress (bool): a progress bar over the passes (needs tqdm). Default: ``False``.
+
+    Returns:
+        NormStatistics: the context manager.
     """
     return NormStatistics(model, source, missing=missing, tolerance=tolerance, max_passes=max_passes, progress=progress)
 
@@ -338,7 +372,17 @@ def norm_statistics(model: nn.Module, source: str = "volume", *, missing: str = 
 @dataclass(frozen=True)
 class TileReport:
     """How much tiling changed a prediction, in units of the whole-volume prediction's standard deviation,
-    and how sharp its window borders are."""
+    and how sharp its window borders are (``tile_report`` computes it).
+
+    Args:
+        mean_difference (float): mean |tiled − whole| over every output value, divided by the
+            whole-volume output's standard deviation.
+        max_difference (float): largest |tiled − whole|, divided by the same deviation.
+        seam (float): mean |step between neighbouring voxels| across window borders divided by the same
+            inside windows, for the tiled prediction: about 1 without seams (NaN with a single window).
+        reference_seam (float): the same ratio for the whole-volume prediction at the same planes: what
+            the image itself puts there.
+    """
 
     mean_difference: float
     """Mean |tiled − whole| over every output value, divided by the whole-volume output's std."""
@@ -399,6 +443,19 @@ def tile_report(tiled: Tensor, whole: Tensor, roi_size: Union[int, Sequence[int]
     The difference measures what tiling costs; the seam ratio, where it shows: per-tile statistics
     shift each tile's output as a whole, so the steps across window borders grow while those inside
     stay, even where Gaussian blending hides most of the difference.
+
+    Args:
+        tiled (Tensor): the sliding-window prediction, (N, C, *spatial).
+        whole (Tensor): the prediction of the whole volume in one window, of the same shape.
+        roi_size (int or sequence of int): the window size given to ``sliding_window_inference``.
+        overlap (float or sequence of float): its overlap. Default: ``0.25`` (MONAI's default).
+
+    Returns:
+        TileReport: the mismatch and seam ratios.
+
+    Raises:
+        ValueError: if the predictions differ in shape, or ``roi_size``/``overlap`` do not give one
+            value per spatial dimension.
     """
     if tiled.shape != whole.shape:
         raise ValueError(f"tile_report: tiled {tuple(tiled.shape)} and whole-volume {tuple(whole.shape)} predictions differ in shape.")

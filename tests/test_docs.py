@@ -19,14 +19,6 @@ import adanorm.functional
 from adanorm.integrations import lightning as lightning_integration
 from adanorm.integrations import monai as monai_integration
 
-# Documented by whoever owns their modules; xfail (not strict) until their Args: sections land.
-DOCSTRING_PENDING = frozenset({
-    "adanorm.norm_statistics", "adanorm.NormStatistics", "adanorm.tile_report", "adanorm.TileReport",
-    "adanorm.functional.adaptive_norm", "adanorm.functional.affine_only", "adanorm.functional.grouped_norm",
-    "adanorm.functional.groups_for_mode", "adanorm.functional.RenormClip", "adanorm.functional.RenormLimits",
-})
-
-
 def _exported(module: ModuleType) -> Iterator[Tuple[str, Callable]]:
     for name in module.__all__:
         yield f"{module.__name__}.{name}", getattr(module, name)
@@ -85,11 +77,7 @@ def test_the_public_api_is_found():
             "adanorm.integrations.lightning.RecalibrateNorms", "adanorm.integrations.monai.register"} <= names
 
 
-@pytest.mark.parametrize("name,obj", [
-    pytest.param(name, obj, id=name, marks=[pytest.mark.xfail(strict=False, reason="docstring pending")]
-                 if name in DOCSTRING_PENDING else [])
-    for name, obj in PUBLIC
-])
+@pytest.mark.parametrize("name,obj", [pytest.param(name, obj, id=name) for name, obj in PUBLIC])
 def test_every_parameter_has_an_args_entry(name, obj):
     docstring = inspect.getdoc(obj)
     assert docstring, f"{name} has no docstring"

@@ -32,21 +32,65 @@ def adaptive_norm(
     nonfinite_skips: Optional[Tensor] = None,
     renorm: Optional[RenormClip] = None,
 ) -> Tensor:
-    """Normalize ``input`` (N, C, *) in ``mode``: "batch", "instance", "group", "layer" or "identity".
+    """Normalize ``input`` with the statistics of ``mode``: the functional form of :class:`~adanorm.AdaptiveNorm`.
 
-    Batch mode uses batch statistics in training or when no running statistics are given (as
-    ``F.batch_norm``) and then updates the running statistics in place; otherwise it normalizes
-    with them. Instance mode given running statistics behaves as ``F.instance_norm`` with
-    ``use_input_stats=training``. ``momentum`` may be a 0-dim tensor (a step-dependent factor that
-    must not be read back into Python). With ``nonfinite_skips`` (a counter), an update whose
-    statistics are NaN or Inf is skipped and counted. ``num_groups`` is group mode's group count.
-    ``renorm`` (this step's clip limits, ``RenormLimits.at(steps)``) turns batch-mode training with
-    running statistics into Batch Renormalization (``functional.renorm``); elsewhere it is ignored,
-    as ``momentum`` is, so one set of arguments serves every mode.
+    Every mode of the adaptive layers runs through this one function, so that code that owns its
+    parameters (a functional model, ``torch.func``, a custom layer) normalizes exactly as the layers
+    do, on the same kernels: the fused CPU or Triton kernels where they are faster, the native ops
+    otherwise. It neither chooses the mode (:func:`adanorm.choose_mode` does) nor falls back: a mode
+    whose statistics would each be over a single value raises, as the native norms do.
+
+    Batch mode uses batch statistics in training, or when no running statistics are given, and then
+    updates the running statistics in place (as ``F.batch_norm``); in eval it normalizes with them.
+    Instance mode given running statistics behaves as ``F.instance_norm(use_input_stats=training)``.
+    Otherwise instance, group and layer mode normalize per (sample, group) and leave the running
+    statistics alone, and identity mode applies only γ and β. An empty batch gives an empty output
+    in the input's layout and leaves the running statistics alone.
+
+    Args:
+        input (Tensor): ``(N, C, *)`` input, contiguous or channels-last.
+        mode (str): ``"batch"``, ``"instance"``, ``"group"``, ``"layer"`` or ``"identity"``.
+        weight (Tensor, optional): per-channel scale γ of shape ``(C,)``. Default: ``None``.
+        bias (Tensor, optional): per-channel shift β of shape ``(C,)``. Default: ``None``.
+        running_mean (Tensor, optional): per-channel running mean; updated in place where batch or
+            instance mode uses the input's statistics. Default: ``None``.
+        running_var (Tensor, optional): per-channel running (unbiased) variance, updated with
+            ``running_mean``. Default: ``None``.
+        training (bool): in batch mode, and in instance mode with running statistics, normalize with
+            the input's statistics and update the running ones, instead of normalizing with the
+            running statistics. Default: ``False``.
+        momentum (float or Tensor): update factor of the running statistics,
+            ``running = (1 - momentum) * running + momentum * batch``. A 0-dim tensor for a
+            step-dependent factor (``MomentumPreset.factor``) is never read back into Python: no
+            host sync, nothing for a compiler to guard. Default: ``0.1``.
+        eps (float): added to the variance for numerical stability. Default: ``1e-5``.
+        num_groups (int): the group count of group mode; the other modes ignore it. Default: ``1``.
+        nonfinite_skips (Tensor, optional): a counter. When given, a running-statistics update whose
+            statistics hold NaN or Inf is skipped and counted here, instead of poisoning the running
+            statistics for every later eval. Default: ``None``.
+        renorm (RenormClip, optional): this step's clip limits (``RenormLimits.at(steps)``): batch-mode
+            training with running statistics becomes Batch Renormalization (``functional.renorm``).
+            Ignored elsewhere, as ``momentum`` is, so one set of arguments serves every mode.
+            Default: ``None``.
+
+    Returns:
+        Tensor: the normalized input, of the input's shape and dtype.
 
     Raises:
-        ValueError: if a statistic would be over a single value (the output would silently be β);
+        ValueError: if a statistic of ``mode`` would be over a single value (batch mode at batch 1
+            on a 1×1×1 map, instance mode on a single voxel), where the output would silently be β;
             choosing a mode that has enough values is the caller's job (``adanorm.choose_mode``).
+
+    Example:
+        >>> import torch
+        >>> from adanorm.functional import adaptive_norm
+        >>> x = torch.randn(2, 8, 4, 4, 4)
+        >>> running_mean, running_var = torch.zeros(8), torch.ones(8)
+        >>> y = adaptive_norm(x, "batch", running_mean=running_mean, running_var=running_var,
+        ...                   training=True, momentum=0.05)
+        >>> y = adaptive_norm(x, "group", torch.ones(8), torch.zeros(8), num_groups=4)
+        >>> adaptive_norm(torch.randn(1, 8, 1, 1, 1), "layer").shape  # batch mode would raise here
+        torch.Size([1, 8, 1, 1, 1])
     """
     if mode == "identity" or (not dispatch.capturing() and input.numel() == 0):
         return affine_only(input, weight, bias)  # an empty batch keeps its layout and leaves the statistics alone
@@ -74,7 +118,35 @@ def adaptive_norm(
 
 
 def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
-    """Statistics per (sample, group) over (C/G)·spatial values: instance (G=C), group, layer (G=1) modes."""
+    """Normalize each (sample, group) of ``input`` by its own statistics: instance, group and layer mode.
+
+    The three per-sample modes differ only in the group count (instance: G = C, layer: G = 1;
+    :func:`groups_for_mode` maps them), so they share this entry point, its kernels and its
+    precondition check. It computes ``F.group_norm`` on the kernel the adaptive layers pick: the
+    fused CPU or Triton kernels where they are faster, and otherwise native group norm with a
+    backward that cannot crash; an empty batch keeps the input's layout.
+
+    Args:
+        input (Tensor): ``(N, C, *)`` input, contiguous or channels-last.
+        num_groups (int): G, a divisor of C; each statistic is over (C/G)·spatial values.
+        weight (Tensor, optional): per-channel scale γ of shape ``(C,)``, or ``None``.
+        bias (Tensor, optional): per-channel shift β of shape ``(C,)``, or ``None``.
+        eps (float): added to the variance for numerical stability.
+
+    Returns:
+        Tensor: the normalized input, of the input's shape and dtype.
+
+    Raises:
+        ValueError: if each statistic would be over a single value ((C/G)·spatial = 1).
+
+    Example:
+        >>> import torch
+        >>> from adanorm.functional import grouped_norm, groups_for_mode
+        >>> x = torch.randn(2, 8, 4, 4, 4)
+        >>> y = grouped_norm(x, groups_for_mode("instance", 8, 1), None, None, 1e-5)
+        >>> torch.allclose(y, torch.nn.functional.instance_norm(x), atol=1e-5)
+        True
+    """
     if not dispatch.capturing() and input.numel() == 0:
         return affine_only(input, weight, bias)  # keeps the layout, where native group norm returns contiguous strides
     _require_several_values(input.shape[1] // num_groups * _spatial_size(input), input, "per-sample",
@@ -119,12 +191,27 @@ def _require_several_values(values_per_statistic: int, input: Tensor, kind: str,
 
 
 def affine_only(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    """γ·x+β as one fused kernel: the identity mode, for shapes with nothing to normalize over, and
-    any mode's output on an empty batch (the same empty output and zero parameter gradients as
-    native norms, in the input's layout, where native group norm returns contiguous strides).
+    """Apply only the per-channel affine map γ·x + β, as one fused kernel: identity mode.
 
+    Identity mode is auto mode's last fallback, for shapes with nothing to normalize over, and
+    every mode's output on an empty batch: the same empty output and zero parameter gradients as
+    the native norms, in the input's layout (where native group norm returns contiguous strides).
     The output has the input's dtype, as native norms give bfloat16/float16 input with float32
     parameters: computed in the promoted dtype, then rounded once. TorchScript compiles it too.
+
+    Args:
+        input (Tensor): ``(N, C, *)`` input.
+        weight (Tensor, optional): per-channel scale γ of shape ``(C,)``; ``None`` scales by 1.
+        bias (Tensor, optional): per-channel shift β of shape ``(C,)``; ``None`` shifts by 0.
+
+    Returns:
+        Tensor: γ·x + β, of the input's shape and dtype (``input`` itself when both are ``None``).
+
+    Example:
+        >>> import torch
+        >>> from adanorm.functional import affine_only
+        >>> affine_only(torch.ones(2, 3, 4), torch.tensor([1.0, 2.0, 3.0]), None)[0, :, 0]
+        tensor([1., 2., 3.])
     """
     view: List[int] = [1, -1] + [1] * (input.dim() - 2)
     if weight is not None and bias is not None:
@@ -145,5 +232,25 @@ def affine_only(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor])
 
 
 def groups_for_mode(mode: str, num_channels: int, num_groups: int) -> int:
-    """The group count that turns the per-sample modes into one parameterized kernel."""
+    """The group count that makes a per-sample mode one call of :func:`grouped_norm`.
+
+    Instance and layer mode are group norm with G = C and G = 1; mapping them here keeps one
+    kernel, one dispatch rule and one precondition check for the three modes.
+
+    Args:
+        mode (str): ``"instance"``, ``"group"`` or ``"layer"``.
+        num_channels (int): C, instance mode's group count.
+        num_groups (int): group mode's group count; the other modes ignore it.
+
+    Returns:
+        int: ``num_channels`` for instance mode, ``num_groups`` for group mode, 1 for layer mode.
+
+    Raises:
+        KeyError: for ``"batch"`` and ``"identity"``, which have no groups.
+
+    Example:
+        >>> from adanorm.functional import groups_for_mode
+        >>> [groups_for_mode(mode, 32, 8) for mode in ("instance", "group", "layer")]
+        [32, 8, 1]
+    """
     return {"instance": num_channels, "group": num_groups, "layer": 1}[mode]

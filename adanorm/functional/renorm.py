@@ -28,7 +28,15 @@ from torch import Tensor
 
 
 class RenormClip(NamedTuple):
-    """One step's clip limits, 0-dim tensors: r ∈ [1/r_max, r_max], d ∈ [−d_max, d_max]."""
+    """One step's clip limits, 0-dim tensors: r ∈ [1/r_max, r_max], d ∈ [−d_max, d_max].
+
+    Tensors, not floats, so that a limit that grows during the warm-up never becomes a Python value
+    a compiler would guard on (``RenormLimits.at`` makes them).
+
+    Args:
+        r_max (Tensor): the bound of the scale correction r (≥ 1; 1 turns it off).
+        d_max (Tensor): the bound of the shift correction d (≥ 0; 0 turns it off).
+    """
 
     r_max: Tensor
     d_max: Tensor
@@ -51,6 +59,15 @@ class RenormLimits:
     does (with ``smooth=True``; by default it switches at the end): r and d inside the current limits
     are applied as they are, so the correction is exact wherever the batch is close to the running
     statistics, from the first learned step on.
+
+    Args:
+        r_max (float): r is clipped to [1/r_max, r_max] once warmed up; at least 1. Default: ``3.0``.
+        d_max (float): d is clipped to [−d_max, d_max] once warmed up; at least 0. Default: ``5.0``.
+        warmup_steps (int): learned steps over which the limits widen linearly from (1, 0); 0: none.
+            Default: ``10_000``.
+
+    Raises:
+        ValueError: for a limit below its minimum or not finite, or a negative warm-up.
     """
 
     r_max: float = 3.0
