@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from functools import lru_cache
-from typing import Any, Dict, Optional, Set, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -267,6 +267,34 @@ class AdaptiveNorm(_NormBase):
             self._refresh_eval_rule()
         return self._eval_rule
 
+    def eval_uses_running_stats(self) -> bool:
+        """Whether eval normalizes every input with the running statistics, so that its output depends
+        neither on batch-mates nor on how a volume is tiled (``adanorm.norm_statistics`` leaves such
+        layers alone)."""
+        return self.has_learned_running_stats() if self.mode == "auto" else self._eval_reads_buffers(self.mode)
+
+    def eval_statistics(self, shape: Sequence[int]) -> str:
+        """What an eval forward of input of ``shape`` normalizes with: ``"running"`` (the running
+        statistics), or the mode whose statistics it computes from the input itself (``"batch"``
+        without running statistics, ``"instance"``, ``"group"``, ``"layer"``), or ``"identity"``.
+
+        The eval rule in one place, for tools that treat input-dependent statistics specially
+        (``adanorm.norm_statistics`` gathers them over the tiles of a volume).
+
+        Args:
+            shape (Sequence[int]): the input's (N, C, *) shape.
+        """
+        mode = self.mode if self.mode != "auto" else choose_mode(
+            tuple(shape), False, self.policy, self.num_groups, self.has_learned_running_stats())
+        return "running" if self._eval_reads_buffers(mode) else mode
+
+    def _eval_reads_buffers(self, mode: str) -> bool:
+        if self.mode == "auto":
+            return mode == "batch" and self._eval_rule
+        # Forced modes read the buffers in eval as the native module does, kept even while tracking is off.
+        return self.running_mean is not None and (
+            mode == "batch" or (mode == "instance" and self.policy.instance_running_stats))
+
     def _refresh_eval_rule(self) -> None:
         if not self.track_running_stats or self.running_mean is None:
             self._eval_rule_key, self._eval_rule = (), False
@@ -411,11 +439,8 @@ class AdaptiveNorm(_NormBase):
                 if mode == "batch" and self.renorm_limits is not None:  # the limits after the steps learned so far
                     renorm = self.renorm_limits.at(self._state("num_batches_tracked"), self._state("running_var").dtype)
                 factor = self._update_factor(input.shape[0], count_step=mode == "batch")
-        elif self.mode == "auto":
-            use_buffers = mode == "batch" and self._eval_rule
-        else:  # forced modes read the buffers in eval as the native module does, kept even while tracking is off
-            use_buffers = self.running_mean is not None and (
-                mode == "batch" or (mode == "instance" and self.policy.instance_running_stats))
+        else:
+            use_buffers = self._eval_reads_buffers(mode)
         guard = use_buffers and self.training and self.policy.skip_nonfinite
         if global_batch is not None and mode == "batch":
             factors = None if renorm is None else renorm_factors(  # before the update, as adaptive_norm does

@@ -29,7 +29,6 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from adanorm.functional.running_stats import Moments
 from adanorm.norm import AdaptiveNorm
-from adanorm.policy import choose_mode
 
 SOURCES = ("tile", "running", "volume")
 """Where eval statistics come from: each tile's own, the layers' running statistics, or the whole volume's."""
@@ -40,11 +39,8 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 def _eval_uses_running_stats(module: nn.Module) -> bool:
     """Whether the layer's eval normalizes with its running statistics whatever the input (so tiling cannot change it)."""
-    if isinstance(module, AdaptiveNorm):  # mirrors AdaptiveNorm.forward's eval branch
-        if module.mode == "auto":
-            return module.has_learned_running_stats()
-        return module.running_mean is not None and (
-            module.mode == "batch" or (module.mode == "instance" and module.policy.instance_running_stats))
+    if isinstance(module, AdaptiveNorm):
+        return module.eval_uses_running_stats()
     if isinstance(module, (_InstanceNorm, _BatchNorm)):
         return module.track_running_stats and module.running_mean is not None
     return False
@@ -66,11 +62,8 @@ def _tile_groups(module: nn.Module, input: Tensor) -> Optional[int]:
         return module.num_groups
     if not isinstance(module, AdaptiveNorm):
         return module.num_features
-    mode = module.mode
-    if mode == "auto":
-        mode = choose_mode(tuple(input.shape), False, module.policy, module.num_groups, False)
     return {"batch": module.num_features, "instance": module.num_features, "group": module.num_groups,
-            "layer": 1}.get(mode)
+            "layer": 1}.get(module.eval_statistics(input.shape))
 
 
 def _learned_running_stats(module: nn.Module) -> Optional[Tuple[Tensor, Tensor]]:

@@ -320,3 +320,24 @@ def test_recalibrate_norms_callback_gives_validation_population_statistics(tmp_p
     assert module.modes == {"batch"}  # validation ran on the recalibrated running statistics
     assert all(int(m.num_batches_tracked) == 3 for m in module.net.modules() if isinstance(m, adanorm.AdaptiveNorm))
     assert_evaluates_like_batchnorm(module.net)
+
+
+def test_eval_statistics_says_what_eval_normalizes_with():
+    """The eval rule's public answer agrees with what an eval forward computes: equal to the native
+    module run on the running statistics, or to the per-sample mode it names."""
+    x = torch.randn(2, 8, 4, 4, 4)
+    fresh = adanorm.AdaptiveNorm3d(8).eval()
+    assert fresh.eval_statistics(x.shape) == "instance" and not fresh.eval_uses_running_stats()
+    torch.testing.assert_close(fresh(x), F.instance_norm(x), rtol=1e-5, atol=1e-5)
+    assert fresh.eval_statistics((2, 8, 1, 1, 1)) == "layer"  # groups of 2 channels: 2 values, below min_group_size
+    trained = adanorm.AdaptiveNorm3d(8, mode="auto")
+    trained.train()
+    for _ in range(3):
+        trained(torch.randn(16, 8, 4, 4, 4) * 2 + 1)
+    trained.eval()
+    assert trained.eval_statistics(x.shape) == "running" and trained.eval_uses_running_stats()
+    torch.testing.assert_close(trained(x), F.batch_norm(x, trained.running_mean, trained.running_var, trained.weight,
+                                                        trained.bias, False, 0.0, trained.eps))
+    forced = adanorm.AdaptiveNorm3d(8, mode="instance").eval()
+    assert forced.eval_statistics(x.shape) == "instance" and not forced.eval_uses_running_stats()
+    assert adanorm.AdaptiveNorm3d(8, mode="batch").eval().eval_statistics(x.shape) == "running"
