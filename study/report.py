@@ -71,19 +71,44 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
         for candidate in ADAPTIVE:
             if candidate not in by_norm:
                 continue
-            paired = (by_norm[candidate] - by_norm[best]).dropna()
-            if paired.empty:
+            difference = paired(by_norm, candidate, best)
+            if not difference["n"]:
                 continue
-            mean = paired.mean()
-            sd = paired.std(ddof=1) if len(paired) > 1 else float("nan")
+            mean = difference["mean"]
             verdict = ("behind" if mean < -noise else "ahead" if mean > noise else "within noise") if noise == noise else "n/a"
             rows.append({"data": data, "protocol": protocol, "batch": int(batch), "candidate": candidate,
                          "best_fixed": best, "best_fixed_dice": by_norm[best].mean(),
-                         "candidate_dice": by_norm[candidate].mean(), "diff_mean": mean, "diff_sd": sd,
-                         "seeds": len(paired), "seed_noise": noise, "verdict": verdict,
-                         "batch_minus_instance": (by_norm["batch"] - by_norm["instance"]).dropna().mean()
-                         if {"batch", "instance"} <= set(by_norm) else float("nan")})
+                         "candidate_dice": by_norm[candidate].mean(), "diff_mean": mean, "diff_sd": difference["sd"],
+                         "diff_ci95": difference["ci"], "seeds": difference["n"], "seed_noise": noise, "verdict": verdict})
     return pd.DataFrame(rows)
+
+
+def crossing(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (data, protocol, batch): batch norm minus each per-sample norm (instance, group), paired by seed:
+    where batch statistics start to pay, i.e. where Policy.min_batch_size should sit."""
+    rows = []
+    for (data, protocol, batch), group in runs.groupby(["data", "protocol", "batch"]):
+        by_norm = group.pivot_table(index="seed", columns="norm", values="val_dice")
+        if "batch" not in by_norm:
+            continue
+        for other in ("instance", "group"):
+            if other in by_norm:
+                difference = paired(by_norm, "batch", other)
+                rows.append({"data": data, "protocol": protocol, "batch": int(batch), "versus": other,
+                             "diff_mean": difference["mean"], "diff_sd": difference["sd"], "diff_ci95": difference["ci"],
+                             "seeds": difference["n"]})
+    return pd.DataFrame(rows)
+
+
+def paired(by_norm: pd.DataFrame, first: str, second: str) -> Dict[str, float]:
+    """Mean, sd and 95% t-interval half-width of ``first − second``, paired by seed."""
+    from scipy.stats import t
+
+    difference = (by_norm[first] - by_norm[second]).dropna()
+    n = len(difference)
+    sd = difference.std(ddof=1) if n > 1 else float("nan")
+    half = t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": difference.mean() if n else float("nan"), "sd": sd, "ci": half, "n": n}
 
 
 def pm(mean: Optional[float], sd: Optional[float], digits: int = 3) -> str:
@@ -116,7 +141,7 @@ def grid_table(summary: pd.DataFrame, metric: str, digits: int = 3) -> List[str]
     return lines
 
 
-def markdown(summary: pd.DataFrame, comparison: pd.DataFrame, runs: pd.DataFrame) -> str:
+def markdown(summary: pd.DataFrame, comparison: pd.DataFrame, crossing_table: pd.DataFrame, runs: pd.DataFrame) -> str:
     out: List[str] = []
     for (data, protocol), part in summary.groupby(["data", "protocol"]):
         seeds = sorted(runs[(runs["data"] == data) & (runs["protocol"] == protocol)]["seed"].unique())
@@ -137,15 +162,33 @@ def markdown(summary: pd.DataFrame, comparison: pd.DataFrame, runs: pd.DataFrame
             out += ["Tile mismatch: not measured (`adanorm.tiling` was not available when these runs ran).", ""]
         cmp = comparison[(comparison["data"] == data) & (comparison["protocol"] == protocol)]
         if not cmp.empty:
-            out += ["Adaptive vs the best fixed norm at each batch size, paired by seed (difference of validation Dice; "
-                    "seed noise = sd over seeds pooled over the norms at that batch size; 'behind' = the mean difference "
-                    "is below minus the seed noise):", "",
-                    "| batch | candidate | best fixed | best fixed Dice | candidate Dice | difference (mean ± sd) | seed noise | verdict | batch − instance |",
-                    "|---:|---|---|---:|---:|---:|---:|---|---:|"]
+            out += ["Adaptive vs the best fixed norm at each batch size, paired by seed (difference of validation Dice, "
+                    "mean ± sd and 95% t-interval; seed noise = sd over seeds pooled over the norms at that batch size; "
+                    "'behind' = the mean difference is below minus the seed noise):", "",
+                    "| batch | candidate | best fixed | best fixed Dice | candidate Dice | difference (mean ± sd) | 95% CI | seed noise | verdict |",
+                    "|---:|---|---|---:|---:|---:|---:|---:|---|"]
             for row in cmp.itertuples():
                 out.append(f"| {row.batch} | {row.candidate} | {row.best_fixed} | {row.best_fixed_dice:.3f} | "
-                           f"{row.candidate_dice:.3f} | {pm(row.diff_mean, row.diff_sd, 3)} | {row.seed_noise:.3f} | "
-                           f"{row.verdict} | {row.batch_minus_instance:+.3f} |")
+                           f"{row.candidate_dice:.3f} | {pm(row.diff_mean, row.diff_sd, 3)} | "
+                           f"[{row.diff_mean - row.diff_ci95:+.3f}, {row.diff_mean + row.diff_ci95:+.3f}] | "
+                           f"{row.seed_noise:.3f} | {row.verdict} |")
+            out.append("")
+        cross = crossing_table[(crossing_table["data"] == data) & (crossing_table["protocol"] == protocol)]
+        if not cross.empty:
+            out += ["Where batch statistics start to pay (the crossing point `Policy.min_batch_size` stands for): batch norm "
+                    "minus each per-sample norm, paired by seed, mean ± sd [95% CI]:", "",
+                    "| batch | batch − instance | batch − group |", "|---:|---:|---:|"]
+            for batch, part_ in cross.groupby("batch"):
+                cells = []
+                for other in ("instance", "group"):
+                    row = part_[part_["versus"] == other]
+                    if row.empty:
+                        cells.append("–")
+                        continue
+                    row = row.iloc[0]
+                    cells.append(f"{pm(row.diff_mean, row.diff_sd, 3)} [{row.diff_mean - row.diff_ci95:+.3f}, "
+                                 f"{row.diff_mean + row.diff_ci95:+.3f}]")
+                out.append(f"| {batch} | " + " | ".join(cells) + " |")
             out.append("")
         seconds = runs[(runs["data"] == data) & (runs["protocol"] == protocol)]["total_s"]
         out += [f"{len(seconds)} runs, {seconds.sum() / 60:.1f} min of cell time in all "
@@ -201,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     comparison = compare(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     summary.to_csv(args.out / f"{args.name}.csv", index=False)
-    text = markdown(summary, comparison, runs)
+    text = markdown(summary, comparison, crossing(runs), runs)
     (args.out / f"{args.name}.md").write_text(text)
     plot(summary, args.out / f"{args.name}.png")
     print(text)

@@ -125,7 +125,7 @@ def done_cells(path: Path) -> set:
         return set()
     with path.open(newline="") as handle:
         return {(row["data"], row["protocol"], int(row["batch"]), row["norm"], int(row["seed"]))
-                for row in csv.DictReader(handle)}
+                for row in csv.DictReader(handle) if row["status"] == "ok"}  # failed cells run again
 
 
 def append_row(path: Path, row: Dict[str, Any]) -> None:
@@ -133,7 +133,10 @@ def append_row(path: Path, row: Dict[str, Any]) -> None:
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(path) + ".lock", "w") as lock:
+    import tempfile
+
+    key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    with open(Path(tempfile.gettempdir()) / f"adanorm-study-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         _append_row(path, row)
 
@@ -166,6 +169,18 @@ def compose_config(overrides: Sequence[str]):
     register_resolvers()
     with initialize_config_module(config_module="adanorm.configs", version_base="1.3"):
         return compose("train", overrides=list(overrides))
+
+
+def prepare_data_once(datamodule) -> None:
+    """Writes a generated data set under a lock, so that shards starting the same seed do not both write it
+    (GeneratedFolder renames its staging folder into place, and the second rename fails)."""
+    import fcntl
+
+    lock_path = Path(str(getattr(datamodule, "dataset_dir", datamodule.root))).parent / ".study.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        datamodule.prepare_data()
 
 
 def dice_of(net, loader, patch_size, num_classes: int, sw_batch_size: int, overlap: float) -> float:
@@ -281,6 +296,7 @@ def run_cell(data: str, batch: int, norm: str, seed: int, epochs: int, steps_per
         warnings.simplefilter("ignore", FallbackWarning)
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         datamodule = instantiate(cfg.data)
+        prepare_data_once(datamodule)
         module = instantiate(cfg.module)
         history = DiceHistory()
         trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
