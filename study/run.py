@@ -81,7 +81,7 @@ DATA: Dict[str, Dict[str, Any]] = {
     "synthetic_hard": {"overrides": ["data=synthetic_hard"], "batch": synthetic_hard_batch,
                        "epochs": 6, "steps_per_epoch": 32},
     "mni152": {"overrides": ["data=mni152", "data.patch_size=[32,32,32]"], "batch": mni152_batch,
-               "epochs": 4, "steps_per_epoch": 16},
+               "epochs": 10, "steps_per_epoch": 16},
     "synthetic": {"overrides": ["data=synthetic", "data.patch_size=[16,16,16]", "data.volume_size=32"],
                   "batch": lambda batch, steps: [f"data.batch_size={batch}", "data.samples_per_volume=1",
                                                  f"data.repeats={max(1, steps * batch // 26)}"],
@@ -344,7 +344,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated (default: %(default)s)")
     parser.add_argument("--norms", default=",".join(NORMS), help="comma-separated, of: " + ", ".join(NORMS))
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=None, help="default: per data set (synthetic_hard 6, mni152 4)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: per data set (synthetic_hard 6, mni152 10)")
     parser.add_argument("--steps-per-epoch", type=int, default=None, help="default: per data set (synthetic_hard 32, mni152 16)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s; "
                         "on a busy machine one thread per process and --shard beat intra-op threads)")
