@@ -21,7 +21,7 @@ import pandas as pd
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIXED = ("batch", "instance", "group")
-ADAPTIVE = ("adaptive", "adaptive+renorm")
+ADAPTIVE = ("adaptive", "adaptive+renorm", "adaptive:group_first")
 NORM_ORDER = FIXED + ADAPTIVE
 TILE_MODES = ("tile", "running", "volume")
 METRICS = ("val_dice", "val_dice_best", "train_mode_dice", "train_eval_gap",
