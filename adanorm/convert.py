@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Tuple, Type, Union
 from torch import nn
 
 from adanorm.norm import AdaptiveNorm, AdaptiveNorm1d, AdaptiveNorm2d, AdaptiveNorm3d
-from adanorm.policy import Policy, get_policy, native_first
+from adanorm.policy import MODES, Policy, get_policy, native_first
 
 _ADAPTIVE_BY_NATIVE: Dict[Type[nn.Module], Type[AdaptiveNorm]] = {
     nn.BatchNorm1d: AdaptiveNorm1d,
@@ -30,9 +30,14 @@ _INSTANCE_BY_ADAPTIVE = {AdaptiveNorm1d: nn.InstanceNorm1d, AdaptiveNorm2d: nn.I
 
 
 SMALL_BATCH_FINE_TUNING = 2
-"""``min_batch_size`` of converted BatchNorm layers: fine-tuning a BatchNorm checkpoint at batch 2–7
+"""``min_batch_size`` of converted BatchNorm layers: fine-tuning a BatchNorm checkpoint at batch 2–31
 keeps batch statistics (and keeps the running statistics it evaluates with current) instead of
-dropping to instance mode as a fresh adaptive layer (``min_batch_size=8``) would."""
+dropping to group mode as a fresh adaptive layer (``min_batch_size=32``) would."""
+
+BATCH_NORM_CHAIN = MODES
+"""The chain of converted BatchNorm layers: below ``SMALL_BATCH_FINE_TUNING`` samples (batch 1) they fall
+back to instance statistics, which are what native BatchNorm computes in training on one sample (over
+each channel's S values), not to group mode as the default chain (``DEFAULT_CHAIN``) would."""
 
 
 def _native_config(module: nn.Module) -> Dict[str, Any]:
@@ -52,15 +57,16 @@ def _faithful_policy(module: nn.Module, base: Union[Policy, str, None]) -> Polic
     """A policy under which the adaptive layer normalizes as ``module`` does wherever ``module`` can run,
     in training and in eval, and falls back only where it would raise.
 
-    BatchNorm keeps batch statistics from ``SMALL_BATCH_FINE_TUNING`` samples (unless ``base`` says
-    otherwise), uses its running statistics in eval even at their initial values (as native does),
-    and without running statistics uses batch statistics in eval too. InstanceNorm and GroupNorm start
+    BatchNorm keeps batch statistics from ``SMALL_BATCH_FINE_TUNING`` samples and instance statistics
+    (what it computes on one sample) below them, unless ``base`` says otherwise; it uses its running
+    statistics in eval even at their initial values (as native does), and without running statistics
+    uses batch statistics in eval too. InstanceNorm and GroupNorm start
     the chain at their own mode with thresholds at the native floor; InstanceNorm with running
     statistics updates and evaluates with them as ``F.instance_norm`` does.
     """
     base = None if base is None else get_policy(base)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        policy = base or Policy(min_batch_size=SMALL_BATCH_FINE_TUNING)
+        policy = base or Policy(chain=BATCH_NORM_CHAIN, min_batch_size=SMALL_BATCH_FINE_TUNING)
         return replace(policy, native_eval_rule=module.track_running_stats,
                        eval_batch_stats=not module.track_running_stats)
     first_mode = "group" if isinstance(module, nn.GroupNorm) else "instance"

@@ -63,8 +63,8 @@ mode computes what the native module it replaces computes:
 mode      statistics over                         as
 ========  ======================================  =================================================
 batch     N·S values per channel                  ``nn.BatchNorm``, updating the running statistics
-instance  S values per sample and channel         ``nn.InstanceNorm``
 group     (C/G)·S values per sample and group     ``nn.GroupNorm(G, C)``
+instance  S values per sample and channel         ``nn.InstanceNorm``
 layer     C·S values per sample                   ``nn.GroupNorm(1, C)``
 identity  none: γ·x + β                           the affine alone (a single value per statistic)
 ========  ======================================  =================================================
@@ -73,9 +73,10 @@ No mode normalizes over a single value, which would silently output β. In eval 
 statistics are used when they are learned and current (the recent training steps mostly updated
 them): the layer then evaluates like ``nn.BatchNorm`` at every shape, batch 1 and 1×1×1 included.
 Otherwise eval walks the chain without batch mode, whose statistics would make a prediction depend on
-its batch-mates: a layer trained in instance mode evaluates with instance statistics, without a
-train/eval gap. The constructor and state dict are ``nn.BatchNorm``'s, so its checkpoints load
-strictly; with ``track_running_stats=False`` the state dict is ``nn.InstanceNorm``'s (weight, bias).
+its batch-mates: a layer trained in a per-sample mode (group, instance) evaluates with the same
+statistics, without a train/eval gap. The constructor and state dict are ``nn.BatchNorm``'s, so its
+checkpoints load strictly; with ``track_running_stats=False`` the state dict is ``nn.InstanceNorm``'s
+(weight, bias).
 
 Args:
     num_features (int): C, the number of channels of the input.
@@ -103,7 +104,7 @@ Args:
         with a different ``momentum`` it raises. Default: ``None``
     policy (Policy or str, optional): auto mode's chain and thresholds: an ``adanorm.Policy``, or a
         name, since plans and configs (nnU-Net, Hydra, MONAI's norm tuples) hold plain values:
-        ``"batch_first"`` (``Policy()``: batch statistics from 8 samples on, then instance, group,
+        ``"batch_first"`` (``Policy()``: batch statistics from 32 samples on, then group, instance,
         layer), ``"instance_first"`` (``nn.InstanceNorm`` wherever it can run, then group, layer,
         identity) or ``"group_first"``. An unknown name raises and lists the names.
         Default: ``None``, ``Policy()``
@@ -164,15 +165,15 @@ def _layer_doc(summary: str, input_shape: str, examples: str) -> str:
 
 class AdaptiveNorm(_NormBase):
     __doc__ = _layer_doc(
-        "Normalization that picks batch → instance → group → layer → identity statistics per input shape.",
+        "Normalization that picks batch → group → instance → layer → identity statistics per input shape.",
         "(N, C, *), any number of spatial dimensions (the 1d/2d/3d classes check the rank as "
         "the BatchNorm class they replace does)",
         """    >>> import torch, adanorm
     >>> norm = adanorm.AdaptiveNorm(8)
-    >>> norm(torch.randn(2, 8, 5)).shape  # 2 samples: per-sample statistics
+    >>> norm(torch.randn(2, 8, 5)).shape  # 2 samples: per-sample statistics, 4 groups of 2 channels
     torch.Size([2, 8, 5])
     >>> norm.last_mode
-    'instance'""",
+    'group'""",
     )
 
     _input_ranks: Tuple[int, ...] = ()
@@ -385,7 +386,7 @@ class AdaptiveNorm(_NormBase):
             return self.mode
         has_stats = not self.training and self.has_learned_running_stats()
         mode = (choose_mode if compiling else _cached_choose_mode)(shape, self.training, self.policy, self.num_groups, has_stats)
-        if (is_fallback if compiling else _cached_is_fallback)(mode, self.training, self.policy, has_stats):
+        if (is_fallback if compiling else _cached_is_fallback)(mode, self.training, self.policy, has_stats, self.num_groups):
             self._report_fallback(shape, mode, compiling)
         return mode
 
@@ -395,7 +396,7 @@ class AdaptiveNorm(_NormBase):
         together, and a warning per layer would bury the one that matters."""
         if compiling and not self.policy.strict:
             return  # warnings stay out of graphs
-        preferred = (first_choice if compiling else _cached_first_choice)(self.training, self.policy)
+        preferred = (first_choice if compiling else _cached_first_choice)(self.training, self.policy, self.num_groups)
         regime = (preferred, mode, self.training)
         if regime in self._reported_fallbacks and not self.policy.strict:
             return  # counted in mode_counts; the message is built only when it is shown
@@ -546,7 +547,7 @@ class AdaptiveNorm1d(AdaptiveNorm):
         "(N, C) or (N, C, L)",
         """    >>> import torch, adanorm
     >>> norm = adanorm.AdaptiveNorm1d(8)
-    >>> _ = norm(torch.randn(16, 8))  # 16 samples: batch statistics
+    >>> _ = norm(torch.randn(32, 8))  # 32 samples: batch statistics
     >>> norm.last_mode
     'batch'
     >>> _ = norm(torch.randn(2, 8))  # 2 samples of one value per channel: one statistic over the channels
@@ -564,7 +565,7 @@ class AdaptiveNorm2d(AdaptiveNorm):
         "(N, C, H, W)",
         """    >>> import torch, adanorm
     >>> norm = adanorm.AdaptiveNorm2d(3)
-    >>> _ = norm(torch.randn(4, 3, 32, 32))  # 4 samples: per-sample statistics
+    >>> _ = norm(torch.randn(4, 3, 32, 32))  # 4 samples, 3 channels (no groups): instance statistics
     >>> norm.last_mode
     'instance'""",
     )
@@ -579,11 +580,11 @@ class AdaptiveNorm3d(AdaptiveNorm):
         "(N, C, D, H, W)",
         """    >>> import torch, adanorm
     >>> norm = adanorm.AdaptiveNorm3d(16)
-    >>> norm(torch.randn(8, 16, 4, 4, 4)).shape  # 8 samples: batch statistics, as nn.BatchNorm3d
-    torch.Size([8, 16, 4, 4, 4])
-    >>> _ = norm(torch.randn(2, 16, 4, 4, 4))  # 2 samples: instance statistics
-    >>> norm.last_mode, norm.mode_counts["batch"], norm.mode_counts["instance"]
-    ('instance', 1, 1)
+    >>> norm(torch.randn(32, 16, 4, 4, 4)).shape  # 32 samples: batch statistics, as nn.BatchNorm3d
+    torch.Size([32, 16, 4, 4, 4])
+    >>> _ = norm(torch.randn(2, 16, 4, 4, 4))  # 2 samples: group statistics, 8 groups of 2 channels
+    >>> norm.last_mode, norm.mode_counts["batch"], norm.mode_counts["group"]
+    ('group', 1, 1)
 
     nnU-Net's InstanceNorm3d (in its plans: ``"norm_op": "adanorm.AdaptiveNorm3d"`` with these
     ``norm_op_kwargs``), which also trains on a 1×1×1 bottleneck:

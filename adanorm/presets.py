@@ -74,7 +74,7 @@ PRESETS: Dict[str, MomentumPreset] = {
     preset.name: preset
     for preset in (
         MomentumPreset("default", 0.1),  # batch >= 16; PyTorch's default
-        MomentumPreset("small_batch", 0.05),  # batch 4-8 in batch mode
+        MomentumPreset("small_batch", 0.05),  # batch 4-8 in batch mode (forced, or a lowered min_batch_size)
         MomentumPreset("tiny_batch", 0.01),  # batch 1-3 in batch mode (forced, or a lowered min_batch_size)
         MomentumPreset("cumulative", None),  # fine-tuning or calibrating: every batch weighs the same
         MomentumPreset("auto", None, window_samples=256),  # variable or unknown batch size: ~256 samples

@@ -6,7 +6,7 @@ momentum of 0.01 follows, and statistics from the first epochs of a short run de
 no longer exists. ``torch.optim.swa_utils.update_bn`` fixes this for ``_BatchNorm`` subclasses only
 (it skips adaptive layers, which are not ``_BatchNorm``), averages per-batch variances, and gets its
 statistics from whatever the layer normalizes with in training — for an adaptive layer at batch 2,
-instance statistics, which are not what eval uses.
+per-sample (group or instance) statistics, which are not what eval uses.
 
 ``update_bn`` takes the same call. Every layer whose eval normalizes with running statistics gets
 them replaced by the exact mean and unbiased variance of all values its input held over the loader

@@ -52,7 +52,8 @@ def assert_compiled_equals_eager(eager, batches, channels_last=False, backend=BA
                 torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
-BATCHES = [torch.randn(8, 2, 4, 4, 4) * 2 + 1, torch.randn(2, 2, 4, 4, 4) - 1, torch.randn(8, 2, 4, 4, 4) * 3]
+# Auto mode: batch statistics at 32 samples, group statistics at 2 (Policy's default min_batch_size is 32).
+BATCHES = [torch.randn(32, 2, 4, 4, 4) * 2 + 1, torch.randn(2, 2, 4, 4, 4) - 1, torch.randn(32, 2, 4, 4, 4) * 3]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last_3d"])
@@ -95,14 +96,14 @@ def compile_count(module, batch_sizes):
 @pytest.mark.parametrize("training", [True, False])
 def test_ten_calls_at_one_shape_compile_once(training):
     assert compile_count(adanorm.AdaptiveNorm3d(8, mode="instance").train(training), [2] * 10) == 1
-    assert compile_count(adanorm.AdaptiveNorm3d(8).train(training), [8] * 10) == 1
+    assert compile_count(adanorm.AdaptiveNorm3d(8).train(training), [32] * 10) == 1
 
 
 def test_one_graph_per_fallback_regime():
-    """Batch sizes 1 → 2 → 8 → 1. Dynamo itself compiles batch 1 apart from other sizes (it specializes
+    """Batch sizes 1 → 2 → 32 → 1. Dynamo itself compiles batch 1 apart from other sizes (it specializes
     sizes 0 and 1), as for native norms; beyond that, one graph per regime the layer visits."""
-    sizes = [1, 2, 8, 1]
+    sizes = [1, 2, 32, 1]
     native = compile_count(nn.BatchNorm3d(8), sizes)
     assert compile_count(adanorm.AdaptiveNorm3d(8, mode="instance"), sizes) == native  # one regime
-    assert compile_count(adanorm.AdaptiveNorm3d(8), sizes) == native + 1  # instance at 1-2, batch at 8
+    assert compile_count(adanorm.AdaptiveNorm3d(8), sizes) == native + 1  # group at 1-2, batch at 32
     assert compile_count(adanorm.AdaptiveNorm3d(8).eval(), sizes) == native  # eval never depends on N

@@ -138,8 +138,10 @@ def auto_steps(rank, sizes, spatial, steps):
     return modes, layer(probe), layer.last_mode
 
 
-@pytest.mark.parametrize("sizes, spatial, expected", [((8, 3), (2, 2, 2), "batch"),   # 11 samples: batch on both
-                                                      ((1, 2), (1, 1, 1), "layer")])  # 3 samples at 1×1×1
+@pytest.mark.parametrize("sizes, spatial, expected", [
+    ((24, 9), (2, 2, 2), "batch"),  # 33 samples: batch on both ranks, though neither has min_batch_size=32 alone
+    ((1, 2), (1, 1, 1), "layer"),  # 3 samples at 1×1×1
+])
 def test_auto_mode_decides_once_for_every_rank(tmp_path, sizes, spatial, expected):
     results = run_on_two_ranks(tmp_path, auto_steps, sizes, spatial, 3)
     assert results[0][0] == results[1][0] == [expected] * 3
@@ -159,7 +161,7 @@ def ddp_unsynced_steps(rank, sizes):
 
 
 def test_ddp_broadcast_running_statistics_count_on_every_rank(tmp_path):
-    results = run_on_two_ranks(tmp_path, ddp_unsynced_steps, (8, 3))
+    results = run_on_two_ranks(tmp_path, ddp_unsynced_steps, (32, 3))  # batch mode needs 32 samples
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
     assert results[0][1] == results[1][1] == "batch"
 

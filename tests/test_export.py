@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore::adanorm.FallbackWarning"),
 def conv_norm(learned):
     model = nn.Sequential(nn.Conv3d(2, 16, 3, padding=1), adanorm.AdaptiveNorm3d(16), nn.ReLU())
     if learned:  # batch-mode training: eval then uses the running statistics
-        model(torch.randn(8, 2, 6, 6, 6) * 2 + 1)
+        model(torch.randn(32, 2, 6, 6, 6) * 2 + 1)
+        assert model[1].has_learned_running_stats()
     return model.eval()
 
 
@@ -32,7 +33,8 @@ def unet(learned):
     if learned:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model(torch.randn(8, 1, 16, 16, 16))
+            model(torch.randn(32, 1, 16, 16, 16))  # batch mode: learned running statistics
+        assert all(m.has_learned_running_stats() for m in model.modules() if isinstance(m, adanorm.AdaptiveNorm))
     return model.eval()
 
 

@@ -14,16 +14,17 @@ from adanorm import FallbackError, FallbackWarning, Policy, choose_mode
 from adanorm.policy import default_num_groups
 
 SPATIAL = [(1, 1, 1), (1, 1, 2), (2, 2, 2), (4, 4, 4)]
-GRID = list(itertools.product([1, 2, 8], [1, 2, 3, 64], SPATIAL))
+GRID = list(itertools.product([1, 2, 8, 31, 32], [1, 2, 3, 64], SPATIAL))
 
 
 def expected_per_sample_mode(channels, spatial):
-    """The README table for the per-sample modes, with the default thresholds (4 values per statistic)."""
+    """The README table for the per-sample modes in the default chain (group, instance, layer, identity),
+    with the default thresholds (4 values per statistic)."""
     size = math.prod(spatial)
-    if size >= 4:
-        return "instance"
     if channels == 64 and 2 * size >= 4:  # default groups for 64 channels: 32 groups of 2
         return "group"
+    if size >= 4:  # 1-3 channels have no group mode
+        return "instance"
     if channels * size >= 2:
         return "layer"
     return "identity"
@@ -33,7 +34,7 @@ def expected_per_sample_mode(channels, spatial):
 def test_fallback_table(batch, channels, spatial):
     shape = (batch, channels) + spatial
     layer = adanorm.AdaptiveNorm3d(channels)
-    expected_train = "batch" if batch >= 8 else expected_per_sample_mode(channels, spatial)
+    expected_train = "batch" if batch >= 32 else expected_per_sample_mode(channels, spatial)
     assert choose_mode(shape, True, layer.policy, layer.num_groups, False) == expected_train
 
     with warnings.catch_warnings():
@@ -44,7 +45,7 @@ def test_fallback_table(batch, channels, spatial):
 
     layer.eval()
     y = layer(torch.randn(shape))
-    expected_eval = "batch" if batch >= 8 else expected_per_sample_mode(channels, spatial)
+    expected_eval = "batch" if batch >= 32 else expected_per_sample_mode(channels, spatial)
     assert layer.last_mode == expected_eval, "eval uses running stats only after batch-mode training"
     assert torch.isfinite(y).all()
 
@@ -80,18 +81,18 @@ def test_mode_changes_between_steps_keep_running_stats():
     layer = adanorm.AdaptiveNorm3d(4)
     native = nn.BatchNorm3d(4)
     for _ in range(5):
-        big = torch.randn(8, 4, 3, 3, 3) * 2 + 1
+        big = torch.randn(32, 4, 3, 3, 3) * 2 + 1
         layer(big), native(big)
     assert layer.last_mode == "batch"
     stats = layer.running_mean.clone(), layer.running_var.clone()
-    with pytest.warns(FallbackWarning, match="fell back to 'instance' mode from 'batch'"):
+    with pytest.warns(FallbackWarning, match="fell back to 'group' mode from 'batch'"):
         y = layer(torch.randn(2, 4, 3, 3, 3))  # a smaller last batch
-    assert layer.last_mode == "instance"
+    assert layer.last_mode == "group"
     torch.testing.assert_close((layer.running_mean, layer.running_var), stats)
     with pytest.warns(FallbackWarning, match="fell back to 'layer' mode from 'batch'"):  # a new regime warns
         layer(torch.randn(2, 4, 1, 1, 1))  # a different patch size
     assert layer.last_mode == "layer"
-    assert layer.mode_counts == {"batch": 5, "instance": 1, "group": 0, "layer": 1, "identity": 0}
+    assert layer.mode_counts == {"batch": 5, "instance": 0, "group": 1, "layer": 1, "identity": 0}
     assert int(layer.num_batches_tracked) == 5
 
     # Two smaller batches after five full ones: the statistics still describe the training, so eval uses them.
@@ -109,8 +110,9 @@ def test_mode_changes_between_steps_keep_running_stats():
             layer(torch.randn(2, 4, 3, 3, 3))
     layer.eval()
     x = torch.randn(1, 4, 3, 3, 3)
-    torch.testing.assert_close(layer(x), F.instance_norm(x, weight=layer.weight, bias=layer.bias, eps=layer.eps))
-    assert layer.last_mode == "instance"
+    expected = F.group_norm(x, layer.num_groups, weight=layer.weight, bias=layer.bias, eps=layer.eps)
+    torch.testing.assert_close(layer(x), expected)
+    assert layer.last_mode == "group" and layer.num_groups == 2
     torch.testing.assert_close((layer.running_mean, layer.running_var), (native.running_mean, native.running_var))
 
 
@@ -120,7 +122,7 @@ def test_trained_in_batch_mode_evaluates_like_batchnorm():
         native.weight.uniform_(0.5, 1.5), native.bias.uniform_(-1, 1)
     layer.load_state_dict(native.state_dict())
     for _ in range(5):
-        x = torch.randn(8, 6, 2, 3, 2) * 3 - 1
+        x = torch.randn(32, 6, 2, 3, 2) * 3 - 1
         torch.testing.assert_close(layer(x), native(x))
     layer.eval(), native.eval()
     for shape in [(1, 6, 1, 1, 1), (1, 6, 4, 4, 4), (2, 6, 1, 2, 1)]:
@@ -128,8 +130,12 @@ def test_trained_in_batch_mode_evaluates_like_batchnorm():
         torch.testing.assert_close(layer(x), native(x))
 
 
-def test_trained_in_instance_mode_evaluates_like_instance_norm():
-    layer = adanorm.AdaptiveNorm3d(6)
+@pytest.mark.parametrize("policy,mode", [
+    (Policy(), "group"),  # the default chain: group statistics below 32 samples
+    (Policy(chain=adanorm.MODES), "instance"),  # batch, then instance first
+])
+def test_trained_in_a_per_sample_mode_evaluates_in_it(policy, mode):
+    layer = adanorm.AdaptiveNorm3d(6, policy=policy)
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-1, 1)
     with warnings.catch_warnings():
@@ -137,11 +143,15 @@ def test_trained_in_instance_mode_evaluates_like_instance_norm():
         for _ in range(3):
             layer(torch.randn(2, 6, 4, 4, 4))
     assert layer.mode_counts["batch"] == 0 and not layer.has_learned_running_stats()
+    assert layer.mode_counts[mode] == 3
     layer.eval()
     x = torch.randn(1, 6, 4, 5, 3)
-    expected = F.instance_norm(x, weight=layer.weight, bias=layer.bias, eps=layer.eps)
+    if mode == "instance":
+        expected = F.instance_norm(x, weight=layer.weight, bias=layer.bias, eps=layer.eps)
+    else:
+        expected = F.group_norm(x, 3, weight=layer.weight, bias=layer.bias, eps=layer.eps)  # 6 channels: 3 groups
     torch.testing.assert_close(layer(x), expected)
-    assert layer.last_mode == "instance"
+    assert layer.last_mode == mode
 
 
 def test_checkpoint_with_zero_counter_still_uses_its_running_stats():
@@ -159,8 +169,8 @@ def test_checkpoint_with_zero_counter_still_uses_its_running_stats():
 
 def test_strict_policy_raises_instead_of_falling_back():
     layer = adanorm.AdaptiveNorm3d(4, policy=Policy(strict=True))
-    layer(torch.randn(8, 4, 2, 2, 2))
-    with pytest.raises(FallbackError, match="fell back to 'instance'.*strict=True"):
+    layer(torch.randn(32, 4, 2, 2, 2))
+    with pytest.raises(FallbackError, match="fell back to 'group'.*strict=True"):
         layer(torch.randn(2, 4, 2, 2, 2))
 
 
@@ -189,18 +199,18 @@ def test_one_warning_per_model_and_regime_at_the_calling_line():
     caught, line = fallback_warnings(model, [(2, 4, 2, 2, 2)] * 3)
     assert len(caught) == 1, [str(w.message) for w in caught]
     assert (caught[0].filename, caught[0].lineno) == (__file__, line), "points at the line that called the model"
-    assert "fell back to 'instance' mode from 'batch'" in str(caught[0].message)
+    assert "fell back to 'group' mode from 'batch'" in str(caught[0].message)
     assert "(TwoBlocks.first.1)" in str(caught[0].message)
 
     caught, _ = fallback_warnings(model, [(2, 4, 1, 1, 1)] * 2 + [(2, 4, 2, 2, 2)])  # a new regime, then the old one
     assert [str(w.message).split(" for ")[0] for w in caught] == ["AdaptiveNorm3d(4) fell back to 'layer' mode from 'batch'"]
     caught, _ = fallback_warnings(model.eval(), [(2, 4, 1, 1, 1)])  # eval without running statistics: another regime
-    assert len(caught) == 1 and "from 'instance'" in str(caught[0].message) and "in eval" in str(caught[0].message)
+    assert len(caught) == 1 and "from 'group'" in str(caught[0].message) and "in eval" in str(caught[0].message)
 
     caught, _ = fallback_warnings(TwoBlocks(), [(2, 4, 2, 2, 2)])  # another model is told again
     assert len(caught) == 1
     for layer in (model.first[1], model.second[1]):
-        assert layer.mode_counts["instance"] == 4 and layer.mode_counts["layer"] == 3  # telemetry counts every call
+        assert layer.mode_counts["group"] == 4 and layer.mode_counts["layer"] == 3  # telemetry counts every call
 
 
 def test_no_warning_while_the_first_choice_runs():
@@ -211,20 +221,59 @@ def test_no_warning_while_the_first_choice_runs():
     assert layer.mode_counts["instance"] == 2
     trained = adanorm.AdaptiveNorm3d(4)
     for _ in range(3):
-        trained(torch.randn(8, 4, 2, 2, 2))
+        trained(torch.randn(32, 4, 2, 2, 2))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)
         trained.eval()(torch.randn(1, 4, 1, 1, 1))  # running statistics: no fallback at any shape
     assert trained.last_mode == "batch"
 
 
+def test_a_layer_without_group_mode_does_not_fall_back_from_it():
+    """Group mode comes before instance in the default chain, but a layer with one group (C < 4, prime C)
+    has no group mode at any shape: its chain starts at instance mode, so eval runs it without a
+    warning and a strict policy accepts it; only shape-driven steps count as fallbacks."""
+    from adanorm.policy import first_choice, is_fallback
+
+    layer = adanorm.AdaptiveNorm3d(3).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        layer(torch.randn(2, 3, 4, 4, 4))
+    assert layer.num_groups == 1 and layer.last_mode == "instance"
+    strict = adanorm.AdaptiveNorm3d(7, policy=Policy(strict=True)).eval()
+    strict(torch.randn(2, 7, 4, 4, 4))
+    assert strict.last_mode == "instance"
+    with pytest.raises(FallbackError, match="fell back to 'layer' mode from 'instance'"):
+        strict(torch.randn(2, 7, 1, 1, 1))
+    with pytest.raises(FallbackError, match="fell back to 'instance' mode from 'batch'"):
+        strict.train()(torch.randn(2, 7, 4, 4, 4))  # below 32 samples training still falls back from batch mode
+    converted = adanorm.convert(nn.GroupNorm(1, 6))  # layer norm written as GroupNorm: a chain from group mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        converted(torch.randn(2, 6, 4, 4, 4))
+    assert converted.last_mode == "layer"
+    assert first_choice(False, Policy(), 1) == "instance" and first_choice(False, Policy(), 4) == "group"
+    assert first_choice(False, Policy()) == "group"  # groups not known: group mode assumed
+    assert is_fallback("instance", False, Policy(), False) and not is_fallback("instance", False, Policy(), False, 1)
+
+
 def test_nonfinite_warning_points_at_the_calling_line():
     model = nn.Sequential(adanorm.AdaptiveNorm3d(4))
-    x = torch.randn(8, 4, 2, 2, 2)
+    x = torch.randn(32, 4, 2, 2, 2)  # batch mode, which updates the running statistics
     x[0, 0, 0, 0, 0] = float("nan")
     with pytest.warns(adanorm.NonFiniteStatsWarning) as caught:
         model(x); line = inspect.currentframe().f_lineno
     assert (caught[0].filename, caught[0].lineno) == (__file__, line)
+
+
+def test_default_policy():
+    """Batch from 32 samples, then group before instance (the small-batch study, STUDY.md); MODES keeps its order."""
+    assert Policy().chain == adanorm.policy.DEFAULT_CHAIN == ("batch", "group", "instance", "layer", "identity")
+    assert Policy().min_batch_size == 32
+    assert adanorm.MODES == ("batch", "instance", "group", "layer", "identity")
+    assert choose_mode((31, 8, 4, 4, 4), True, Policy(), 4, False) == "group"
+    assert choose_mode((32, 8, 4, 4, 4), True, Policy(), 4, False) == "batch"
+    assert choose_mode((31, 8, 4, 4, 4), True, Policy(), 1, False) == "instance"  # no group mode
+    assert choose_mode((2, 8, 4, 4, 4), False, Policy(), 4, False) == "group"  # eval without running statistics
 
 
 def test_named_policies():

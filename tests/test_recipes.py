@@ -208,10 +208,12 @@ def test_run_logs_norm_modes_writes_plots_and_resumes_with_weights_only(data_roo
     rows = read_metrics(first / "csv" / "metrics.csv")
     logged = {key: float(value) for row in rows for key, value in row.items() if value}
     assert "val/dice" in logged
-    # batch 2 is below the default policy's min_batch_size 8: every training forward falls back to instance
+    # batch 2 is below the default policy's min_batch_size 32: every training forward falls back to group
+    # mode (the UNet's first layer has 16 channels: 8 groups of 2)
     assert logged["norm/train/fallback_fraction"] == 1.0
     assert logged["norm/eval/fallback_fraction"] == 0.0
-    assert logged["norm/train/net.model.0.adn.N/instance"] == 2.0
+    assert logged["norm/train/net.model.0.adn.N/group"] == 2.0
+    assert logged["norm/train/net.model.0.adn.N/instance"] == 0.0
     assert all(NormMetric.parse(key) for key in logged if key.startswith("norm/")), "plots.py reads what the monitor writes"
 
     loads = []
@@ -314,7 +316,7 @@ def test_train_script_sweeps_norms_end_to_end(data_root, tmp_path):
 
 def test_recalibrate_recomputes_running_statistics_before_validation(tmp_path):
     """recalibrate=true: validation and the checkpoints use statistics from adanorm.update_bn, although the
-    layers train in instance mode at this batch size (batch 2 < min_batch_size)."""
+    layers train in group mode at this batch size (batch 2 < min_batch_size)."""
     train(compose_config(*tiny(tmp_path / "data", tmp_path / "run"), *one_epoch(), "recalibrate=true",
                          "recalibrate_batches=2"))
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

@@ -261,7 +261,7 @@ def test_scripted_renorm_layer_equals_eager_and_survives_save_load():
     torch.jit.save(torch.jit.script(copy.deepcopy(eager)), buffer)
     buffer.seek(0)
     scripted = torch.jit.load(buffer)
-    batches = drifting_batches(SHAPES[5]) + drifting_batches((2, 4, 2, 3, 2), steps=2, seed=1)  # batch, then instance
+    batches = drifting_batches(SHAPES[5]) + drifting_batches((2, 4, 2, 3, 2), steps=2, seed=1)  # batch, then group
     for training in (True, False):
         eager.train(training), scripted.train(training)
         for x, upstream in batches:
@@ -299,10 +299,10 @@ def test_auto_mode_renormalizes_its_batch_steps_only():
         assert_matches_reference(renorm, reference, *train_step(renorm, x, upstream), expected, rtol=1e-4, atol=1e-5)
         train_step(plain, x, upstream)
         assert renorm.last_mode == "batch"
-    for x, upstream in drifting_batches((2, 4, 2, 3, 2), steps=2, seed=1):  # batch 2: instance mode, untouched
+    for x, upstream in drifting_batches((2, 4, 2, 3, 2), steps=2, seed=1):  # batch 2: group mode, untouched
         y, x_grad = train_step(renorm, x, upstream)
         y_plain, x_grad_plain = train_step(plain, x, upstream)
-        assert renorm.last_mode == "instance"
+        assert renorm.last_mode == "group"
         assert torch.equal(y, y_plain) and torch.equal(x_grad, x_grad_plain)
     assert int(renorm.num_batches_tracked) == 5
 

@@ -50,7 +50,7 @@ def test_buffer_copy_into_a_fresh_layer_is_used_in_eval():
     """The issue's reproducer: an EMA-style copy_ of every buffer used to leave the copy in instance mode."""
     m = adanorm.AdaptiveNorm3d(4)
     ema = copy.deepcopy(m)
-    m(torch.randn(8, 4, 4, 4, 4) * 3 + 2)
+    m(torch.randn(32, 4, 4, 4, 4) * 3 + 2)
     with torch.no_grad():
         for be, b in zip(ema.buffers(), m.buffers()):
             be.copy_(b)
@@ -63,7 +63,7 @@ def test_buffer_copy_into_a_fresh_layer_is_used_in_eval():
 def test_copying_only_the_state_dict_buffers_counts_too():
     """timm-style EMA copies state_dict() values, which do not include adanorm's non-persistent buffers."""
     model, ema = conv_net(adanorm.AdaptiveNorm3d), conv_net(adanorm.AdaptiveNorm3d)
-    train_steps(model, 8)
+    train_steps(model, 32)
     with torch.no_grad():
         for target, source in zip(ema.state_dict().values(), model.state_dict().values()):
             target.copy_(source)
@@ -72,7 +72,7 @@ def test_copying_only_the_state_dict_buffers_counts_too():
 
 def test_dtype_and_device_moves_keep_the_rule():
     model = conv_net(adanorm.AdaptiveNorm3d)
-    train_steps(model, 8)
+    train_steps(model, 32)
     model = model.double().float()  # new buffer tensors: the version-counter cache must not go stale
     assert_evaluates_like_batchnorm(model)
 
@@ -82,7 +82,7 @@ def test_averaged_model_with_buffers_evaluates_like_batchnorm():
     for multi_avg_fn in (None, get_ema_multi_avg_fn(0.9)):
         averaged = AveragedModel(model, use_buffers=True, multi_avg_fn=multi_avg_fn)
         for _ in range(3):
-            train_steps(model, 8, steps=1)
+            train_steps(model, 32, steps=1)
             averaged.update_parameters(model)
         assert_evaluates_like_batchnorm(averaged.module)
 
@@ -122,7 +122,7 @@ def reference_statistics(native_model, batches):
 @pytest.mark.parametrize("batch_size", [1, 2, 8])
 def test_update_bn_gives_exact_population_statistics_and_evaluates_like_batchnorm(batch_size):
     model = conv_net(adanorm.AdaptiveNorm3d)
-    train_steps(model, 2)  # instance mode at batch 2: running statistics untouched, eval per-sample
+    train_steps(model, 2)  # group mode at batch 2: running statistics untouched, eval per-sample
     batches = [torch.randn(batch_size, 2, 4, 4, 4) * 3 + 2 for _ in range(5)]
     expected = reference_statistics(native_twin(model), batches)
     adanorm.update_bn(batches, model)
@@ -207,10 +207,10 @@ def test_convert_accepts_eps_zero():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_batch_skips_the_update_and_is_counted(bad):
     layer, native = adanorm.AdaptiveNorm3d(4), nn.BatchNorm3d(4)
-    good = torch.randn(8, 4, 3, 3, 3)
+    good = torch.randn(32, 4, 3, 3, 3)  # batch mode, which updates the running statistics
     layer(good), native(good)
     before = layer.running_mean.clone(), layer.running_var.clone()
-    x = torch.randn(8, 4, 3, 3, 3)
+    x = torch.randn(32, 4, 3, 3, 3)
     x[0, 1, 0, 0, 0] = bad
     with pytest.warns(NonFiniteStatsWarning, match="skipped"):
         output = layer(x)
@@ -228,9 +228,10 @@ def test_a_non_finite_batch_skips_the_update_and_is_counted(bad):
 def test_the_guard_can_be_turned_off():
     layer = adanorm.AdaptiveNorm3d(4, policy=Policy(skip_nonfinite=False))
     native = nn.BatchNorm3d(4)
-    x = torch.randn(8, 4, 3, 3, 3)
+    x = torch.randn(32, 4, 3, 3, 3)
     x[0, 1, 0, 0, 0] = float("nan")
     layer(x), native(x)
+    assert layer.last_mode == "batch"
     torch.testing.assert_close((layer.running_mean, layer.running_var), (native.running_mean, native.running_var), equal_nan=True)
     assert layer.nonfinite_skips == 0
 
@@ -254,25 +255,31 @@ def test_fine_tuning_a_converted_checkpoint_at_batch_2_keeps_its_statistics_curr
     assert_evaluates_like_batchnorm(model)
 
 
-@pytest.mark.parametrize("make, batch", [
-    (lambda net: adanorm.convert(net), 1),  # converted layers keep batch mode from 2 samples
-    (lambda net: nn.Sequential(*[adanorm.AdaptiveNorm3d(m.num_features) if isinstance(m, nn.BatchNorm3d) else m for m in net]), 2),
+@pytest.mark.parametrize("make, batch, mode", [
+    # converted layers keep batch mode from 2 samples, and instance statistics (BatchNorm's at one sample) below
+    (lambda net: adanorm.convert(net), 1, "instance"),
+    (lambda net: nn.Sequential(*[adanorm.AdaptiveNorm3d(m.num_features) if isinstance(m, nn.BatchNorm3d) else m for m in net]), 2,
+     "group"),  # the default chain: group before instance
 ], ids=["converted_batch1", "default_policy_batch2"])
-def test_eval_never_uses_statistics_training_left_behind(make, batch):
+def test_eval_never_uses_statistics_training_left_behind(make, batch, mode):
     native = checkpoint_net()
     model = make(copy.deepcopy(native))
     model.load_state_dict(native.state_dict(), strict=True)
     train_steps(model, batch)
     layers = [m for m in model.modules() if isinstance(m, adanorm.AdaptiveNorm)]
-    assert all(m.last_mode == "instance" for m in layers)
+    assert all(m.last_mode == mode for m in layers)
     for layer, old in zip(layers, [m for m in native.modules() if isinstance(m, nn.BatchNorm3d)]):
         torch.testing.assert_close(layer.running_mean, old.running_mean)  # kept, not lost
     model.eval()
     x = torch.randn(1, 2, 4, 4, 4)
     hidden = model[2](model[1](model[0](x)))
-    torch.testing.assert_close(model[1](model[0](x)), F.instance_norm(model[0](x), weight=model[1].weight, bias=model[1].bias))
+    if mode == "instance":
+        expected = F.instance_norm(model[0](x), weight=model[1].weight, bias=model[1].bias)
+    else:  # 6 channels: 3 groups of 2
+        expected = F.group_norm(model[0](x), 3, weight=model[1].weight, bias=model[1].bias)
+    torch.testing.assert_close(model[1](model[0](x)), expected)
     torch.testing.assert_close(model(x), model[4](model[3](hidden)))
-    assert all(m.last_mode == "instance" for m in layers)
+    assert all(m.last_mode == mode for m in layers)
     # A load makes the loaded statistics current again.
     model.load_state_dict(native.state_dict())
     assert_evaluates_like_batchnorm(model)
@@ -281,7 +288,7 @@ def test_eval_never_uses_statistics_training_left_behind(make, batch):
 def test_a_smaller_last_batch_per_epoch_keeps_eval_on_running_statistics():
     model = conv_net(adanorm.AdaptiveNorm3d)
     for _epoch in range(3):
-        train_steps(model, 8, steps=6)
+        train_steps(model, 32, steps=6)
         train_steps(model, 3, steps=1)  # the remainder batch of each epoch
         assert_evaluates_like_batchnorm(model)
 
@@ -327,13 +334,16 @@ def test_eval_statistics_says_what_eval_normalizes_with():
     module run on the running statistics, or to the per-sample mode it names."""
     x = torch.randn(2, 8, 4, 4, 4)
     fresh = adanorm.AdaptiveNorm3d(8).eval()
-    assert fresh.eval_statistics(x.shape) == "instance" and not fresh.eval_uses_running_stats()
-    torch.testing.assert_close(fresh(x), F.instance_norm(x), rtol=1e-5, atol=1e-5)
+    assert fresh.eval_statistics(x.shape) == "group" and not fresh.eval_uses_running_stats()
+    torch.testing.assert_close(fresh(x), F.group_norm(x, 4), rtol=1e-5, atol=1e-5)  # 8 channels: 4 groups of 2
+    instance_first = adanorm.AdaptiveNorm3d(8, policy="instance_first").eval()
+    assert instance_first.eval_statistics(x.shape) == "instance"
+    torch.testing.assert_close(instance_first(x), F.instance_norm(x), rtol=1e-5, atol=1e-5)
     assert fresh.eval_statistics((2, 8, 1, 1, 1)) == "layer"  # groups of 2 channels: 2 values, below min_group_size
     trained = adanorm.AdaptiveNorm3d(8, mode="auto")
     trained.train()
     for _ in range(3):
-        trained(torch.randn(16, 8, 4, 4, 4) * 2 + 1)
+        trained(torch.randn(32, 8, 4, 4, 4) * 2 + 1)
     trained.eval()
     assert trained.eval_statistics(x.shape) == "running" and trained.eval_uses_running_stats()
     torch.testing.assert_close(trained(x), F.batch_norm(x, trained.running_mean, trained.running_var, trained.weight,

@@ -114,7 +114,9 @@ def pointwise_network():
         nn.Conv3d(2, 8, 1), nn.GroupNorm(4, 8), nn.GELU(),
         nn.Conv3d(8, 8, 1), nn.InstanceNorm3d(8, affine=True), nn.Tanh(),
         nn.Conv3d(8, 8, 1), adanorm.AdaptiveNorm3d(8, mode="group", num_groups=2), nn.SiLU(),
-        nn.Conv3d(8, 8, 1), adanorm.AdaptiveNorm3d(8), nn.ReLU(),  # auto: no learned running statistics, so instance
+        # auto, batch then instance first (the default chain would run group mode, which layer 7 covers): no
+        # learned running statistics, so instance
+        nn.Conv3d(8, 8, 1), adanorm.AdaptiveNorm3d(8, policy=adanorm.Policy(chain=adanorm.MODES)), nn.ReLU(),
         nn.Conv3d(8, 8, 1), nn.BatchNorm3d(8, track_running_stats=False), nn.Softplus(),  # batch statistics in eval too
         nn.Conv3d(8, 8, 1), nn.BatchNorm3d(8),  # running statistics: tile-independent, left alone
         nn.Conv3d(8, 3, 1),

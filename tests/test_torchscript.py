@@ -16,9 +16,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::adanorm.FallbackWarning")
 
 LAYERS = {3: adanorm.AdaptiveNorm1d, 4: adanorm.AdaptiveNorm2d, 5: adanorm.AdaptiveNorm3d}
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-# Shapes that walk the fallback chain: batch statistics, instance, group, layer and identity.
-SHAPES = {3: [(8, 6, 5), (2, 6, 5), (2, 6, 1), (1, 6, 1)], 4: [(8, 6, 3, 3), (1, 6, 1, 2), (2, 6, 1, 1)],
-          5: [(8, 6, 2, 2, 2), (2, 6, 2, 2, 2), (1, 6, 1, 1, 1), (3, 6, 1, 1, 2)]}
+# Shapes that walk the fallback chain: batch statistics (32 samples), then per-sample statistics: group,
+# instance (in the chain that tries it first, OLD_CHAIN), layer and identity.
+SHAPES = {3: [(32, 6, 5), (2, 6, 5), (2, 6, 1), (1, 6, 1)], 4: [(32, 6, 3, 3), (1, 6, 1, 2), (2, 6, 1, 1)],
+          5: [(32, 6, 2, 2, 2), (2, 6, 2, 2, 2), (1, 6, 1, 1, 1), (3, 6, 1, 1, 2)]}
+OLD_CHAIN = adanorm.Policy(chain=adanorm.MODES)  # batch, instance, group, layer, identity
 
 
 def round_trip(scripted):
@@ -42,10 +44,12 @@ def assert_same_state(eager, scripted):
 
 
 @pytest.mark.parametrize("rank", [3, 4, 5])
-@pytest.mark.parametrize("mode, preset", [("auto", None), ("auto", "cumulative"), ("auto", "auto"), ("batch", "tiny_batch"),
-                                          ("instance", None), ("group", None), ("layer", None), ("identity", None)])
-def test_scripted_layer_equals_eager_through_training_and_eval(rank, mode, preset):
-    eager = randomized(LAYERS[rank](6, mode=mode, preset=preset, num_groups=3))
+@pytest.mark.parametrize("mode, preset, policy", [
+    ("auto", None, None), ("auto", None, OLD_CHAIN), ("auto", "cumulative", None), ("auto", "auto", None),
+    ("batch", "tiny_batch", None), ("instance", None, None), ("group", None, None), ("layer", None, None),
+    ("identity", None, None)])
+def test_scripted_layer_equals_eager_through_training_and_eval(rank, mode, preset, policy):
+    eager = randomized(LAYERS[rank](6, mode=mode, preset=preset, num_groups=3, policy=policy))
     scripted = round_trip(torch.jit.script(copy.deepcopy(eager)))
     shapes = SHAPES[rank] if mode == "auto" else [s for s in SHAPES[rank] if adanorm.policy.mode_is_usable(mode, s, 3, None)]
     for training in (True, False):
@@ -60,6 +64,17 @@ def test_scripted_forced_mode_raises_where_eager_does():
     scripted = torch.jit.script(adanorm.AdaptiveNorm3d(4, mode="instance"))
     with pytest.raises(torch.jit.Error, match="cannot normalize input of shape"):
         scripted(torch.randn(2, 4, 1, 1, 1))
+
+
+def test_scripted_strict_layer_without_group_mode_starts_its_chain_at_instance_mode():
+    """As eager: one group (prime C) means no group mode, so instance statistics are its first choice in eval."""
+    eager = adanorm.AdaptiveNorm3d(5, policy=adanorm.Policy(strict=True)).eval()
+    scripted = torch.jit.script(copy.deepcopy(eager))
+    x = torch.randn(2, 5, 4, 4, 4)
+    torch.testing.assert_close(scripted(x), eager(x))
+    assert eager.last_mode == "instance"
+    with pytest.raises(torch.jit.Error, match="fell back to layer"):
+        scripted(torch.randn(2, 5, 1, 1, 1))
 
 
 def test_scripted_layer_follows_the_eval_rule_after_loading_a_checkpoint():
@@ -89,7 +104,7 @@ def test_scripted_monai_networks_equal_eager(name, monkeypatch):
     torch.manual_seed(0)
     eager = NETWORKS[name]()
     scripted = round_trip(torch.jit.script(copy.deepcopy(eager)))
-    for training, batch in ((True, 2), (True, 8), (False, 1)):  # instance statistics, batch statistics, eval
+    for training, batch in ((True, 2), (True, 32), (False, 1)):  # per-sample statistics, batch statistics, eval
         eager.train(training), scripted.train(training)
         x = torch.randn(batch, 1, 16, 16, 16)
         torch.testing.assert_close(scripted(x), eager(x), rtol=1e-4, atol=1e-5)
@@ -101,7 +116,8 @@ def test_scripted_monai_networks_equal_eager(name, monkeypatch):
 def test_traced_model_saves_loads_and_matches(channels_last, learned):
     model = nn.Sequential(nn.Conv3d(2, 16, 3, padding=1), adanorm.AdaptiveNorm3d(16), nn.ReLU())
     if learned:
-        model(torch.randn(8, 2, 4, 4, 4) * 2 + 1)
+        model(torch.randn(32, 2, 4, 4, 4) * 2 + 1)  # batch mode: learned running statistics
+        assert model[1].has_learned_running_stats()
     model.eval()
     x = torch.randn(2, 2, 6, 6, 6)
     if channels_last:
@@ -123,6 +139,6 @@ def test_the_eager_model_keeps_running_its_own_layers_after_scripting():
     model = nn.Sequential(nn.Conv3d(2, 8, 3, padding=1), adanorm.AdaptiveNorm3d(8))
     layer = model[1]
     scripted = torch.jit.script(model)
-    x = torch.randn(8, 2, 4, 4, 4)
+    x = torch.randn(32, 2, 4, 4, 4)
     torch.testing.assert_close(model(x), scripted(x))
     assert layer.mode_counts["batch"] == 1 and layer.last_mode == "batch"  # the eager layer ran, with its telemetry

@@ -119,7 +119,7 @@ class NormModeMonitor(pl.Callback):
             counts = self._counts[TRAIN if module.training else EVAL][layer]
             counts[module.last_mode] += 1
             fell_back = module.mode == "auto" and is_fallback(
-                module.last_mode, module.training, module.policy, module.has_learned_running_stats()
+                module.last_mode, module.training, module.policy, module.has_learned_running_stats(), module.num_groups
             )
             counts["fallback"] += int(fell_back)
 

@@ -89,7 +89,7 @@ def stage_modes(rows: List[Dict[str, float]], stage: str, prefix: str = DEFAULT_
 
 
 def _summary(fractions: Dict[str, Dict[str, float]]) -> str:
-    """Either 'instance in every layer' or each mode's share of the forwards."""
+    """Either 'group in every layer' or each mode's share of the forwards."""
     used = {mode for shares in fractions.values() for mode, share in shares.items() if share > 0}
     if len(used) == 1:
         return f"{used.pop()} in every layer"
@@ -110,7 +110,7 @@ def norm_modes_figure(rows: List[Dict[str, float]], prefix: str = DEFAULT_PREFIX
     """One bar per adaptive layer (input to output), split by the share of forwards in each mode.
 
     The hatched share of a bar ran a later mode of the policy's chain than the layer's first choice: batch mode
-    below ``min_batch_size`` samples, for instance, runs instance statistics, which is what the policy is for.
+    below ``min_batch_size`` samples, for example, runs group statistics, which is what the policy is for.
     """
     stages = {stage: stage_modes(rows, stage, prefix) for stage in STAGES}
     layers = list(stages[TRAIN].modes or stages[EVAL].modes)
