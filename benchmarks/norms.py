@@ -17,6 +17,7 @@ Targets (issue #3), evaluated and printed at the end:
   5. peak memory of forward+backward <= the native module's
   6. auto mode on tiny tensors: call time <= 1.5x the native module's
   7. MONAI UNet training step (64^3, batch 2): norm="adaptive" / norm="instance" <= 1.0 in both layouts
+     (and / norm=("group", 4 groups): auto mode runs group statistics at batch 2 under the default policy)
 """
 from __future__ import annotations
 
@@ -294,9 +295,12 @@ def run_unet(repeats: int):
     x0 = torch.randn(2, 1, 64, 64, 64)
     target = torch.randint(0, 2, (2, 64, 64, 64))
     fns = {}
+    # Auto mode at batch 2 runs group statistics (the default policy since the small-batch study),
+    # so the UNet is timed against MONAI's group norm (4 groups, the recipes' norm=group) as well.
+    norms = {"adaptive": "adaptive", "instance": "instance", "group": ("group", {"num_groups": 4})}
     for layout_name, fmt in LAYOUTS.items():
-        for norm in ("adaptive", "instance"):
-            net = make(norm).train().to(memory_format=fmt)
+        for norm, monai_norm in norms.items():
+            net = make(monai_norm).train().to(memory_format=fmt)
             opt = torch.optim.SGD(net.parameters(), lr=1e-3)
             x = x0.contiguous(memory_format=fmt)
 
@@ -309,7 +313,8 @@ def run_unet(repeats: int):
         warnings.simplefilter("ignore")
         medians = time_interleaved(fns, repeats, 0.0)
     rows = [dict(layout=l, adaptive_ms=medians[("adaptive", l)] * 1e3, instance_ms=medians[("instance", l)] * 1e3,
-                 ratio=medians[("adaptive", l)] / medians[("instance", l)]) for l in LAYOUTS]
+                 group_ms=medians[("group", l)] * 1e3, ratio=medians[("adaptive", l)] / medians[("instance", l)],
+                 ratio_vs_group=medians[("adaptive", l)] / medians[("group", l)]) for l in LAYOUTS]
     return pd.DataFrame(rows)
 
 
@@ -397,9 +402,11 @@ def summarize(grid, memory, tiny, unet) -> Tuple[str, List[str]]:
         verdicts.append(f"6 ({_verdict(ok6)}): " + ", ".join(f"{r.shape} {r.ratio:.2f}x (vs BatchNorm3d {r.ratio_vs_batchnorm3d:.2f}x)" for r in tiny.itertuples()))
     # Target 7
     if unet is not None:
-        ok7 = bool((unet.ratio <= 1.0).all())
-        out += ["## Target 7: MONAI UNet training step, 64^3 batch 2: norm='adaptive' / norm='instance' (<= 1.0)", _md(unet)]
-        verdicts.append(f"7 ({_verdict(ok7)}): " + ", ".join(f"{r.layout} {r.ratio:.2f}" for r in unet.itertuples()))
+        ok7 = bool((unet.ratio <= 1.0).all() and (unet.ratio_vs_group <= 1.0).all())
+        out += ["## Target 7: MONAI UNet training step, 64^3 batch 2: norm='adaptive' / norm='instance' and / "
+                "norm=('group', 4 groups) (<= 1.0)", _md(unet)]
+        verdicts.append(f"7 ({_verdict(ok7)}): " + ", ".join(
+            f"{r.layout} {r.ratio:.2f} (vs group {r.ratio_vs_group:.2f})" for r in unet.itertuples()))
     return "\n\n".join(out), verdicts
 
 
