@@ -3,6 +3,12 @@
     python -m study.report                      # study/results/runs.csv -> study.csv, study.md, study.png
     python -m study.report --data mni152        # one data set only (default: every data set in the runs)
 
+``--runs`` takes one or more CSVs, each optionally as ``PATH=LABEL``: the plain ``adaptive`` rows of that file are
+then shown as LABEL. That keeps runs of the adaptive layer under different default policies apart: by default
+``runs.csv`` (the grids, run under the old default ``Policy(min_batch_size=8)``, MODES order) and
+``runs-new-default.csv`` (the rerun of the adaptive cells under the default of commit 4ffbdfc: batch -> group ->
+instance, batch mode from 32 samples).
+
 For every (data, protocol, batch, norm): the mean and sd over seeds of the final validation Dice (eval mode),
 the best-epoch Dice, the train-mode Dice and the train/eval gap (train mode minus eval mode), and the tile
 mismatch of each ``--norm-stats`` choice where measured. The comparison the study answers, "at my batch size,
@@ -21,15 +27,35 @@ import pandas as pd
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIXED = ("batch", "instance", "group")
-ADAPTIVE = ("adaptive", "adaptive+renorm", "adaptive:group_first")
+OLD_DEFAULT = "adaptive (old default, min_batch_size 8)"
+NEW_DEFAULT = "adaptive (new default)"
+ADAPTIVE = ("adaptive", OLD_DEFAULT, NEW_DEFAULT, "adaptive+renorm", "adaptive:group_first")
+DEFAULT_RUNS = [f"{RESULTS / 'runs.csv'}={OLD_DEFAULT}", f"{RESULTS / 'runs-new-default.csv'}={NEW_DEFAULT}"]
 NORM_ORDER = FIXED + ADAPTIVE
 TILE_MODES = ("tile", "running", "volume")
 METRICS = ("val_dice", "val_dice_best", "train_mode_dice", "train_eval_gap",
            *[f"tile_mismatch_{mode}" for mode in TILE_MODES], "fit_s", "total_s")
 
 
-def load_runs(path: Path, data: Optional[str], protocol: Optional[str]) -> pd.DataFrame:
-    runs = pd.read_csv(path)
+def read_runs(specs: Sequence[str]) -> pd.DataFrame:
+    """Reads each ``PATH`` or ``PATH=LABEL`` (plain ``adaptive`` rows relabelled LABEL); missing files are skipped
+    unless none is there."""
+    frames = []
+    for spec in specs:
+        path, _, label = str(spec).partition("=")
+        if not Path(path).is_file():
+            continue
+        frame = pd.read_csv(path)
+        if label:
+            frame.loc[frame["norm"] == "adaptive", "norm"] = label
+        frames.append(frame)
+    if not frames:
+        raise SystemExit(f"none of {list(specs)} is there")
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_runs(path, data: Optional[str], protocol: Optional[str]) -> pd.DataFrame:
+    runs = read_runs(path if isinstance(path, (list, tuple)) else [path])
     runs = runs[runs["status"] == "ok"]
     if data:
         runs = runs[runs["data"] == data]
@@ -218,7 +244,7 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
             axis.set_xlabel("batch size")
             axis.set_ylabel(label)
             axis.grid(alpha=0.3)
-            axis.axvline(8, color="grey", linewidth=0.8, linestyle=":")  # Policy(min_batch_size=8)
+            axis.axvline(8, color="grey", linewidth=0.8, linestyle=":")  # the old default's min_batch_size (8)
         gap_axis.axhline(0, color="black", linewidth=0.6)
         dice_axis.set_title(f"{key[0]} ({key[1]}): mean ± sd over seeds")
         gap_axis.set_title("train/eval gap")
@@ -231,7 +257,8 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=Path, default=RESULTS / "runs.csv", help="the runner's CSV (default: %(default)s)")
+    parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS,
+                        help="the runner's CSVs, each PATH or PATH=LABEL (plain adaptive rows shown as LABEL; default: %(default)s)")
     parser.add_argument("--data", default=None, help="one data set (default: all in the runs)")
     parser.add_argument("--protocol", default=None, help="one protocol tag (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for study.csv, study.md, study.png")
