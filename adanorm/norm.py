@@ -39,15 +39,27 @@ from adanorm.scripting import ScriptableAdaptiveNorm
 from adanorm.warning_site import calling_site, first_report, layer_path
 
 MODE_CHOICES = ("auto",) + MODES
-# The policy's pure functions, cached for the eager hot path (a layer asks once per call). Compiled
-# code calls them uncached: dynamo folds them into the graph and would warn about a cache it bypasses.
-_cached_mode_is_usable = lru_cache(maxsize=4096)(mode_is_usable)
-_cached_choose_mode = lru_cache(maxsize=4096)(choose_mode)
-_cached_is_fallback = lru_cache(maxsize=4096)(is_fallback)
-_cached_first_choice = lru_cache(maxsize=64)(first_choice)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 BALANCE_DECAY = 0.9
 """Weight of the past in ``running_stats_balance``: about the last ten training steps decide."""
+BALANCE_CHECK_STEPS = 64
+"""Steps in one direction between checks of whether the balance has reached its update's fixed point."""
+
+
+def auto_decision(shape: Tuple[int, ...], training: bool, policy: Policy, num_groups: int,
+                  has_running_stats: bool) -> Tuple[str, Optional[str]]:
+    """Auto mode's choice for one input: the mode, and the chain's first choice where that mode is a
+    fallback from it (else ``None``). The policy's pure functions, composed once so that the eager
+    hot path asks one cache per call (``_cached_auto_decision``); compiled code calls this uncached:
+    dynamo folds it into the graph and would warn about a cache it bypasses."""
+    mode = choose_mode(shape, training, policy, num_groups, has_running_stats)
+    if not is_fallback(mode, training, policy, has_running_stats, num_groups):
+        return mode, None
+    return mode, first_choice(training, policy, num_groups)
+
+
+_cached_auto_decision = lru_cache(maxsize=4096)(auto_decision)
+_cached_mode_is_usable = lru_cache(maxsize=4096)(mode_is_usable)
 
 
 _LAYER_DOC = """{summary}
@@ -319,13 +331,33 @@ class AdaptiveNorm(_NormBase):
         One step decides after a load; a run of about seven steps decides after long training in the
         other regime. So a smaller last batch per epoch does not switch a batch-trained layer's eval
         to per-sample statistics, while fine-tuning that really moved to a per-sample mode does.
+
+        In eager mode the update (a few µs, as much as a small layer's kernel) stops once the balance
+        sits at its fixed point: after a long run in one direction the rounded update leaves it
+        unchanged, which a check every ``BALANCE_CHECK_STEPS`` steps finds by computing it. From then
+        on the skipped writes are exactly those a ``lerp_`` would make, until a write from elsewhere
+        (its version counter: a load, a copy, a reset) or a step in the other direction.
         """
-        balance = self.running_stats_balance
+        balance = self._state("running_stats_balance")
         target = 1.0 if updated_running_stats else -1.0
         if capturing():  # no cached constant in a graph: the tracer would record its first creation
             balance.mul_(BALANCE_DECAY).add_((1.0 - BALANCE_DECAY) * target)
-        else:  # one op instead of two (each costs a few µs, as much as a small layer's kernel)
-            balance.lerp_(_balance_target(target, balance.device, balance.dtype), 1.0 - BALANCE_DECAY)
+            return
+        run = self.__dict__.get("_balance_run")  # (buffer, its version after our last write, target, steps)
+        steps = run[3] if run is not None and run[0] is balance and run[1] == balance._version and run[2] == target else 0
+        if steps < 0:
+            return  # at the fixed point of this direction's update
+        steps += 1
+        end = _balance_target(target, balance.device, balance.dtype)
+        if steps % BALANCE_CHECK_STEPS:
+            balance.lerp_(end, 1.0 - BALANCE_DECAY)
+        else:
+            moved = torch.lerp(balance, end, 1.0 - BALANCE_DECAY)
+            if torch.equal(moved, balance):
+                steps = -1
+            else:
+                balance.copy_(moved)
+        self.__dict__["_balance_run"] = (balance, balance._version, target, steps)
 
     def _warn_nonfinite_skips(self) -> None:
         if self.nonfinite_skips is None or torch.compiler.is_compiling():
@@ -375,31 +407,30 @@ class AdaptiveNorm(_NormBase):
 
     def _select_mode(self, shape: Tuple[int, ...]) -> str:
         compiling = torch.compiler.is_compiling()
+        training = self.training
         if self.mode != "auto":
             usable = (mode_is_usable if compiling else _cached_mode_is_usable)(self.mode, shape, self.num_groups, None)
-            uses_running_stats = self.mode == "batch" and not self.training and self.running_mean is not None
+            uses_running_stats = self.mode == "batch" and not training and self._state("running_mean") is not None
             if not (usable or uses_running_stats):
                 raise ValueError(
                     f"{type(self).__name__}(mode={self.mode!r}) cannot normalize input of shape {tuple(shape)}: it would compute "
                     f"statistics over a single value. Use mode='auto' to fall back, or a larger batch/patch size."
                 )
             return self.mode
-        has_stats = not self.training and self.has_learned_running_stats()
-        mode = (choose_mode if compiling else _cached_choose_mode)(shape, self.training, self.policy, self.num_groups, has_stats)
-        if (is_fallback if compiling else _cached_is_fallback)(mode, self.training, self.policy, has_stats, self.num_groups):
-            self._report_fallback(shape, mode, compiling)
+        has_stats = not training and self.has_learned_running_stats()
+        mode, preferred = (auto_decision if compiling else _cached_auto_decision)(
+            shape, training, self.policy, self.num_groups, has_stats)
+        if preferred is not None and (self.policy.strict or (
+                not compiling and (preferred, mode, training) not in self._reported_fallbacks)):
+            self._report_fallback(shape, preferred, mode)
         return mode
 
-    def _report_fallback(self, shape: Tuple[int, ...], mode: str, compiling: bool) -> None:
+    def _report_fallback(self, shape: Tuple[int, ...], preferred: str, mode: str) -> None:
         """Raise under ``Policy(strict=True)``; otherwise warn once per model and regime (from-mode,
         to-mode, training or eval) at the line that called the model: a network's layers fall back
-        together, and a warning per layer would bury the one that matters."""
-        if compiling and not self.policy.strict:
-            return  # warnings stay out of graphs
-        preferred = (first_choice if compiling else _cached_first_choice)(self.training, self.policy, self.num_groups)
+        together, and a warning per layer would bury the one that matters. Called only for a regime
+        not yet reported, and never while compiling unless strict: warnings stay out of graphs."""
         regime = (preferred, mode, self.training)
-        if regime in self._reported_fallbacks and not self.policy.strict:
-            return  # counted in mode_counts; the message is built only when it is shown
         message = (
             f"{type(self).__name__}({self.num_features}) fell back to {mode!r} mode from {preferred!r} for input of "
             f"shape {tuple(shape)} in {'training' if self.training else 'eval'}"
@@ -422,51 +453,44 @@ class AdaptiveNorm(_NormBase):
         made per call, since the batch and patch size may change between steps; eager calls record it
         in ``last_mode`` and ``mode_counts``, compiled ones fold it into the graph."""
         self._check_input(input)
+        training = self.training
         global_batch = None
-        if self.training and self.sync and (self.mode == "batch" or "batch" in self.policy.chain) and is_synced(self.process_group):
+        if training and self.sync and (self.mode == "batch" or "batch" in self.policy.chain) and is_synced(self.process_group):
             # One gather per forward: every rank decides from the same global shape (see functional.sync).
             global_batch = gather_batch(input, self.process_group)
         mode = self._select_mode(input.shape if global_batch is None else global_batch.shape)
-        if not torch.compiler.is_compiling():  # telemetry stays out of graphs: no guards on counters, no breaks
+        compiling = torch.compiler.is_compiling()
+        if not compiling:  # telemetry stays out of graphs: no guards on counters, no breaks
             self.__dict__["last_mode"] = mode  # plain attribute write: skips nn.Module.__setattr__ on the hot path
             self.mode_counts[mode] += 1
+        running_mean, running_var = self._state("running_mean"), self._state("running_var")
         factor, renorm = 0.0, None
-        if self.training:
+        if training:
             use_buffers = self.track_running_stats and (
                 mode == "batch" or (mode == "instance" and self.policy.instance_running_stats))
-            if self.track_running_stats and self.running_mean is not None:
+            if self.track_running_stats and running_mean is not None:
                 self._record_training_step(use_buffers)
             if use_buffers:
                 if mode == "batch" and self.renorm_limits is not None:  # the limits after the steps learned so far
-                    renorm = self.renorm_limits.at(self._state("num_batches_tracked"), self._state("running_var").dtype)
+                    renorm = self.renorm_limits.at(self._state("num_batches_tracked"), running_var.dtype)
                 factor = self._update_factor(input.shape[0], count_step=mode == "batch")
         else:
             use_buffers = self._eval_reads_buffers(mode)
-        guard = use_buffers and self.training and self.policy.skip_nonfinite
+        guard = use_buffers and training and self.policy.skip_nonfinite
+        nonfinite_skips = self._state("nonfinite_skips") if guard else None
+        weight, bias = self._state("weight"), self._state("bias")
+        if not use_buffers:
+            running_mean = running_var = None
         if global_batch is not None and mode == "batch":
             factors = None if renorm is None else renorm_factors(  # before the update, as adaptive_norm does
-                global_batch.mean, global_batch.variance, self._state("running_mean"), self._state("running_var"), renorm, self.eps)
-            output = synced_batch_norm(
-                input, global_batch, self._state("weight"), self._state("bias"),
-                self._state("running_mean") if use_buffers else None, self._state("running_var") if use_buffers else None,
-                factor, self.eps, self.nonfinite_skips if guard else None, self.process_group)
-            return output if factors is None else renormalize(output, factors, self._state("weight"), self._state("bias"))
-        output = adaptive_norm(
-            input,
-            mode,
-            self._state("weight"),
-            self._state("bias"),
-            self._state("running_mean") if use_buffers else None,
-            self._state("running_var") if use_buffers else None,
-            training=self.training,
-            momentum=factor,
-            eps=self.eps,
-            num_groups=self.num_groups,
-            nonfinite_skips=self.nonfinite_skips if guard else None,
-            renorm=renorm,
-        )
-        if guard and input.is_cpu and not torch.compiler.is_compiling() and \
-                self.nonfinite_skips._version != self._nonfinite_skips_version:
+                global_batch.mean, global_batch.variance, running_mean, running_var, renorm, self.eps)
+            output = synced_batch_norm(input, global_batch, weight, bias, running_mean, running_var, factor, self.eps,
+                                       nonfinite_skips, self.process_group)
+            return output if factors is None else renormalize(output, factors, weight, bias)
+        output = adaptive_norm(input, mode, weight, bias, running_mean, running_var, training=training, momentum=factor,
+                               eps=self.eps, num_groups=self.num_groups, nonfinite_skips=nonfinite_skips, renorm=renorm)
+        if nonfinite_skips is not None and input.is_cpu and not compiling and \
+                nonfinite_skips._version != self._nonfinite_skips_version:
             # Read only after the counter was written (the compiled CPU blend writes it only on a skip);
             # on GPUs the check waits for train()/eval(), to avoid a sync per step.
             self._warn_nonfinite_skips()
@@ -488,10 +512,12 @@ class AdaptiveNorm(_NormBase):
         """A parameter or buffer at the cost of a dict lookup: ``nn.Module.__getattr__`` takes about a
         microsecond per name, a tenth of a small layer's call. Names moved out of these dicts (weight
         norm, ``torch.nn.utils.parametrize``) take the normal attribute lookup."""
-        for tensors in (self._parameters, self._buffers):
-            if name in tensors:
-                return tensors[name]
-        return getattr(self, name)
+        tensors = self._parameters
+        if name not in tensors:
+            tensors = self._buffers
+            if name not in tensors:
+                return getattr(self, name)
+        return tensors[name]
 
     def extra_repr(self) -> str:
         return (

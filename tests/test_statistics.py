@@ -293,6 +293,40 @@ def test_a_smaller_last_batch_per_epoch_keeps_eval_on_running_statistics():
         assert_evaluates_like_batchnorm(model)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_balance_equals_its_update_every_step_although_writes_stop_at_the_fixed_point(dtype):
+    """The balance skips its update once the update would leave it unchanged (a small layer's call
+    saves the write); it must still equal, bit for bit, the plain ``lerp_`` sequence through long runs
+    in one direction, direction changes and writes from outside (a load, a copy, a reset)."""
+    layer = adanorm.AdaptiveNorm3d(4).to(dtype)
+    reference = torch.zeros((), dtype=dtype)
+    small, large = torch.randn(1, 4, 2, 2, 2, dtype=dtype), torch.randn(32, 4, 2, 2, 2, dtype=dtype)
+
+    def steps(batch, count):
+        for _ in range(count):
+            layer(batch)
+            reference.lerp_(torch.tensor(1.0 if batch is large else -1.0, dtype=dtype), 1 - adanorm.norm.BALANCE_DECAY)
+            assert torch.equal(layer.running_stats_balance, reference), (dtype, batch.shape[0])
+
+    layer.train()
+    steps(small, 600)  # well past convergence in every dtype
+    version = layer.running_stats_balance._version
+    steps(small, 3 * adanorm.norm.BALANCE_CHECK_STEPS)
+    assert layer.running_stats_balance._version == version, "at the fixed point the update must not write"
+    steps(large, 5)  # a change of direction moves it again
+    steps(large, 700)
+    steps(small, 2)
+    layer.running_stats_balance.fill_(0.25)  # a write from outside (copy_, AveragedModel) restarts the count
+    reference.fill_(0.25)
+    steps(small, 130)
+    layer.load_state_dict(layer.state_dict())  # a load zeroes it
+    reference.zero_()
+    steps(large, 70)
+    layer_copy = copy.deepcopy(layer)  # a copy's buffer is another tensor: its count starts over
+    layer, copied_reference = layer_copy, reference.clone()
+    reference = copied_reference
+    steps(small, 300)
+
 # --- recalibration in a Lightning run -----------------------------------------------------------------
 
 def test_recalibrate_norms_callback_gives_validation_population_statistics(tmp_path):

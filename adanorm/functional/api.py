@@ -92,7 +92,8 @@ def adaptive_norm(
         >>> adaptive_norm(torch.randn(1, 8, 1, 1, 1), "layer").shape  # batch mode would raise here
         torch.Size([1, 8, 1, 1, 1])
     """
-    if mode == "identity" or (not dispatch.capturing() and input.numel() == 0):
+    captured = dispatch.capturing()  # asked once per call: the checks below are a small layer's fixed cost
+    if mode == "identity" or (not captured and input.numel() == 0):
         return affine_only(input, weight, bias)  # an empty batch keeps its layout and leaves the statistics alone
     if mode == "batch" and not training and running_mean is not None:
         return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps,
@@ -103,7 +104,7 @@ def adaptive_norm(
     if mode == "batch":
         spatial = _spatial_size(input)
         _require_several_values(input.shape[0] * spatial, input, "batch", "the batch size or the patch size")
-        kernel = dispatch.batch_kernel(input)
+        kernel = dispatch.batch_kernel(input, captured)
         if running_mean is None or running_var is None:
             return kernel(input, weight, bias, None, None, 0.0, eps)
         batch_mean, batch_var = scratch_statistics(running_mean, running_var)
@@ -111,10 +112,10 @@ def adaptive_norm(
         if renorm is not None:  # r and d read the running statistics before this step's update
             output = renormalize_batch_mode(output, renorm, batch_mean, batch_var, input.shape[0] * spatial,
                                             running_mean, running_var, weight, bias, eps)
-        dispatch.blend_kernel(running_mean, running_var)(running_mean, running_var, batch_mean, batch_var, momentum,
-                                                        nonfinite_skips)
+        dispatch.blend_kernel(running_mean, running_var, captured)(running_mean, running_var, batch_mean, batch_var,
+                                                                  momentum, nonfinite_skips)
         return output
-    return grouped_norm(input, groups_for_mode(mode, input.shape[1], num_groups), weight, bias, eps)
+    return _grouped_norm(input, groups_for_mode(mode, input.shape[1], num_groups), weight, bias, eps, captured)
 
 
 def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
@@ -147,11 +148,16 @@ def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias:
         >>> torch.allclose(y, torch.nn.functional.instance_norm(x), atol=1e-5)
         True
     """
-    if not dispatch.capturing() and input.numel() == 0:
+    return _grouped_norm(input, num_groups, weight, bias, eps, dispatch.capturing())
+
+
+def _grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                  captured: bool) -> Tensor:
+    if not captured and input.numel() == 0:
         return affine_only(input, weight, bias)  # keeps the layout, where native group norm returns contiguous strides
     _require_several_values(input.shape[1] // num_groups * _spatial_size(input), input, "per-sample",
                             "the patch size or num_groups")
-    return dispatch.grouped_kernel(input, num_groups)(input, num_groups, weight, bias, eps)
+    return dispatch.grouped_kernel(input, num_groups, captured)(input, num_groups, weight, bias, eps)
 
 
 def _instance_norm_with_running_stats(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -165,8 +171,8 @@ def _instance_norm_with_running_stats(input: Tensor, weight: Optional[Tensor], b
     _require_several_values(_spatial_size(input), input, "instance", "the patch size")
     batch_mean, batch_var = scratch_statistics(running_mean, running_var)
     output = torch.instance_norm(input, weight, bias, batch_mean, batch_var, True, 1.0, eps, torch.backends.cudnn.enabled)
-    dispatch.blend_kernel(running_mean, running_var)(running_mean, running_var, batch_mean, batch_var, momentum,
-                                                    nonfinite_skips)
+    dispatch.blend_kernel(running_mean, running_var, dispatch.capturing())(running_mean, running_var, batch_mean,
+                                                                          batch_var, momentum, nonfinite_skips)
     return output
 
 
@@ -253,4 +259,10 @@ def groups_for_mode(mode: str, num_channels: int, num_groups: int) -> int:
         >>> [groups_for_mode(mode, 32, 8) for mode in ("instance", "group", "layer")]
         [32, 8, 1]
     """
-    return {"instance": num_channels, "group": num_groups, "layer": 1}[mode]
+    if mode == "group":  # an if-chain rather than a dict literal: this runs on every call of a layer
+        return num_groups
+    if mode == "instance":
+        return num_channels
+    if mode == "layer":
+        return 1
+    raise KeyError(mode)

@@ -48,9 +48,10 @@ def capturing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
-def batch_kernel(input: Tensor) -> BatchKernel:
-    """The kernel for batch statistics of ``input`` in training."""
-    if not capturing():
+def batch_kernel(input: Tensor, captured: bool) -> BatchKernel:
+    """The kernel for batch statistics of ``input`` in training (``captured``: what ``capturing()`` says,
+    asked once per call by the caller)."""
+    if not captured:
         if input.is_cuda:
             from adanorm.functional import triton_norm  # imported on the first CUDA call: triton is slow to import
 
@@ -61,10 +62,11 @@ def batch_kernel(input: Tensor) -> BatchKernel:
     return _native_batch_norm
 
 
-def grouped_kernel(input: Tensor, num_groups: int) -> GroupedKernel:
-    """The kernel for per-(sample, group) statistics of ``input`` (instance mode when ``num_groups`` is C)."""
+def grouped_kernel(input: Tensor, num_groups: int, captured: bool) -> GroupedKernel:
+    """The kernel for per-(sample, group) statistics of ``input`` (instance mode when ``num_groups`` is C;
+    ``captured``: what ``capturing()`` says)."""
     instance = num_groups == input.shape[1]
-    if capturing():
+    if captured:
         return _native_instance_norm if instance else _captured_group_norm
     if input.is_cuda:
         from adanorm.functional import triton_norm
@@ -73,15 +75,17 @@ def grouped_kernel(input: Tensor, num_groups: int) -> GroupedKernel:
             return triton_norm.triton_grouped_norm
     elif cpu_fused.prefer_fused_cpu(input, num_groups):
         return cpu_fused.fused_norm
+    if input.is_contiguous():  # native group norm's crashing backward is its channels-last one
+        return _native_group_norm
     if instance and input.is_cpu and is_channels_last(input):
         return _channels_last_instance_norm
     return _group_norm
 
 
-def blend_kernel(running_mean: Tensor, running_var: Tensor) -> BlendKernel:
+def blend_kernel(running_mean: Tensor, running_var: Tensor, captured: bool) -> BlendKernel:
     """How batch statistics are blended into running ones: on the CPU in eager mode one compiled
     operator; elsewhere tensor operations, which compilers fuse and GPUs run without a host sync."""
-    if (not capturing() and running_mean.is_cpu and running_mean.is_contiguous() and running_var.is_contiguous()
+    if (not captured and running_mean.is_cpu and running_mean.is_contiguous() and running_var.is_contiguous()
             and cpu_fused.cpu_kernels() is not None):
         return cpu_fused.blend_running_stats
     return blend
@@ -107,7 +111,8 @@ def _native_instance_norm(input, num_groups, weight, bias, eps):
 
 
 def _native_group_norm(input, num_groups, weight, bias, eps):
-    return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+    # The last argument (cudnn_enabled) is unused by at::group_norm; a constant spares reading the flag per call.
+    return torch.group_norm(input, num_groups, weight, bias, eps, True)
 
 
 def _channels_last_instance_norm(input, num_groups, weight, bias, eps):
