@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from adanorm.functional import adaptive_norm
+from adanorm.functional.api import normalize
 from adanorm.functional.dispatch import capturing
 from adanorm.functional.renorm import RenormLimits, renorm_factors, renormalize
 from adanorm.functional.sync import gather_batch, is_synced, synced_batch_norm
@@ -324,7 +324,7 @@ class AdaptiveNorm(_NormBase):
         )
         self._eval_rule_key, self._eval_rule = key, current and learned
 
-    def _record_training_step(self, updated_running_stats: bool) -> None:
+    def _record_training_step(self, updated_running_stats: bool, captured: bool) -> None:
         """Move the balance toward +1 for a step that updated the running statistics, −1 for one that
         left them behind (a per-sample mode), weighting the last ~10 steps (``BALANCE_DECAY``).
 
@@ -340,7 +340,7 @@ class AdaptiveNorm(_NormBase):
         """
         balance = self._state("running_stats_balance")
         target = 1.0 if updated_running_stats else -1.0
-        if capturing():  # no cached constant in a graph: the tracer would record its first creation
+        if captured:  # no cached constant in a graph: the tracer would record its first creation
             balance.mul_(BALANCE_DECAY).add_((1.0 - BALANCE_DECAY) * target)
             return
         run = self.__dict__.get("_balance_run")  # (buffer, its version after our last write, target, steps)
@@ -405,8 +405,7 @@ class AdaptiveNorm(_NormBase):
                 f"{tuple(input.shape)}; set num_features to the previous layer's output channels."
             )
 
-    def _select_mode(self, shape: Tuple[int, ...]) -> str:
-        compiling = torch.compiler.is_compiling()
+    def _select_mode(self, shape: Tuple[int, ...], compiling: bool) -> str:
         training = self.training
         if self.mode != "auto":
             usable = (mode_is_usable if compiling else _cached_mode_is_usable)(self.mode, shape, self.num_groups, None)
@@ -458,8 +457,8 @@ class AdaptiveNorm(_NormBase):
         if training and self.sync and (self.mode == "batch" or "batch" in self.policy.chain) and is_synced(self.process_group):
             # One gather per forward: every rank decides from the same global shape (see functional.sync).
             global_batch = gather_batch(input, self.process_group)
-        mode = self._select_mode(input.shape if global_batch is None else global_batch.shape)
-        compiling = torch.compiler.is_compiling()
+        compiling, captured = torch.compiler.is_compiling(), capturing()
+        mode = self._select_mode(input.shape if global_batch is None else global_batch.shape, compiling)
         if not compiling:  # telemetry stays out of graphs: no guards on counters, no breaks
             self.__dict__["last_mode"] = mode  # plain attribute write: skips nn.Module.__setattr__ on the hot path
             self.mode_counts[mode] += 1
@@ -469,7 +468,7 @@ class AdaptiveNorm(_NormBase):
             use_buffers = self.track_running_stats and (
                 mode == "batch" or (mode == "instance" and self.policy.instance_running_stats))
             if self.track_running_stats and running_mean is not None:
-                self._record_training_step(use_buffers)
+                self._record_training_step(use_buffers, captured)
             if use_buffers:
                 if mode == "batch" and self.renorm_limits is not None:  # the limits after the steps learned so far
                     renorm = self.renorm_limits.at(self._state("num_batches_tracked"), running_var.dtype)
@@ -487,8 +486,8 @@ class AdaptiveNorm(_NormBase):
             output = synced_batch_norm(input, global_batch, weight, bias, running_mean, running_var, factor, self.eps,
                                        nonfinite_skips, self.process_group)
             return output if factors is None else renormalize(output, factors, weight, bias)
-        output = adaptive_norm(input, mode, weight, bias, running_mean, running_var, training=training, momentum=factor,
-                               eps=self.eps, num_groups=self.num_groups, nonfinite_skips=nonfinite_skips, renorm=renorm)
+        output = normalize(input, mode, weight, bias, running_mean, running_var, training, factor, self.eps,
+                           self.num_groups, nonfinite_skips, renorm, captured)
         if nonfinite_skips is not None and input.is_cpu and not compiling and \
                 nonfinite_skips._version != self._nonfinite_skips_version:
             # Read only after the counter was written (the compiled CPU blend writes it only on a skip);

@@ -92,7 +92,15 @@ def adaptive_norm(
         >>> adaptive_norm(torch.randn(1, 8, 1, 1, 1), "layer").shape  # batch mode would raise here
         torch.Size([1, 8, 1, 1, 1])
     """
-    captured = dispatch.capturing()  # asked once per call: the checks below are a small layer's fixed cost
+    return normalize(input, mode, weight, bias, running_mean, running_var, training, momentum, eps, num_groups,
+                     nonfinite_skips, renorm, dispatch.capturing())
+
+
+def normalize(input: Tensor, mode: str, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+              running_var: Optional[Tensor], training: bool, momentum: Union[float, Tensor], eps: float, num_groups: int,
+              nonfinite_skips: Optional[Tensor], renorm: Optional[RenormClip], captured: bool) -> Tensor:
+    """``adaptive_norm`` given ``captured`` (``dispatch.capturing()``), which a layer asks once per call
+    for everything it does: on a small input each such check is a visible part of the call."""
     if mode == "identity" or (not captured and input.numel() == 0):
         return affine_only(input, weight, bias)  # an empty batch keeps its layout and leaves the statistics alone
     if mode == "batch" and not training and running_mean is not None:
