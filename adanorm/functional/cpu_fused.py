@@ -64,18 +64,20 @@ _ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
 }.get(_CPU_CAPABILITY, [])
-# Smallest inputs worth the fused kernels, measured on 2-core x86 CPUs with benchmarks/norms.py:
+# Smallest inputs worth the fused kernels, measured on 2-core x86 CPUs with benchmarks/norms.py and
+# benchmarks/thresholds.py (each cell with the compiled kernels forced against the native ones forced):
 # below these, the native kernels' lower fixed cost per call wins. Contiguous per-sample modes
 # compete with native group norm, which makes two cache-local passes per (sample, group) pair as the
-# compiled kernels do; they win there from 2^18 values (cheaper sums, and a backward that reuses a
-# pair while it is in cache), and from 2^16 when there are fewer pairs than threads: native group
-# norm runs each pair on one thread, so layer mode at batch 1 would leave threads idle. Channels-last
-# layer mode (one group) is the exception among channels-last inputs: native group norm's channels-
-# last kernel beats the compiled one below 2^18 values (1.2-2.5x in an A/B on a 2-core Xeon, 2026-11-29).
+# compiled kernels do; they win there above 2^18 values (cheaper sums, and a backward that reuses a
+# pair while it is in cache; at 2^18 float32 they were 1.1-1.15x slower on a 2-core Xeon,
+# 2026-11-30), and from 2^16 when there are fewer pairs than threads: native group norm runs each
+# pair on one thread, so layer mode at batch 1 would leave threads idle. Channels-last layer mode
+# (one group) is the exception among channels-last inputs: native group norm's channels-last kernel
+# beats the compiled one up to 2^18 values (forward 1.1-1.9x faster there, same Xeon).
 MIN_NUMEL_BATCH = 1 << 14
 MIN_NUMEL_PER_SAMPLE_CHANNELS_LAST = 1 << 12
-MIN_NUMEL_LAYER_CHANNELS_LAST = 1 << 18
-MIN_NUMEL_PER_SAMPLE_CONTIGUOUS = 1 << 18
+MIN_NUMEL_LAYER_CHANNELS_LAST = 1 << 19
+MIN_NUMEL_PER_SAMPLE_CONTIGUOUS = 1 << 19
 MIN_NUMEL_PER_SAMPLE_FEW_GROUPS = 1 << 16
 
 
