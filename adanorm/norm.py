@@ -375,34 +375,34 @@ class AdaptiveNorm(_NormBase):
                 )
             self._warned_nonfinite = skips
 
-    def _check_input(self, input: Tensor) -> None:
-        name = type(self).__name__
+    def _check_input(self, input: Tensor, weight: Optional[Tensor]) -> None:
+        """The native layers' input checks, with errors that say what to change (the layer's name is
+        looked up only for a message: on a small input every lookup is a visible part of the call)."""
         if not isinstance(input, Tensor):
-            raise TypeError(f"{name} expects a torch.Tensor, got {type(input).__name__}.")
+            raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(input).__name__}.")
         if not input.is_floating_point():
             raise TypeError(
-                f"{name} got a {input.dtype} tensor; normalization needs floating point: "
+                f"{type(self).__name__} got a {input.dtype} tensor; normalization needs floating point: "
                 f"convert the input with .float() (or .half()/.bfloat16())."
             )
-        rank_ok = input.dim() in self._input_ranks if self._input_ranks else input.dim() >= 2
-        if not rank_ok:
+        rank = input.dim()
+        if not (rank in self._input_ranks if self._input_ranks else rank >= 2):
             raise ValueError(
-                f"{name} expects {self._input_layout} input, got {input.dim()}-D input of shape {tuple(input.shape)}; "
+                f"{type(self).__name__} expects {self._input_layout} input, got {rank}-D input of shape {tuple(input.shape)}; "
                 f"use the AdaptiveNorm class that matches your data's dimensionality"
-                f"{' or add the batch dimension with .unsqueeze(0)' if input.dim() == (min(self._input_ranks or (2,)) - 1) else ''}."
+                f"{' or add the batch dimension with .unsqueeze(0)' if rank == (min(self._input_ranks or (2,)) - 1) else ''}."
             )
-        parameter = self._parameters.get("weight")
-        if parameter is not None and parameter.dtype != input.dtype and not (
-                parameter.dtype == torch.float32 and input.dtype in _LOW_PRECISION):
+        if weight is not None and weight.dtype != input.dtype and not (
+                weight.dtype == torch.float32 and input.dtype in _LOW_PRECISION):
             raise TypeError(
-                f"{name}: input is {input.dtype} but the layer's parameters are {parameter.dtype}; native norm layers "
-                f"accept only equal dtypes or float16/bfloat16 input with float32 parameters. Convert one side "
-                f"(e.g. model.to({input.dtype}) or input.to({parameter.dtype})), or run under torch.autocast."
+                f"{type(self).__name__}: input is {input.dtype} but the layer's parameters are {weight.dtype}; native norm "
+                f"layers accept only equal dtypes or float16/bfloat16 input with float32 parameters. Convert one side "
+                f"(e.g. model.to({input.dtype}) or input.to({weight.dtype})), or run under torch.autocast."
             )
         if input.shape[1] != self.num_features:
             raise ValueError(
-                f"{name}: expected {self.num_features} channels (num_features) at dim 1, got input of shape "
-                f"{tuple(input.shape)}; set num_features to the previous layer's output channels."
+                f"{type(self).__name__}: expected {self.num_features} channels (num_features) at dim 1, got input of "
+                f"shape {tuple(input.shape)}; set num_features to the previous layer's output channels."
             )
 
     def _select_mode(self, shape: Tuple[int, ...], compiling: bool) -> str:
@@ -451,7 +451,8 @@ class AdaptiveNorm(_NormBase):
         """Normalize ``input`` in the mode its shape allows (auto) or the forced one. The choice is
         made per call, since the batch and patch size may change between steps; eager calls record it
         in ``last_mode`` and ``mode_counts``, compiled ones fold it into the graph."""
-        self._check_input(input)
+        weight, bias = self._state("weight"), self._state("bias")
+        self._check_input(input, weight)
         training = self.training
         global_batch = None
         if training and self.sync and (self.mode == "batch" or "batch" in self.policy.chain) and is_synced(self.process_group):
@@ -462,7 +463,7 @@ class AdaptiveNorm(_NormBase):
         if not compiling:  # telemetry stays out of graphs: no guards on counters, no breaks
             self.__dict__["last_mode"] = mode  # plain attribute write: skips nn.Module.__setattr__ on the hot path
             self.mode_counts[mode] += 1
-        running_mean, running_var = self._state("running_mean"), self._state("running_var")
+        running_mean, running_var = self._state("running_mean"), None
         factor, renorm = 0.0, None
         if training:
             use_buffers = self.track_running_stats and (
@@ -471,15 +472,16 @@ class AdaptiveNorm(_NormBase):
                 self._record_training_step(use_buffers, captured)
             if use_buffers:
                 if mode == "batch" and self.renorm_limits is not None:  # the limits after the steps learned so far
-                    renorm = self.renorm_limits.at(self._state("num_batches_tracked"), running_var.dtype)
+                    renorm = self.renorm_limits.at(self._state("num_batches_tracked"), self._state("running_var").dtype)
                 factor = self._update_factor(input.shape[0], count_step=mode == "batch")
         else:
             use_buffers = self._eval_reads_buffers(mode)
         guard = use_buffers and training and self.policy.skip_nonfinite
         nonfinite_skips = self._state("nonfinite_skips") if guard else None
-        weight, bias = self._state("weight"), self._state("bias")
-        if not use_buffers:
-            running_mean = running_var = None
+        if use_buffers:
+            running_var = self._state("running_var")
+        else:
+            running_mean = None
         if global_batch is not None and mode == "batch":
             factors = None if renorm is None else renorm_factors(  # before the update, as adaptive_norm does
                 global_batch.mean, global_batch.variance, running_mean, running_var, renorm, self.eps)

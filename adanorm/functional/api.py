@@ -156,13 +156,15 @@ def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias:
         >>> torch.allclose(y, torch.nn.functional.instance_norm(x), atol=1e-5)
         True
     """
-    return _grouped_norm(input, num_groups, weight, bias, eps, dispatch.capturing())
+    captured = dispatch.capturing()
+    if not captured and input.numel() == 0:
+        return affine_only(input, weight, bias)  # keeps the layout, where native group norm returns contiguous strides
+    return _grouped_norm(input, num_groups, weight, bias, eps, captured)
 
 
 def _grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                   captured: bool) -> Tensor:
-    if not captured and input.numel() == 0:
-        return affine_only(input, weight, bias)  # keeps the layout, where native group norm returns contiguous strides
+    """``grouped_norm`` on non-empty input (or captured code), once the caller has asked ``capturing()``."""
     _require_several_values(input.shape[1] // num_groups * _spatial_size(input), input, "per-sample",
                             "the patch size or num_groups")
     return dispatch.grouped_kernel(input, num_groups, captured)(input, num_groups, weight, bias, eps)
