@@ -309,19 +309,18 @@ class AdaptiveNorm(_NormBase):
             mode == "batch" or (mode == "instance" and self.policy.instance_running_stats))
 
     def _refresh_eval_rule(self) -> None:
-        if not self.track_running_stats or self.running_mean is None:
+        if not self.track_running_stats or self._state("running_mean") is None:
             self._eval_rule_key, self._eval_rule = (), False
             return
-        buffers = (self.num_batches_tracked, self.running_mean, self.running_var, self.running_stats_balance)
-        key = tuple(value for buffer in buffers for value in (id(buffer), buffer._version))
+        # Read on every eval call, so spelled out: four attribute lookups and a generator cost as much as
+        # a small layer's kernel.
+        steps, mean, var, balance = (self._state("num_batches_tracked"), self._state("running_mean"),
+                                     self._state("running_var"), self._state("running_stats_balance"))
+        key = (id(steps), steps._version, id(mean), mean._version, id(var), var._version, id(balance), balance._version)
         if key == self._eval_rule_key:
             return
-        current = bool(self.running_stats_balance.item() >= 0)
-        learned = self.policy.native_eval_rule or bool(
-            self.num_batches_tracked.item() > 0
-            or self.running_mean.ne(0).any().item()
-            or self.running_var.ne(1).any().item()
-        )
+        current = bool(balance.item() >= 0)
+        learned = self.policy.native_eval_rule or bool(steps.item() > 0 or mean.ne(0).any().item() or var.ne(1).any().item())
         self._eval_rule_key, self._eval_rule = key, current and learned
 
     def _record_training_step(self, updated_running_stats: bool, captured: bool) -> None:
