@@ -327,6 +327,33 @@ def test_balance_equals_its_update_every_step_although_writes_stop_at_the_fixed_
     reference = copied_reference
     steps(small, 300)
 
+
+def test_functional_call_and_vmap_update_the_buffers_they_are_given():
+    """torch.func users (functional training, vmap ensembles) pass their own buffers: every update,
+    balance included, lands in those, bit-equal to a module trained eagerly, and none in the module."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    torch.manual_seed(0)
+    layer, eager = adanorm.AdaptiveNorm3d(8).train(), adanorm.AdaptiveNorm3d(8).train()
+    x = torch.randn(2, 8, 4, 4, 4)
+    buffers = {name: value.clone() for name, value in layer.named_buffers()}
+    untouched = {name: value.clone() for name, value in layer.named_buffers()}
+    for _ in range(2 * adanorm.norm.BALANCE_CHECK_STEPS + 5):  # through two fixed-point checks
+        torch.testing.assert_close(functional_call(layer, (dict(layer.named_parameters()), buffers), (x,)), eager(x))
+    for name, value in eager.named_buffers():
+        assert torch.equal(buffers[name], value), name
+        assert torch.equal(dict(layer.named_buffers())[name], untouched[name]), name
+
+    members, eager = [adanorm.AdaptiveNorm3d(8).train() for _ in range(3)], adanorm.AdaptiveNorm3d(8).train()
+    parameters, stacked = stack_module_state(members)
+    template = copy.deepcopy(members[0]).to("meta")
+    for _ in range(adanorm.norm.BALANCE_CHECK_STEPS + 3):
+        outputs = vmap(lambda p, b: functional_call(template, (p, b), (x,)), in_dims=(0, 0))(parameters, stacked)
+        expected = eager(x)
+    for member in range(3):
+        torch.testing.assert_close(outputs[member], expected)
+    assert torch.equal(stacked["running_stats_balance"], eager.running_stats_balance.expand(3))
+
 # --- recalibration in a Lightning run -----------------------------------------------------------------
 
 def test_recalibrate_norms_callback_gives_validation_population_statistics(tmp_path):
