@@ -270,6 +270,56 @@ def test_empty_batch_in_instance_mode_with_running_statistics(training):
     assert torch.equal(running_mean, torch.zeros(8)) and torch.equal(running_var, torch.ones(8))
 
 
+def test_canary_native_group_norm_backward_still_fails_on_a_shift_without_a_scale():
+    """adanorm passes a scale of ones beside a lone shift (``dispatch._scale_beside_shift``); once torch
+    stops raising here, that workaround can go."""
+    x, bias = torch.randn(2, 8, 3, 3, 3, requires_grad=True), torch.randn(8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="does not have a device"):
+        torch.autograd.grad(torch.group_norm(x, 4, None, bias, 1e-5, False), [x, bias], torch.randn(2, 8, 3, 3, 3))
+
+
+def _shift_only_reference(x: torch.Tensor, mode: str, bias: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    """(x − mean)/sqrt(var + eps) + β in float64, with the statistics of ``mode``."""
+    batch, channels = x.shape[:2]
+    dims = (0, 2, 3, 4) if mode == "batch" else None
+    if mode == "batch":
+        var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
+        normalized = (x - mean) / torch.sqrt(var + eps)
+    else:
+        grouped = x.reshape(batch, {"instance": channels, "group": groups, "layer": 1}[mode], -1)
+        var, mean = torch.var_mean(grouped, dim=2, unbiased=False, keepdim=True)
+        normalized = ((grouped - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    return normalized + bias.view(1, -1, 1, 1, 1)
+
+
+@pytest.mark.usefixtures("cpu_backend")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("mode", ["batch", "instance", "group", "layer"])
+def test_a_shift_without_a_scale_trains_in_every_mode(mode, layout, compiled):
+    """The functional API takes ``weight=None`` with a bias (a layer whose scale lives elsewhere). Native
+    group norm's backward raises there in torch 2.13; every mode must give the float64 reference's output
+    and gradients instead, eagerly and under torch.compile."""
+    x = torch.randn(2, 8, 3, 4, 5, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_()
+    bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
+
+    def normalize(x, bias):
+        return adaptive_norm(x, mode, None, bias, training=True, num_groups=4)
+
+    run = torch.compile(normalize, backend="aot_eager", fullgraph=True) if compiled else normalize
+    dy = torch.randn(x.shape, dtype=torch.float64)
+    output = run(x, bias)
+    grads = torch.autograd.grad(output, [x, bias], dy)
+    reference_x, reference_bias = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    expected = _shift_only_reference(reference_x, mode, reference_bias, 4, 1e-5)
+    torch.testing.assert_close(output, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected, [reference_x, reference_bias], dy)):
+        torch.testing.assert_close(got, want)
+
+
 def _nonfinite(t: torch.Tensor) -> tuple:
     return t.isnan(), t.isposinf(), t.isneginf()
 

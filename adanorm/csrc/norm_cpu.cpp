@@ -505,7 +505,9 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
   return {y, mean, rstd};
 }
 
-// Gradients of norm_forward given its saved (N, C) mean and rstd: (dx or undefined, dγ, dβ as float64).
+// Gradients of norm_forward given its saved (N, C) mean and rstd: (dx or undefined, dγ, dβ). dγ and dβ are
+// summed in float64 and rounded once into the weight's dtype (float64 without a weight), the dtype autograd
+// hands them to the parameters in: two tensor conversions per call cost more than a small layer's passes.
 std::vector<at::Tensor> norm_backward(const at::Tensor& grad_output, const at::Tensor& x,
                                       const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
                                       const at::Tensor& rstd, int64_t groups, bool channels_last,
@@ -515,10 +517,12 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_output, const at::T
   const int64_t channels = x.size(1);
   const Plan plan = plan_of(x, groups, channels_last);
   const Geometry& g = plan.g;
-  const auto table_options = x.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous);
   const ChannelParameter gamma(weight, 1.0);
-  auto grad_weight = at::zeros({channels}, table_options);
-  auto grad_bias = at::zeros({channels}, table_options);
+  const at::ScalarType parameter_dtype = weight.has_value() && weight->defined() ? weight->scalar_type() : at::kDouble;
+  const auto parameter_options = x.options().dtype(parameter_dtype).memory_format(at::MemoryFormat::Contiguous);
+  auto grad_weight = at::empty({channels}, parameter_options);
+  auto grad_bias = at::empty({channels}, parameter_options);
+  std::vector<double> grad_weight_sum(channels, 0.0), grad_bias_sum(channels, 0.0);
   at::Tensor grad_input = need_input ? at::empty_like(x, layout_format(x, channels_last)) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adanorm_norm_backward", [&] {
@@ -527,8 +531,6 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_output, const at::T
     const scalar_t* dy_data = grad_output.const_data_ptr<scalar_t>();
     const double* mean_data = mean.const_data_ptr<double>();
     const double* rstd_data = rstd.const_data_ptr<double>();
-    double* grad_weight_data = grad_weight.data_ptr<double>();
-    double* grad_bias_data = grad_bias.data_ptr<double>();
     std::vector<double> sum_dy(g.N * g.C, 0.0), sum_dy_u(g.N * g.C, 0.0);
     std::vector<acc_t> dy_scale(g.N * g.C), x_scale(g.N * g.C), shift(g.N * g.C);
 
@@ -559,8 +561,16 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_output, const at::T
     });
     // dγ, dβ sum over samples, so after every unit: units may run side by side.
     for (int64_t i = 0; i < g.N * g.C; ++i) {
-      grad_weight_data[i % channels] += rstd_data[i] * sum_dy_u[i];
-      grad_bias_data[i % channels] += sum_dy[i];
+      grad_weight_sum[i % channels] += rstd_data[i] * sum_dy_u[i];
+      grad_bias_sum[i % channels] += sum_dy[i];
+    }
+  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, parameter_dtype, "adanorm_parameter_grads", [&] {
+    scalar_t* grad_weight_data = grad_weight.data_ptr<scalar_t>();
+    scalar_t* grad_bias_data = grad_bias.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) {
+      grad_weight_data[c] = static_cast<scalar_t>(grad_weight_sum[c]);
+      grad_bias_data[c] = static_cast<scalar_t>(grad_bias_sum[c]);
     }
   });
   return {grad_input, grad_weight, grad_bias};
@@ -607,7 +617,8 @@ at::Tensor fused_norm_cpu(const at::Tensor& input, const c10::optional<at::Tenso
   return std::get<0>(fused_norm_forward_cpu(input, weight, bias, groups, eps, running_mean, running_var, momentum));
 }
 
-// (dx, or undefined unless need_input; dγ and dβ as float64) given the forward's saved (N, C) tables.
+// (dx, or undefined unless need_input; dγ and dβ in the weight's dtype, float64 without one) given the
+// forward's saved (N, C) tables.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_norm_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& rstd, int64_t groups, bool need_input) {
@@ -742,8 +753,9 @@ struct FusedNorm : public torch::autograd::Function<FusedNorm> {
     }
     torch::autograd::variable_list grads(8);
     if (saved.need[0]) grads[0] = grad_input;
-    if (saved.need[1]) grads[1] = grad_weight.to(saved.weight.scalar_type());
-    if (saved.need[2]) grads[2] = grad_bias.to(saved.bias.scalar_type());
+    if (saved.need[1]) grads[1] = grad_weight;  // already in the weight's dtype
+    if (saved.need[2]) grads[2] = grad_bias.scalar_type() == saved.bias.scalar_type() ? grad_bias
+                                                                                   : grad_bias.to(saved.bias.scalar_type());
     return grads;
   }
 };
@@ -866,7 +878,8 @@ TORCH_LIBRARY(adanorm, m) {
   m.def("native_group_norm(Tensor input, Tensor? weight, Tensor? bias, int groups, float eps) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   // What the autograd kernel of fused_norm runs: the forward also returns the (N, C) float64 mean
-  // and rstd tables it saves; the backward returns (dx or None, dγ, dβ), dγ and dβ in float64.
+  // and rstd tables it saves; the backward returns (dx or None, dγ, dβ), dγ and dβ in the weight's dtype
+  // (float64 without a weight).
   m.def(
       "_fused_norm_forward(Tensor input, Tensor? weight, Tensor? bias, int groups, float eps, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) -> (Tensor, Tensor, Tensor)",

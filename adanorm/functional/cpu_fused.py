@@ -177,7 +177,7 @@ def _fake_fused_norm_forward(input, weight, bias, groups, eps, running_mean, run
 
 def _fake_fused_norm_backward(grad_output, input, weight, mean, rstd, groups, need_input):
     grad_input = torch.empty_like(input, memory_format=_dense_format(input)) if need_input else None
-    grad_weight = input.new_empty((input.shape[1],), dtype=torch.float64)
+    grad_weight = input.new_empty((input.shape[1],), dtype=torch.float64 if weight is None else weight.dtype)
     return grad_input, grad_weight, torch.empty_like(grad_weight)
 
 

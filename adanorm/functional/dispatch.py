@@ -112,7 +112,15 @@ def _native_instance_norm(input, num_groups, weight, bias, eps):
 
 def _native_group_norm(input, num_groups, weight, bias, eps):
     # The last argument (cudnn_enabled) is unused by at::group_norm; a constant spares reading the flag per call.
-    return torch.group_norm(input, num_groups, weight, bias, eps, True)
+    return torch.group_norm(input, num_groups, _scale_beside_shift(weight, bias), bias, eps, True)
+
+
+def _scale_beside_shift(weight: Optional[Tensor], bias: Optional[Tensor]) -> Optional[Tensor]:
+    """A scale of ones where only a shift is given: torch 2.13's group norm backward raises "tensor does
+    not have a device" for a shift without a scale. Multiplying by one changes no bit of either direction."""
+    if weight is None and bias is not None:
+        return torch.ones_like(bias)
+    return weight
 
 
 def _channels_last_instance_norm(input, num_groups, weight, bias, eps):
@@ -129,7 +137,7 @@ def _group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: 
     ``tests/test_reliability_core.py`` has a canary that fails once torch fixes the kernel.
     """
     if not input.is_contiguous() and input.is_cpu and cpu_fused.cpu_kernels() is not None:
-        return cpu_fused.native_group_norm(input, num_groups, weight, bias, eps)
+        return cpu_fused.native_group_norm(input, num_groups, _scale_beside_shift(weight, bias), bias, eps)
     return _captured_group_norm(input, num_groups, weight, bias, eps)
 
 
