@@ -73,10 +73,11 @@ _ISA_FLAGS = {
 # 2026-11-30), and from 2^16 when there are fewer pairs than threads: native group norm runs each
 # pair on one thread, so layer mode at batch 1 would leave threads idle. Channels-last layer mode
 # (one group) is the exception among channels-last inputs: native group norm's channels-last kernel
-# beats the compiled one up to 2^18 values (forward 1.1-1.9x faster there, same Xeon).
+# with one group beats the compiled one below 2^17 values (forward 1.06-1.47x faster there; from 2^17
+# the compiled kernel's forward was 0.7-0.9x native's at batch 1, 0.9-1.2x at batch 2, same Xeon).
 MIN_NUMEL_BATCH = 1 << 14
 MIN_NUMEL_PER_SAMPLE_CHANNELS_LAST = 1 << 12
-MIN_NUMEL_LAYER_CHANNELS_LAST = 1 << 19
+MIN_NUMEL_LAYER_CHANNELS_LAST = 1 << 17
 MIN_NUMEL_PER_SAMPLE_CONTIGUOUS = 1 << 19
 MIN_NUMEL_PER_SAMPLE_FEW_GROUPS = 1 << 16
 
