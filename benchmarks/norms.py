@@ -7,7 +7,9 @@
 Every figure is a ratio of two times taken in the same run: within one "group" (mode, shape,
 dtype, pass) the adanorm module, the native module and ``x.clone()`` are timed in both memory
 layouts, interleaved in a shuffled order in every repeat, and the medians are compared. The
-machine is shared and noisy, so only those ratios mean anything, not the absolute times.
+machine is shared and noisy, so only those ratios mean anything, not the absolute times. The
+allocator's thresholds are fixed first (``steady_allocator``), so that page faults on fresh
+memory do not land on one side of a comparison by the luck of the call order.
 
 Targets (issue #3), evaluated and printed at the end:
   1. forced mode / native module: median over the grid <= 1.00, every cell with native >= 1 ms <= 1.10
@@ -451,6 +453,29 @@ def draw_chart(grid, path: Path) -> None:
     plt.close(fig)
 
 
+def steady_allocator() -> str:
+    """Make glibc keep freed blocks up to 32 MiB in the heap, so that timings compare kernels, not page faults.
+
+    By default glibc serves a large allocation with a fresh mmap, or returns heap memory to the system on
+    free, depending on a threshold that moves with the sizes freed so far; a 16 MiB output then costs
+    4096 page faults on some calls (a 16 MiB clone took 0.43 ms or 1.3 ms here) and which callable of a
+    group pays them depends on the order of the calls. Fixing the thresholds (``mallopt``) makes reuse
+    deterministic for both sides: blocks below 32 MiB are reused, larger ones fault on every call for
+    every callable. Returns what was done, for the report; a no-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "default allocator (no glibc mallopt)"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if mallopt(m_mmap_threshold, 32 << 20) != 1 or mallopt(m_trim_threshold, (1 << 31) - 1) != 1:
+        return "default allocator (mallopt refused)"
+    return "glibc mmap threshold 32 MiB, no trimming"
+
+
 def machine_info() -> str:
     cpu = "unknown CPU"
     try:
@@ -481,6 +506,7 @@ def main(argv=None) -> int:
         return 0
 
     torch.set_num_threads(2)
+    allocator = steady_allocator()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     repeats = args.repeats or (3 if args.quick else 9)
@@ -490,7 +516,7 @@ def main(argv=None) -> int:
     modes = tuple(m for m in args.modes.split(",") if m)
     started = time.perf_counter()
     command = " ".join(["python -m benchmarks.norms", *(sys.argv[1:] if argv is None else argv)])
-    print(f"machine: {machine_info()}")
+    print(f"machine: {machine_info()}; {allocator}")
 
     grid = run_grid(QUICK_SHAPES if args.quick else FULL_SHAPES, repeats, min_sample_s, modes=modes, budget_s=budget_s)
     grid.to_csv(out / "norms.csv", index=False)
@@ -510,7 +536,7 @@ def main(argv=None) -> int:
     draw_chart(grid, out / "chart.png")
     elapsed = time.perf_counter() - started
     report, verdicts = summarize(grid, memory, tiny, unet)
-    header = (f"# adanorm CPU benchmark\n\nmachine: {machine_info()}\n\ncommand: `{command}` "
+    header = (f"# adanorm CPU benchmark\n\nmachine: {machine_info()}; {allocator}\n\ncommand: `{command}` "
               f"({'quick' if args.quick else 'full'} grid, {len(grid)} cells, {repeats} interleaved repeats, medians; "
               f"ran {elapsed / 60:.1f} min)\n\n## Verdicts\n" + "\n".join(f"- target {v}" for v in verdicts))
     text = header + "\n\n" + report + "\n"

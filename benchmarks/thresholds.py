@@ -22,7 +22,7 @@ import torch
 
 from adanorm.functional import cpu_fused
 from benchmarks.norms import (DTYPES, FULL_SHAPES, LAYOUTS, QUICK_SHAPES, _forward, _forward_backward, _randomize_affine,
-                              adanorm_module, time_interleaved)
+                              adanorm_module, steady_allocator, time_interleaved)
 
 THRESHOLDS = [name for name in dir(cpu_fused) if name.startswith("MIN_NUMEL_")]
 OUT_OF_REACH = 1 << 62
@@ -77,13 +77,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if cpu_fused.cpu_kernels() is None:
         raise SystemExit("adanorm's compiled CPU kernels are not available here (see the warning above): nothing to compare.")
+    allocator = steady_allocator()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         table = measure(args.modes.split(","), FULL_SHAPES if args.shapes == "full" else QUICK_SHAPES, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "thresholds.csv", index=False)
     wide = table.pivot_table(index=["mode", "layout", "dtype", "numel", "shape"], columns="pass", values="ratio")
-    print(f"compiled / native per cell ({torch.get_num_threads()} threads; below 1: compiled faster)")
+    print(f"compiled / native per cell ({torch.get_num_threads()} threads, {allocator}; below 1: compiled faster)")
     print(wide.round(2).to_string())
     print(f"\nwrote {args.out / 'thresholds.csv'}")
     return 0
