@@ -404,11 +404,15 @@ def summarize(grid, memory, tiny, unet) -> Tuple[str, List[str]]:
         verdicts.append(f"6 ({_verdict(ok6)}): " + ", ".join(f"{r.shape} {r.ratio:.2f}x (vs BatchNorm3d {r.ratio_vs_batchnorm3d:.2f}x)" for r in tiny.itertuples()))
     # Target 7
     if unet is not None:
-        ok7 = bool((unet.ratio <= 1.0).all() and (unet.ratio_vs_group <= 1.0).all())
-        out += ["## Target 7: MONAI UNet training step, 64^3 batch 2: norm='adaptive' / norm='instance' and / "
-                "norm=('group', 4 groups) (<= 1.0)", _md(unet)]
-        verdicts.append(f"7 ({_verdict(ok7)}): " + ", ".join(
-            f"{r.layout} {r.ratio:.2f} (vs group {r.ratio_vs_group:.2f})" for r in unet.itertuples()))
+        # The target (issue #3) is against norm="instance"; auto mode runs group statistics at batch 2, so
+        # the same step against MONAI's group norm is reported beside it, with its own verdict.
+        ok7 = bool((unet.ratio <= 1.0).all())
+        ok7_group = bool((unet.ratio_vs_group <= 1.0).all())
+        out += ["## Target 7: MONAI UNet training step, 64^3 batch 2: norm='adaptive' / norm='instance' (<= 1.0), "
+                "and / norm=('group', 4 groups) beside it", _md(unet)]
+        verdicts.append(f"7 ({_verdict(ok7)}): " + ", ".join(f"{r.layout} {r.ratio:.2f}" for r in unet.itertuples()))
+        verdicts.append(f"7 against group norm, beside the target ({'at most' if ok7_group else 'ABOVE'} 1.0): " + ", ".join(
+            f"{r.layout} {r.ratio_vs_group:.2f}" for r in unet.itertuples()))
     return "\n\n".join(out), verdicts
 
 
