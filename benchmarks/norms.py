@@ -458,14 +458,15 @@ def draw_chart(grid, path: Path) -> None:
 
 
 def steady_allocator() -> str:
-    """Make glibc keep freed blocks up to 32 MiB in the heap, so that timings compare kernels, not page faults.
+    """Serve every allocation from glibc's heap and never trim it, so that timings compare kernels, not page faults.
 
-    By default glibc serves a large allocation with a fresh mmap, or returns heap memory to the system on
-    free, depending on a threshold that moves with the sizes freed so far; a 16 MiB output then costs
-    4096 page faults on some calls (a 16 MiB clone took 0.43 ms or 1.3 ms here) and which callable of a
-    group pays them depends on the order of the calls. Fixing the thresholds (``mallopt``) makes reuse
-    deterministic for both sides: blocks below 32 MiB are reused, larger ones fault on every call for
-    every callable. Returns what was done, for the report; a no-op without glibc."""
+    By default glibc serves a large allocation with a fresh mmap (always above 32 MiB; between, depending
+    on a threshold that moves with the sizes freed so far) and returns heap memory to the system on free.
+    A fresh mapping faults on first touch, page by page, and on this VM that dominates large cells: a
+    64 MiB forward+backward took 62 ms with faults and 22 ms without, for native and adanorm alike; a
+    16 MiB clone took 0.43 or 1.3 ms depending on the order of the calls before it, so the faults landed
+    on one side of a comparison or the other by luck. With ``mallopt`` (no mmap, no trimming) freed blocks
+    are reused by every callable. Returns what was done, for the report; a no-op without glibc."""
     import ctypes
     import ctypes.util
 
@@ -474,10 +475,10 @@ def steady_allocator() -> str:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return "default allocator (no glibc mallopt)"
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if mallopt(m_mmap_threshold, 32 << 20) != 1 or mallopt(m_trim_threshold, (1 << 31) - 1) != 1:
+    m_trim_threshold, m_mmap_max = -1, -4
+    if mallopt(m_mmap_max, 0) != 1 or mallopt(m_trim_threshold, (1 << 31) - 1) != 1:
         return "default allocator (mallopt refused)"
-    return "glibc mmap threshold 32 MiB, no trimming"
+    return "glibc heap only (no mmap), no trimming"
 
 
 def machine_info() -> str:
