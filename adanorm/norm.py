@@ -309,13 +309,14 @@ class AdaptiveNorm(_NormBase):
             mode == "batch" or (mode == "instance" and self.policy.instance_running_stats))
 
     def _refresh_eval_rule(self) -> None:
-        if not self.track_running_stats or self._state("running_mean") is None:
+        mean = self._state("running_mean")
+        if not self.track_running_stats or mean is None:
             self._eval_rule_key, self._eval_rule = (), False
             return
         # Read on every eval call, so spelled out: four attribute lookups and a generator cost as much as
         # a small layer's kernel.
-        steps, mean, var, balance = (self._state("num_batches_tracked"), self._state("running_mean"),
-                                     self._state("running_var"), self._state("running_stats_balance"))
+        steps, var, balance = (self._state("num_batches_tracked"), self._state("running_var"),
+                               self._state("running_stats_balance"))
         key = (id(steps), steps._version, id(mean), mean._version, id(var), var._version, id(balance), balance._version)
         if key == self._eval_rule_key:
             return
@@ -462,25 +463,22 @@ class AdaptiveNorm(_NormBase):
         if not compiling:  # telemetry stays out of graphs: no guards on counters, no breaks
             self.__dict__["last_mode"] = mode  # plain attribute write: skips nn.Module.__setattr__ on the hot path
             self.mode_counts[mode] += 1
-        running_mean, running_var = self._state("running_mean"), None
-        factor, renorm = 0.0, None
+        running_mean = self._state("running_mean")
         if training:
             use_buffers = self.track_running_stats and (
                 mode == "batch" or (mode == "instance" and self.policy.instance_running_stats))
             if self.track_running_stats and running_mean is not None:
                 self._record_training_step(use_buffers, captured)
-            if use_buffers:
-                if mode == "batch" and self.renorm_limits is not None:  # the limits after the steps learned so far
-                    renorm = self.renorm_limits.at(self._state("num_batches_tracked"), self._state("running_var").dtype)
-                factor = self._update_factor(input.shape[0], count_step=mode == "batch")
         else:
             use_buffers = self._eval_reads_buffers(mode)
+        running_mean, running_var = (running_mean, self._state("running_var")) if use_buffers else (None, None)
+        factor, renorm = 0.0, None
+        if training and use_buffers:
+            if mode == "batch" and self.renorm_limits is not None:  # the limits after the steps learned so far
+                renorm = self.renorm_limits.at(self._state("num_batches_tracked"), running_var.dtype)
+            factor = self._update_factor(input.shape[0], count_step=mode == "batch")
         guard = use_buffers and training and self.policy.skip_nonfinite
         nonfinite_skips = self._state("nonfinite_skips") if guard else None
-        if use_buffers:
-            running_var = self._state("running_var")
-        else:
-            running_mean = None
         if global_batch is not None and mode == "batch":
             factors = None if renorm is None else renorm_factors(  # before the update, as adaptive_norm does
                 global_batch.mean, global_batch.variance, running_mean, running_var, renorm, self.eps)

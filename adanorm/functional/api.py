@@ -108,7 +108,7 @@ def normalize(input: Tensor, mode: str, weight: Optional[Tensor], bias: Optional
                                 torch.backends.cudnn.enabled)
     if mode == "instance" and running_mean is not None:
         return _instance_norm_with_running_stats(input, weight, bias, running_mean, running_var, training,
-                                                 momentum, eps, nonfinite_skips)
+                                                 momentum, eps, nonfinite_skips, captured)
     if mode == "batch":
         spatial = _spatial_size(input)
         _require_several_values(input.shape[0] * spatial, input, "batch", "the batch size or the patch size")
@@ -173,7 +173,7 @@ def _grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias
 def _instance_norm_with_running_stats(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                                       running_mean: Tensor, running_var: Optional[Tensor], training: bool,
                                       momentum: Union[float, Tensor], eps: float,
-                                      nonfinite_skips: Optional[Tensor]) -> Tensor:
+                                      nonfinite_skips: Optional[Tensor], captured: bool) -> Tensor:
     """``F.instance_norm`` with running statistics: what a converted InstanceNorm(track_running_stats=True) runs."""
     if not training:
         return torch.instance_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps,
@@ -181,8 +181,8 @@ def _instance_norm_with_running_stats(input: Tensor, weight: Optional[Tensor], b
     _require_several_values(_spatial_size(input), input, "instance", "the patch size")
     batch_mean, batch_var = scratch_statistics(running_mean, running_var)
     output = torch.instance_norm(input, weight, bias, batch_mean, batch_var, True, 1.0, eps, torch.backends.cudnn.enabled)
-    dispatch.blend_kernel(running_mean, running_var, dispatch.capturing())(running_mean, running_var, batch_mean,
-                                                                          batch_var, momentum, nonfinite_skips)
+    dispatch.blend_kernel(running_mean, running_var, captured)(running_mean, running_var, batch_mean, batch_var,
+                                                              momentum, nonfinite_skips)
     return output
 
 
