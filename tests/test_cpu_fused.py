@@ -71,7 +71,10 @@ def _step(norm, x, dy, weight, bias, **kwargs):
     ids=str,
 )
 def test_matches_native_kernels(case, dtype, layout):
-    shape, groups = case
+    _check_against_native(*case, dtype, layout)
+
+
+def _check_against_native(shape, groups, dtype, layout):
     x, dy, weight, bias = _data(shape, dtype, layout)
     # The reference is the native kernels in float64: in float32 native channels-last group norm is
     # itself off by ~1e-5, and in bfloat16/float16 it rounds differently.
@@ -94,6 +97,21 @@ def test_matches_native_kernels(case, dtype, layout):
     if groups is None:
         for got, want in zip(stats, native_stats):
             torch.testing.assert_close(got.double(), want.double(), atol=atol, rtol=rtol)
+
+
+# Channel counts the channels-last passes compile a fixed row width for (norm_cpu.cpp,
+# channels_last_sums/affine), and run-time widths beside them.
+FIXED_WIDTHS = (8, 16, 32, 48, 64, 96, 128, 256)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("channels", FIXED_WIDTHS + (24, 40), ids=lambda c: f"C{c}")
+@pytest.mark.parametrize("grouping", ["batch", "group", "layer"])
+def test_every_channels_last_row_width_matches_native(grouping, channels, dtype):
+    # 495 rows per sample: the sums flush their float blocks (256 rows) mid-sample, and at 256
+    # channels a sample spans several tasks.
+    groups = {"batch": None, "group": channels // 4, "layer": 1}[grouping]
+    _check_against_native((2, channels, 5, 9, 11), groups, dtype, "channels_last")
 
 
 @pytest.mark.parametrize("groups,layout", list(itertools.product([None, 8, 2, 1], LAYOUTS)))

@@ -49,6 +49,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -206,6 +207,84 @@ void for_each_statistic(const Unit& unit, int64_t C, Visit visit) {
     for (int64_t g = 0; g < unit.groups; ++g) visit(Members{n * C + g * per_group, per_group, 1});
 }
 
+// Channels-last passes over a run of `rows` rows of C values. Common channel counts get a compile-time
+// row width (kC > 0; 0 means C at run time): the per-channel accumulators and coefficients then stay
+// in vector registers across the rows, where with a run-time width they live in memory, and each
+// row's load-add-store chain through L1 held back the streaming reads of x (a sums pass over 32
+// channels ran at about half the bandwidth of x.sum(); forward 0.75-0.9x the time with fixed widths,
+// backward 0.8-0.95x). The same loops run either way, adding in the same order.
+template <typename Body>
+inline void with_row_width(int64_t C, const Body& body) {
+  switch (C) {
+    case 8: return body(std::integral_constant<int64_t, 8>{});
+    case 16: return body(std::integral_constant<int64_t, 16>{});
+    case 32: return body(std::integral_constant<int64_t, 32>{});
+    case 48: return body(std::integral_constant<int64_t, 48>{});
+    case 64: return body(std::integral_constant<int64_t, 64>{});
+    case 96: return body(std::integral_constant<int64_t, 96>{});
+    case 128: return body(std::integral_constant<int64_t, 128>{});
+    case 256: return body(std::integral_constant<int64_t, 256>{});
+    default: return body(std::integral_constant<int64_t, 0>{});
+  }
+}
+
+template <typename Terms, typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void sum_rows(const scalar_t* x, const scalar_t* dy, const acc_t* shift,
+                                                    int64_t width, int64_t rows, acc_t* first, acc_t* second) {
+  for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+    for (int64_t c = 0; c < width; ++c) {
+      Terms::add(to_acc(x[r * width + c]), to_acc(dy[r * width + c]), shift[c], first[c], second[c]);
+    }
+  }
+}
+
+// Per-channel sums of Terms over the rows (x and dy at their first row), written to first/second.
+template <int64_t kC, typename Terms, typename scalar_t, typename acc_t>
+inline void channels_last_sums(const scalar_t* x, const scalar_t* dy, const acc_t* shift, int64_t C, int64_t rows,
+                               acc_t* first, acc_t* second) {
+  if constexpr (kC > 0) {
+    acc_t row_first[kC] = {}, row_second[kC] = {}, row_shift[kC];
+    std::copy(shift, shift + kC, row_shift);
+    sum_rows<Terms>(x, dy, row_shift, kC, rows, row_first, row_second);
+    std::copy(row_first, row_first + kC, first);
+    std::copy(row_second, row_second + kC, second);
+  } else {
+    std::fill(first, first + C, acc_t(0));
+    std::fill(second, second + C, acc_t(0));
+    sum_rows<Terms>(x, dy, shift, C, rows, first, second);
+  }
+}
+
+template <bool kHasDy, typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void affine_rows(const scalar_t* x, const scalar_t* dy, const acc_t* a,
+                                                       const acc_t* b, const acc_t* c_term, int64_t width, int64_t rows,
+                                                       scalar_t* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+    for (int64_t c = 0; c < width; ++c) {
+      const acc_t xv = to_acc(x[r * width + c]);
+      out[r * width + c] =
+          from_acc<scalar_t>(kHasDy ? a[c] * to_acc(dy[r * width + c]) + b[c] * xv + c_term[c] : a[c] * xv + b[c]);
+    }
+  }
+}
+
+// out = a·x + b (or a·dy + b·x + c) over the rows, with per-channel coefficients.
+template <int64_t kC, bool kHasDy, typename scalar_t, typename acc_t>
+inline void channels_last_affine(const scalar_t* x, const scalar_t* dy, const acc_t* a, const acc_t* b,
+                                 const acc_t* c_term, int64_t C, int64_t rows, scalar_t* out) {
+  if constexpr (kC > 0) {
+    acc_t row_a[kC], row_b[kC], row_c[kC];
+    std::copy(a, a + kC, row_a);
+    std::copy(b, b + kC, row_b);
+    std::copy(c_term, c_term + kC, row_c);
+    affine_rows<kHasDy>(x, dy, row_a, row_b, row_c, kC, rows, out);
+  } else {
+    affine_rows<kHasDy>(x, dy, a, b, c_term, C, rows, out);
+  }
+}
+
 // Adds per-(n, c) sums of Terms over the unit's samples into first/second (double, N·C).
 template <typename scalar_t, typename Terms>
 void channel_sums(const scalar_t* x, const scalar_t* dy, const double* shift, const Geometry& g,
@@ -226,20 +305,13 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, const double* shift, co
         const int64_t n = task / g.tasks_per_sample, piece = task % g.tasks_per_sample;
         for (int64_t c = 0; c < C; ++c) shift_acc[c] = static_cast<acc_t>(shift[n * C + c]);
         const int64_t s_begin = piece * g.chunk, s_end = std::min(S, s_begin + g.chunk);
-        const int64_t rows_per_block = kBlockValues;
-        for (int64_t s0 = s_begin; s0 < s_end; s0 += rows_per_block) {
-          std::fill(block_first.begin(), block_first.end(), acc_t(0));
-          std::fill(block_second.begin(), block_second.end(), acc_t(0));
-          const int64_t s1 = std::min(s_end, s0 + rows_per_block);
-          for (int64_t s = s0; s < s1; ++s) {
-            const scalar_t* xr = x + g.offset(n, 0, s);
-            const scalar_t* dyr = dy + g.offset(n, 0, s);
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              Terms::add(to_acc(xr[c]), to_acc(dyr[c]), shift_acc[c], block_first[c],
-                         block_second[c]);
-            }
-          }
+        for (int64_t s0 = s_begin; s0 < s_end; s0 += kBlockValues) {
+          const int64_t offset = g.offset(n, 0, s0);
+          with_row_width(C, [&](auto width) {
+            channels_last_sums<decltype(width)::value, Terms>(x + offset, dy + offset, shift_acc.data(), C,
+                                                               std::min(s_end, s0 + kBlockValues) - s0,
+                                                               block_first.data(), block_second.data());
+          });
           for (int64_t c = 0; c < C; ++c) {
             out_first[c] += block_first[c];
             out_second[c] += block_second[c];
@@ -291,17 +363,11 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, const at::opmath_type
         const acc_t* bn = b + n * C;
         const acc_t* cn = c_term + n * C;
         const int64_t s_begin = piece * g.chunk, s_end = std::min(S, s_begin + g.chunk);
-        for (int64_t s = s_begin; s < s_end; ++s) {
-          const int64_t offset = g.offset(n, 0, s);
-          const scalar_t* xr = x + offset;
-          const scalar_t* dyr = dy + offset;
-          scalar_t* outr = out + offset;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t xv = to_acc(xr[c]);
-            outr[c] = from_acc<scalar_t>(kHasDy ? an[c] * to_acc(dyr[c]) + bn[c] * xv + cn[c] : an[c] * xv + bn[c]);
-          }
-        }
+        const int64_t offset = g.offset(n, 0, s_begin);
+        with_row_width(C, [&](auto width) {
+          channels_last_affine<decltype(width)::value, kHasDy>(x + offset, dy + offset, an, bn, cn, C, s_end - s_begin,
+                                                               out + offset);
+        });
       } else {
         const auto piece = g.row_piece(task);
         const acc_t ac = a[piece.row], bc = b[piece.row], cc = c_term[piece.row];

@@ -310,7 +310,6 @@ def fused_norm(
     return cpu_kernels().fused_norm(input, weight, bias, groups, eps, running_mean, running_var, momentum)
 
 
-
 def blend_running_stats(running_mean: Tensor, running_var: Tensor, batch_mean: Tensor, batch_var: Tensor,
                         factor: Union[float, Tensor], nonfinite_skips: Optional[Tensor]) -> None:
     """``running_stats.blend`` as one operator call (its tensor operations cost about 40 µs per step
