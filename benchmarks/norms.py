@@ -286,32 +286,46 @@ def run_memory(shapes: Sequence[Tuple[int, ...]]):
 
 
 # ------------------------------------------------------------------------------------------- target 6
-def run_tiny(repeats: int, min_sample_s: float):
+def run_tiny(repeats: int, min_sample_s: float, rounds: int = 1):
+    """Auto mode's call against the native module of the mode it picks, in ``rounds`` rounds with fresh
+    modules (medians over rounds, as in ``run_grid``): a ~20 µs call is mostly Python, whose speed here
+    moved by 10% between timing windows."""
     import pandas as pd
 
     rows = []
     for shape in TINY_SHAPES:
         channels = shape[1]
-        ada = AdaptiveNorm3d(channels).train()
-        x = torch.randn(shape)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ada(x)
-        picked = ada.last_mode
-        fns = {"adanorm_auto": lambda: ada(x), "native_" + picked: (lambda m: (lambda: m(x)))(native_module(picked, channels).train())}
-        fns["nn.BatchNorm3d"] = (lambda m: (lambda: m(x)))(nn.BatchNorm3d(channels).train())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            medians = time_interleaved(fns, repeats, min_sample_s)
+        per_round = []
+        for _ in range(rounds):
+            ada = AdaptiveNorm3d(channels).train()
+            x = torch.randn(shape)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ada(x)
+            picked = ada.last_mode
+            fns = {"adanorm_auto": lambda: ada(x), "native_" + picked: (lambda m: (lambda: m(x)))(native_module(picked, channels).train())}
+            fns["nn.BatchNorm3d"] = (lambda m: (lambda: m(x)))(nn.BatchNorm3d(channels).train())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                per_round.append(time_interleaved(fns, repeats, min_sample_s))
+        medians = {name: statistics.median(r[name] for r in per_round) for name in per_round[0]}
         rows.append(dict(shape="x".join(map(str, shape)), auto_picked=picked, adanorm_us=medians["adanorm_auto"] * 1e6,
                          native_picked_us=medians["native_" + picked] * 1e6, batchnorm3d_us=medians["nn.BatchNorm3d"] * 1e6,
                          ratio=medians["adanorm_auto"] / medians["native_" + picked],
-                         ratio_vs_batchnorm3d=medians["adanorm_auto"] / medians["nn.BatchNorm3d"]))
+                         ratio_vs_batchnorm3d=medians["adanorm_auto"] / medians["nn.BatchNorm3d"],
+                         round_ratios=" ".join(f"{r['adanorm_auto'] / r['native_' + picked]:.3f}" for r in per_round)))
     return pd.DataFrame(rows)
 
 
 # ------------------------------------------------------------------------------------------- target 7
-def run_unet(repeats: int):
+def run_unet(repeats: int, rounds: int = 1):
+    """Training steps of the same MONAI UNet with each norm, interleaved, in ``rounds`` rounds that each
+    build every net afresh (in a new order) and time ``repeats`` steps; medians over rounds of medians.
+
+    Two copies of one net, built alike and timed interleaved, differed by up to 6% here (the step is
+    mostly convolutions, and where a net's buffers land in memory moves them), more than the norm
+    layers' whole share of the step; one copy per norm let that decide the figure (0.96 to 1.13 in
+    runs of the same code)."""
     import pandas as pd
     from monai.networks.nets import UNet
 
@@ -322,13 +336,18 @@ def run_unet(repeats: int):
     torch.manual_seed(0)
     x0 = torch.randn(2, 1, 64, 64, 64)
     target = torch.randint(0, 2, (2, 64, 64, 64))
-    fns = {}
     # Auto mode at batch 2 runs group statistics (the default policy since the small-batch study),
     # so the UNet is timed against MONAI's group norm (4 groups, the recipes' norm=group) as well.
     norms = {"adaptive": "adaptive", "instance": "instance", "group": ("group", {"num_groups": 4})}
-    for layout_name, fmt in LAYOUTS.items():
-        for norm, monai_norm in norms.items():
-            net = make(monai_norm).train().to(memory_format=fmt)
+    variants = [(norm, layout_name) for layout_name in LAYOUTS for norm in norms]
+    rng = random.Random(0)
+    per_round = []
+    for _ in range(rounds):
+        rng.shuffle(variants)
+        fns = {}
+        for norm, layout_name in variants:
+            fmt = LAYOUTS[layout_name]
+            net = make(norms[norm]).train().to(memory_format=fmt)
             opt = torch.optim.SGD(net.parameters(), lr=1e-3)
             x = x0.contiguous(memory_format=fmt)
 
@@ -337,12 +356,16 @@ def run_unet(repeats: int):
                 F.cross_entropy(net(x), target).backward()
                 opt.step()
             fns[(norm, layout_name)] = step
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        medians = time_interleaved(fns, repeats, 0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            per_round.append(time_interleaved(fns, repeats, 0.0))
+        del fns
+        gc.collect()
+    medians = {key: statistics.median(r[key] for r in per_round) for key in per_round[0]}
     rows = [dict(layout=l, adaptive_ms=medians[("adaptive", l)] * 1e3, instance_ms=medians[("instance", l)] * 1e3,
                  group_ms=medians[("group", l)] * 1e3, ratio=medians[("adaptive", l)] / medians[("instance", l)],
-                 ratio_vs_group=medians[("adaptive", l)] / medians[("group", l)]) for l in LAYOUTS]
+                 ratio_vs_group=medians[("adaptive", l)] / medians[("group", l)],
+                 round_ratios=" ".join(f"{r[('adaptive', l)] / r[('instance', l)]:.3f}" for r in per_round)) for l in LAYOUTS]
     return pd.DataFrame(rows)
 
 
@@ -561,13 +584,13 @@ def main(argv=None) -> int:
         memory.to_csv(out / "memory.csv", index=False)
     if "tiny" not in skip:
         print("timing auto mode on tiny tensors ...", flush=True)
-        tiny = run_tiny(repeats=41, min_sample_s=0.001)
+        tiny = run_tiny(repeats=41, min_sample_s=0.001, rounds=rounds)
         tiny.to_csv(out / "tiny.csv", index=False)
     if "unet" not in skip:
         print("timing MONAI UNet training steps ...", flush=True)
-        # One step per sample. The norm layers are ~5% of a step, so the figure moves by the step's noise: a median
-        # of 5 steps swung by 8% here, of 21 by ~3% (0.98 to 1.003 in runs of the same code).
-        unet = run_unet(repeats=2 if args.quick else 61)
+        # One step per sample. The norm layers are ~3% of a step, so the figure moves with the step's noise: with
+        # one copy of each net a median of 5 steps swung by 8% here, of 21 or 61 steps by 4-13% between runs.
+        unet = run_unet(repeats=2 if args.quick else 21, rounds=1 if args.quick else 5)
         unet.to_csv(out / "unet.csv", index=False)
     draw_chart(grid, out / "chart.png")
     elapsed = time.perf_counter() - started
