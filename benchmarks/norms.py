@@ -152,9 +152,9 @@ def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, min_sampl
 
 # ------------------------------------------------------------------------------------ target 1-4 grid
 def time_group(mode: str, shape: Tuple[int, ...], dtype_name: str, pass_name: str, repeats: int, min_sample_s: float,
-               budget_s: float) -> Tuple[Dict, Dict, Dict[str, bool]]:
-    """One group's fresh setup (modules, tensors) timed interleaved: medians and minimums per (callable,
-    layout), and whether adanorm's output kept each layout."""
+               budget_s: float, seed: int = 0) -> Tuple[Dict, Dict, Dict[str, bool]]:
+    """One group's fresh setup (modules, tensors) timed interleaved (call orders drawn from ``seed``):
+    medians and minimums per (callable, layout), and whether adanorm's output kept each layout."""
     dtype = DTYPES[dtype_name]
     channels = shape[1]
     torch.manual_seed(0)
@@ -178,7 +178,7 @@ def time_group(mode: str, shape: Tuple[int, ...], dtype_name: str, pass_name: st
             fns[("adanorm", layout_name)] = _forward_backward(ada, xg, dy)
             fns[("native", layout_name)] = _forward_backward(nat, xg, dy)
         fns[("clone", layout_name)] = _clone(x)
-    both = time_interleaved(fns, repeats, min_sample_s, budget_s=budget_s, with_min=True)
+    both = time_interleaved(fns, repeats, min_sample_s, seed=seed, budget_s=budget_s, with_min=True)
     return {k: v[0] for k, v in both.items()}, {k: v[1] for k, v in both.items()}, formats_kept
 
 
@@ -194,18 +194,18 @@ def run_grid(shapes: Sequence[Tuple[int, ...]], repeats: int, min_sample_s: floa
     groups = [(mode, shape, dtype_name, pass_name) for mode in modes for shape in shapes for dtype_name in dtypes for pass_name in PASSES]
     visits = []
     rng = random.Random(0)
-    for _ in range(rounds):
+    for round_index in range(rounds):
         order = list(groups)
         if rounds > 1:
             rng.shuffle(order)
-        visits += order
+        visits += [(group, round_index) for group in order]
     per_group: Dict[Tuple, List[Tuple[Dict, Dict, Dict[str, bool]]]] = {group: [] for group in groups}
     bar = tqdm(visits, desc=f"norm grid ({rounds} round{'s' if rounds > 1 else ''})", unit="group", disable=not progress,
                dynamic_ncols=True)
-    for mode, shape, dtype_name, pass_name in bar:
+    for (mode, shape, dtype_name, pass_name), round_index in bar:
         bar.set_postfix_str(f"{mode} {'x'.join(map(str, shape))} {dtype_name} {pass_name}")
         per_group[(mode, shape, dtype_name, pass_name)].append(
-            time_group(mode, shape, dtype_name, pass_name, repeats, min_sample_s, budget_s))
+            time_group(mode, shape, dtype_name, pass_name, repeats, min_sample_s, budget_s, seed=round_index))
         gc.collect()
     rows = []
     for (mode, shape, dtype_name, pass_name), timings in per_group.items():
@@ -296,7 +296,7 @@ def run_tiny(repeats: int, min_sample_s: float, rounds: int = 1):
     for shape in TINY_SHAPES:
         channels = shape[1]
         per_round = []
-        for _ in range(rounds):
+        for round_index in range(rounds):
             ada = AdaptiveNorm3d(channels).train()
             x = torch.randn(shape)
             with warnings.catch_warnings():
@@ -307,7 +307,7 @@ def run_tiny(repeats: int, min_sample_s: float, rounds: int = 1):
             fns["nn.BatchNorm3d"] = (lambda m: (lambda: m(x)))(nn.BatchNorm3d(channels).train())
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                per_round.append(time_interleaved(fns, repeats, min_sample_s))
+                per_round.append(time_interleaved(fns, repeats, min_sample_s, seed=round_index))
         medians = {name: statistics.median(r[name] for r in per_round) for name in per_round[0]}
         rows.append(dict(shape="x".join(map(str, shape)), auto_picked=picked, adanorm_us=medians["adanorm_auto"] * 1e6,
                          native_picked_us=medians["native_" + picked] * 1e6, batchnorm3d_us=medians["nn.BatchNorm3d"] * 1e6,
@@ -342,7 +342,7 @@ def run_unet(repeats: int, rounds: int = 1):
     variants = [(norm, layout_name) for layout_name in LAYOUTS for norm in norms]
     rng = random.Random(0)
     per_round = []
-    for _ in range(rounds):
+    for round_index in range(rounds):
         rng.shuffle(variants)
         fns = {}
         for norm, layout_name in variants:
@@ -358,7 +358,7 @@ def run_unet(repeats: int, rounds: int = 1):
             fns[(norm, layout_name)] = step
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            per_round.append(time_interleaved(fns, repeats, 0.0))
+            per_round.append(time_interleaved(fns, repeats, 0.0, seed=round_index))
         del fns
         gc.collect()
     medians = {key: statistics.median(r[key] for r in per_round) for key in per_round[0]}
