@@ -7,8 +7,8 @@
 Every figure is a ratio of two times taken in the same run: within one "group" (mode, shape,
 dtype, pass) the adanorm module, the native module and ``x.clone()`` are timed in both memory
 layouts, interleaved in a shuffled order in every repeat, and the medians are compared. The full
-grid is visited in three rounds, in a new order each, and a cell's figure is the median over its
-rounds (``run_grid``). The
+grid is visited in three rounds, in a new order each, and a cell's ratio is the median of its
+rounds' ratios (``run_grid``). The
 machine is shared and noisy, so only those ratios mean anything, not the absolute times. The
 allocator's thresholds are fixed first (``steady_allocator``), so that page faults on fresh
 memory do not land on one side of a comparison by the luck of the call order.
@@ -185,10 +185,11 @@ def time_group(mode: str, shape: Tuple[int, ...], dtype_name: str, pass_name: st
 def run_grid(shapes: Sequence[Tuple[int, ...]], repeats: int, min_sample_s: float, modes=MODES, dtypes=DTYPES, progress=True,
              budget_s: float = 0.0, rounds: int = 1):
     """Every group timed in ``rounds`` rounds, each visiting the groups in a new shuffled order with a fresh
-    setup. A cell's time is the median over rounds of its per-round medians (its minimum, the minimum over
-    rounds): on a shared VM a slow spell or an unlucky placement of a setup's tensors moves every callable
-    of one group's timing window by a few percent, and one window per group left large cells' ratios at
-    the mercy of that spell (0.9 to 1.3 between runs for the same code)."""
+    setup. A cell's ratios are medians over rounds of the ratios within each round (both sides of a ratio
+    come from one timing window, whatever the machine's speed in that window); its times are medians over
+    rounds, its minimums minimums over rounds. On a shared VM a slow spell or an unlucky placement of a
+    setup's tensors moves every callable of one group's timing window by a few percent, and one window
+    per group left large cells' ratios at the mercy of that spell (0.9 to 1.3 between runs for the same code)."""
     from tqdm import tqdm
 
     groups = [(mode, shape, dtype_name, pass_name) for mode in modes for shape in shapes for dtype_name in dtypes for pass_name in PASSES]
@@ -211,18 +212,24 @@ def run_grid(shapes: Sequence[Tuple[int, ...]], repeats: int, min_sample_s: floa
     for (mode, shape, dtype_name, pass_name), timings in per_group.items():
         medians = {key: statistics.median(t[0][key] for t in timings) for key in timings[0][0]}
         minimums = {key: min(t[1][key] for t in timings) for key in timings[0][1]}
+
+        def paired(numerator: Tuple[str, str], denominator: Tuple[str, str]) -> List[float]:
+            return [t[0][numerator] / t[0][denominator] for t in timings]
+
         for layout_name in LAYOUTS:
-            ada_s, nat_s, clone_s = (medians[(k, layout_name)] for k in ("adanorm", "native", "clone"))
+            ratios = paired(("adanorm", layout_name), ("native", layout_name))
             rows.append(dict(
                 mode=mode, shape="x".join(map(str, shape)), N=shape[0], numel=math.prod(shape), dtype=dtype_name,
-                layout=layout_name, pass_=pass_name, adanorm_ms=ada_s * 1e3, native_ms=nat_s * 1e3, clone_ms=clone_s * 1e3,
-                ratio=ada_s / nat_s, clone_ratio=ada_s / clone_s,
-                layout_penalty=(ada_s / medians[("adanorm", "contiguous")]) if layout_name != "contiguous" else 1.0,
+                layout=layout_name, pass_=pass_name, adanorm_ms=medians[("adanorm", layout_name)] * 1e3,
+                native_ms=medians[("native", layout_name)] * 1e3, clone_ms=medians[("clone", layout_name)] * 1e3,
+                ratio=statistics.median(ratios),
+                clone_ratio=statistics.median(paired(("adanorm", layout_name), ("clone", layout_name))),
+                layout_penalty=statistics.median(paired(("adanorm", layout_name), ("adanorm", "contiguous"))),
                 keeps_format=all(t[2][layout_name] for t in timings),
                 ratio_min=minimums[("adanorm", layout_name)] / minimums[("native", layout_name)],
                 clone_ratio_min=minimums[("adanorm", layout_name)] / minimums[("clone", layout_name)],
                 layout_penalty_min=(minimums[("adanorm", layout_name)] / minimums[("adanorm", "contiguous")]) if layout_name != "contiguous" else 1.0,
-                round_ratios=" ".join(f"{t[0][('adanorm', layout_name)] / t[0][('native', layout_name)]:.3f}" for t in timings),
+                round_ratios=" ".join(f"{r:.3f}" for r in ratios),
             ))
     import pandas as pd
 
@@ -288,7 +295,7 @@ def run_memory(shapes: Sequence[Tuple[int, ...]]):
 # ------------------------------------------------------------------------------------------- target 6
 def run_tiny(repeats: int, min_sample_s: float, rounds: int = 1):
     """Auto mode's call against the native module of the mode it picks, in ``rounds`` rounds with fresh
-    modules (medians over rounds, as in ``run_grid``): a ~20 µs call is mostly Python, whose speed here
+    modules (ratios: medians over rounds of each round's ratio, as in ``run_grid``): a ~20 µs call is mostly Python, whose speed here
     moved by 10% between timing windows."""
     import pandas as pd
 
@@ -309,18 +316,20 @@ def run_tiny(repeats: int, min_sample_s: float, rounds: int = 1):
                 warnings.simplefilter("ignore")
                 per_round.append(time_interleaved(fns, repeats, min_sample_s, seed=round_index))
         medians = {name: statistics.median(r[name] for r in per_round) for name in per_round[0]}
+        ratios = [r["adanorm_auto"] / r["native_" + picked] for r in per_round]
         rows.append(dict(shape="x".join(map(str, shape)), auto_picked=picked, adanorm_us=medians["adanorm_auto"] * 1e6,
                          native_picked_us=medians["native_" + picked] * 1e6, batchnorm3d_us=medians["nn.BatchNorm3d"] * 1e6,
-                         ratio=medians["adanorm_auto"] / medians["native_" + picked],
-                         ratio_vs_batchnorm3d=medians["adanorm_auto"] / medians["nn.BatchNorm3d"],
-                         round_ratios=" ".join(f"{r['adanorm_auto'] / r['native_' + picked]:.3f}" for r in per_round)))
+                         ratio=statistics.median(ratios),
+                         ratio_vs_batchnorm3d=statistics.median(r["adanorm_auto"] / r["nn.BatchNorm3d"] for r in per_round),
+                         round_ratios=" ".join(f"{r:.3f}" for r in ratios)))
     return pd.DataFrame(rows)
 
 
 # ------------------------------------------------------------------------------------------- target 7
 def run_unet(repeats: int, rounds: int = 1):
     """Training steps of the same MONAI UNet with each norm, interleaved, in ``rounds`` rounds that each
-    build every net afresh (in a new order) and time ``repeats`` steps; medians over rounds of medians.
+    build every net afresh (in a new order) and time ``repeats`` steps; ratios are medians over rounds of
+    each round's ratio (the VM's speed moved by up to 40% between rounds here, the same within one).
 
     Two copies of one net, built alike and timed interleaved, differed by up to 6% here (the step is
     mostly convolutions, and where a net's buffers land in memory moves them), more than the norm
@@ -362,10 +371,14 @@ def run_unet(repeats: int, rounds: int = 1):
         del fns
         gc.collect()
     medians = {key: statistics.median(r[key] for r in per_round) for key in per_round[0]}
+
+    def ratios(layout: str, baseline: str) -> List[float]:
+        return [r[("adaptive", layout)] / r[(baseline, layout)] for r in per_round]
+
     rows = [dict(layout=l, adaptive_ms=medians[("adaptive", l)] * 1e3, instance_ms=medians[("instance", l)] * 1e3,
-                 group_ms=medians[("group", l)] * 1e3, ratio=medians[("adaptive", l)] / medians[("instance", l)],
-                 ratio_vs_group=medians[("adaptive", l)] / medians[("group", l)],
-                 round_ratios=" ".join(f"{r[('adaptive', l)] / r[('instance', l)]:.3f}" for r in per_round)) for l in LAYOUTS]
+                 group_ms=medians[("group", l)] * 1e3, ratio=statistics.median(ratios(l, "instance")),
+                 ratio_vs_group=statistics.median(ratios(l, "group")),
+                 round_ratios=" ".join(f"{r:.3f}" for r in ratios(l, "instance"))) for l in LAYOUTS]
     return pd.DataFrame(rows)
 
 
@@ -597,7 +610,7 @@ def main(argv=None) -> int:
     report, verdicts = summarize(grid, memory, tiny, unet)
     header = (f"# adanorm CPU benchmark\n\nmachine: {machine_info()}; {allocator}\n\ncommand: `{command}` "
               f"({'quick' if args.quick else 'full'} grid, {len(grid)} cells, {rounds} round(s) of {repeats}+ interleaved repeats, "
-              f"medians over rounds of medians; "
+              f"ratios: medians over rounds of each round's ratio; "
               f"ran {elapsed / 60:.1f} min)\n\n## Verdicts\n" + "\n".join(f"- target {v}" for v in verdicts))
     text = header + "\n\n" + report + "\n"
     (out / "summary.md").write_text(text)
