@@ -150,6 +150,17 @@ def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, min_sampl
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def medians_over_rounds(per_round: Sequence[Dict]) -> Dict:
+    """Each callable's median time over rounds (each round: ``time_interleaved``'s medians)."""
+    return {key: statistics.median(r[key] for r in per_round) for key in per_round[0]}
+
+
+def round_ratios(per_round: Sequence[Dict], numerator, denominator) -> List[float]:
+    """``numerator``'s time over ``denominator``'s within each round: both from one timing window, whatever
+    the machine's speed in that window. A figure's ratio is the median of these."""
+    return [r[numerator] / r[denominator] for r in per_round]
+
+
 # ------------------------------------------------------------------------------------ target 1-4 grid
 def time_group(mode: str, shape: Tuple[int, ...], dtype_name: str, pass_name: str, repeats: int, min_sample_s: float,
                budget_s: float, seed: int = 0) -> Tuple[Dict, Dict, Dict[str, bool]]:
@@ -210,21 +221,18 @@ def run_grid(shapes: Sequence[Tuple[int, ...]], repeats: int, min_sample_s: floa
         gc.collect()
     rows = []
     for (mode, shape, dtype_name, pass_name), timings in per_group.items():
-        medians = {key: statistics.median(t[0][key] for t in timings) for key in timings[0][0]}
+        per_round = [t[0] for t in timings]
+        medians = medians_over_rounds(per_round)
         minimums = {key: min(t[1][key] for t in timings) for key in timings[0][1]}
-
-        def paired(numerator: Tuple[str, str], denominator: Tuple[str, str]) -> List[float]:
-            return [t[0][numerator] / t[0][denominator] for t in timings]
-
         for layout_name in LAYOUTS:
-            ratios = paired(("adanorm", layout_name), ("native", layout_name))
+            ratios = round_ratios(per_round, ("adanorm", layout_name), ("native", layout_name))
             rows.append(dict(
                 mode=mode, shape="x".join(map(str, shape)), N=shape[0], numel=math.prod(shape), dtype=dtype_name,
                 layout=layout_name, pass_=pass_name, adanorm_ms=medians[("adanorm", layout_name)] * 1e3,
                 native_ms=medians[("native", layout_name)] * 1e3, clone_ms=medians[("clone", layout_name)] * 1e3,
                 ratio=statistics.median(ratios),
-                clone_ratio=statistics.median(paired(("adanorm", layout_name), ("clone", layout_name))),
-                layout_penalty=statistics.median(paired(("adanorm", layout_name), ("adanorm", "contiguous"))),
+                clone_ratio=statistics.median(round_ratios(per_round, ("adanorm", layout_name), ("clone", layout_name))),
+                layout_penalty=statistics.median(round_ratios(per_round, ("adanorm", layout_name), ("adanorm", "contiguous"))),
                 keeps_format=all(t[2][layout_name] for t in timings),
                 ratio_min=minimums[("adanorm", layout_name)] / minimums[("native", layout_name)],
                 clone_ratio_min=minimums[("adanorm", layout_name)] / minimums[("clone", layout_name)],
@@ -315,12 +323,12 @@ def run_tiny(repeats: int, min_sample_s: float, rounds: int = 1):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 per_round.append(time_interleaved(fns, repeats, min_sample_s, seed=round_index))
-        medians = {name: statistics.median(r[name] for r in per_round) for name in per_round[0]}
-        ratios = [r["adanorm_auto"] / r["native_" + picked] for r in per_round]
+        medians = medians_over_rounds(per_round)
+        ratios = round_ratios(per_round, "adanorm_auto", "native_" + picked)
         rows.append(dict(shape="x".join(map(str, shape)), auto_picked=picked, adanorm_us=medians["adanorm_auto"] * 1e6,
                          native_picked_us=medians["native_" + picked] * 1e6, batchnorm3d_us=medians["nn.BatchNorm3d"] * 1e6,
                          ratio=statistics.median(ratios),
-                         ratio_vs_batchnorm3d=statistics.median(r["adanorm_auto"] / r["nn.BatchNorm3d"] for r in per_round),
+                         ratio_vs_batchnorm3d=statistics.median(round_ratios(per_round, "adanorm_auto", "nn.BatchNorm3d")),
                          round_ratios=" ".join(f"{r:.3f}" for r in ratios)))
     return pd.DataFrame(rows)
 
@@ -370,15 +378,14 @@ def run_unet(repeats: int, rounds: int = 1):
             per_round.append(time_interleaved(fns, repeats, 0.0, seed=round_index))
         del fns
         gc.collect()
-    medians = {key: statistics.median(r[key] for r in per_round) for key in per_round[0]}
-
-    def ratios(layout: str, baseline: str) -> List[float]:
-        return [r[("adaptive", layout)] / r[(baseline, layout)] for r in per_round]
-
-    rows = [dict(layout=l, adaptive_ms=medians[("adaptive", l)] * 1e3, instance_ms=medians[("instance", l)] * 1e3,
-                 group_ms=medians[("group", l)] * 1e3, ratio=statistics.median(ratios(l, "instance")),
-                 ratio_vs_group=statistics.median(ratios(l, "group")),
-                 round_ratios=" ".join(f"{r:.3f}" for r in ratios(l, "instance"))) for l in LAYOUTS]
+    medians = medians_over_rounds(per_round)
+    rows = []
+    for l in LAYOUTS:
+        ratios = round_ratios(per_round, ("adaptive", l), ("instance", l))
+        rows.append(dict(layout=l, adaptive_ms=medians[("adaptive", l)] * 1e3, instance_ms=medians[("instance", l)] * 1e3,
+                         group_ms=medians[("group", l)] * 1e3, ratio=statistics.median(ratios),
+                         ratio_vs_group=statistics.median(round_ratios(per_round, ("adaptive", l), ("group", l))),
+                         round_ratios=" ".join(f"{r:.3f}" for r in ratios)))
     return pd.DataFrame(rows)
 
 
