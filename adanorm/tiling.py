@@ -13,7 +13,8 @@ inference (MONAI's ``sliding_window_inference`` or any other: this module does n
         stats.gather(lambda: sliding_window_inference(image, roi, 4, model, overlap=0))
         logits = sliding_window_inference(image, roi, 4, model, overlap=0.5, mode="gaussian")
 
-``tile_report`` measures how far a tiled prediction is from the whole-volume one, and its seams.
+``tile_report`` measures how far a tiled prediction is from the whole-volume one, and its seams;
+``whole_volume_prediction`` computes that reference from the volume's own voxels, whatever its size.
 """
 from __future__ import annotations
 
@@ -451,12 +452,14 @@ def tile_report(tiled: Tensor, whole: Tensor, roi_size: Union[int, Sequence[int]
             value per spatial dimension.
     """
     if tiled.shape != whole.shape:
-        raise ValueError(f"tile_report: tiled {tuple(tiled.shape)} and whole-volume {tuple(whole.shape)} predictions differ in shape.")
+        raise ValueError(f"tile_report: tiled {tuple(tiled.shape)} and whole-volume {tuple(whole.shape)} predictions "
+                         f"differ in shape.")
     spatial = tiled.shape[2:]
     rois = [roi_size] * len(spatial) if isinstance(roi_size, int) else list(roi_size)
     overlaps = [overlap] * len(spatial) if isinstance(overlap, (int, float)) else list(overlap)
     if len(rois) != len(spatial) or len(overlaps) != len(spatial):
-        raise ValueError(f"tile_report: roi_size {roi_size!r} and overlap {overlap!r} need one value per spatial dimension of {tuple(spatial)}.")
+        raise ValueError(f"tile_report: roi_size {roi_size!r} and overlap {overlap!r} need one value per spatial "
+                         f"dimension of {tuple(spatial)}.")
     tiled, whole = tiled.detach().double(), whole.detach().double()
     difference = (tiled - whole).abs()
     scale = float(whole.std()) if whole.numel() > 1 else 0.0
@@ -468,3 +471,107 @@ def tile_report(tiled: Tensor, whole: Tensor, roi_size: Union[int, Sequence[int]
         borders.append(sorted(planes))
     return TileReport(float(difference.mean()) / scale, float(difference.max()) / scale,
                       _seam_ratio(tiled, borders), _seam_ratio(whole, borders))
+
+
+_RESAMPLING = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)
+
+
+def downsampling_factors(model: nn.Module, example: Tensor) -> Tuple[int, ...]:
+    """The size multiple a strided network needs, per spatial axis: ``example``'s size over the smallest size any
+    convolution or pooling layer outputs for it (MONAI's ``UNet`` with strides (2, 2, 2): 8; ``BasicUNet``: 16).
+
+    Sizes that are multiples of it divide evenly at every downsampling step, so the upsampled features meet their
+    skip connections; ``whole_volume_prediction`` pads other sizes to it. Measured by one forward of ``example``,
+    an input the network accepts (the training patch; its values do not matter), without autograd.
+
+    Raises:
+        ValueError: if the model is in training mode, where the forward would update running statistics.
+    """
+    if model.training:
+        raise ValueError("downsampling_factors runs the model once to measure it: call model.eval() first.")
+    smallest = list(example.shape[2:])
+
+    def record(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, Tensor) and output.dim() == example.dim():
+            smallest[:] = [min(size, out) for size, out in zip(smallest, output.shape[2:])]
+
+    handles = [module.register_forward_hook(record) for module in model.modules() if isinstance(module, _RESAMPLING)]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tuple(max(1, round(size / small)) for size, small in zip(example.shape[2:], smallest))
+
+
+def whole_volume_prediction(model: nn.Module, volume: Tensor, multiple: Sequence[int]) -> Tensor:
+    """The model's output for one whole volume in one forward: the reference ``tile_report`` compares a tiled
+    prediction with, computed from the volume's own voxels only.
+
+    Where every spatial size is a multiple of ``multiple`` (``downsampling_factors``), this is ``model(volume)``:
+    nothing is padded. Otherwise the network cannot run on the volume as it is (a strided convolution rounds an odd
+    size up, and the upsampled map no longer fits its skip connection), so the volume is zero-padded at its far end
+    to the next multiple and the padding is kept out of every number:
+
+    * each per-sample norm layer (instance, group, layer, batch without running statistics; adaptive layers in
+      those modes) takes its statistics from the part of its input that covers real voxels: the first
+      ceil(real · size / padded) positions along each axis, ``size`` being that input's own size;
+    * every layer's output is zero beyond that part, as a convolution's own zero padding is at a border;
+    * the output is cropped back to the volume's size.
+
+    For a network of convolutions with "same" zero padding (any stride), transposed-convolution upsampling, norms,
+    pointwise activations and skip concatenations or sums (MONAI's UNet and DynUNet), this equals the forward of
+    the unpadded volume in which each upsampled map is cropped to the size of its skip connection: what the
+    network computes wherever its size arithmetic allows it. Interpolating upsamplers and poolings see zeros beyond
+    the border where the unpadded forward would clamp or drop it. A layer whose ``forward`` a ``norm_statistics``
+    context took over keeps that context's statistics (running ones do not depend on the padding).
+
+    Args:
+        model (nn.Module): the network, in eval mode.
+        volume (Tensor): one volume, (1, C, *spatial).
+        multiple (sequence of int): the size multiple the network needs, per spatial axis.
+
+    Returns:
+        Tensor: the output, (1, C_out, *spatial), computed without autograd.
+
+    Raises:
+        ValueError: if ``volume`` holds more than one volume: per-sample statistics are per volume.
+    """
+    if volume.shape[0] != 1:
+        raise ValueError(f"whole_volume_prediction: {volume.shape[0]} volumes given; its statistics are per volume: pass one.")
+    real = tuple(volume.shape[2:])
+    padded = tuple(math.ceil(size / step) * step for size, step in zip(real, multiple))
+    with torch.no_grad():
+        if real == padded:
+            return model(volume)
+        own_statistics = {module for module in model.modules()
+                          if _may_normalize_per_tile(module) and "forward" not in vars(module)}
+
+        def inside(shape: Sequence[int]) -> List[int]:
+            """How many leading positions along each spatial axis of a tensor of ``shape`` cover real voxels."""
+            return [math.ceil(n * size / p) for n, size, p in zip(real, shape[2:], padded)]
+
+        def real_voxels_only(module: nn.Module, args: Any, output: Any) -> Any:
+            if not isinstance(output, Tensor) or output.dim() != volume.dim():
+                return None
+            if module in own_statistics:
+                input = args[0]
+                covered = input[(slice(None), slice(None), *(slice(0, stop) for stop in inside(input.shape)))]
+                groups = _tile_groups(module, covered)
+                if groups is not None:
+                    moments = _tile_moments(covered, groups)
+                    per_channel = input.shape[1] // groups
+                    output = _normalize(module, input, moments.mean.repeat_interleave(per_channel),
+                                        (moments.m2 / moments.count).repeat_interleave(per_channel))
+            for axis, stop in enumerate(inside(output.shape)):
+                output.narrow(2 + axis, stop, output.shape[2 + axis] - stop).zero_()
+            return output
+
+        handles = [module.register_forward_hook(real_voxels_only) for module in model.modules()]
+        try:
+            output = model(F.pad(volume, [side for size, p in reversed(list(zip(real, padded))) for side in (0, p - size)]))
+        finally:
+            for handle in handles:
+                handle.remove()
+    return output[(slice(None), slice(None), *(slice(0, size) for size in real))]

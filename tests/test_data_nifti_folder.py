@@ -1,13 +1,16 @@
 """NiftiFolder: the layouts it reads, and the errors that stop a run before training, naming the file."""
 import json
 import os
+import re
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from nibabel.openers import ImageOpener
 
-from adanorm.recipes import checks, data as data_module
+from adanorm.recipes import checks
+from adanorm.recipes import data as data_module
 from adanorm.recipes.data import MNI152Tissue, NiftiFolder, VolumeDataError
 
 SHAPE = (12, 12, 12)
@@ -247,3 +250,72 @@ def test_label_summary_reads_large_labels_in_chunks(tmp_path, monkeypatch):
     path = tmp_path / "label.nii.gz"
     nib.save(nib.Nifti1Image(mask, np.eye(4)), path)
     assert checks.summarize_label(str(path)) == {"values": [0, 1], "non_integer": None}
+
+
+def cut_in_half(path):
+    """Keeps the first half of the file's bytes: the header (at the start, gzip included) stays readable."""
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+
+
+def cut_the_end(path):
+    """Drops the file's last 16 bytes (gzip's checksum and length, and some data): for files too small to halve."""
+    path.write_bytes(path.read_bytes()[:-16])
+
+
+def scramble_middle(path):
+    """Overwrites bytes in the middle of the (compressed) data: the file keeps its length and its header."""
+    content = bytearray(path.read_bytes())
+    middle = len(content) // 2
+    content[middle:middle + 64] = bytes(range(64))
+    path.write_bytes(bytes(content))
+
+
+@pytest.mark.parametrize("damage, damaged_file, check_labels", [
+    (cut_in_half, "imagesTr/b.nii.gz", True),
+    (cut_in_half, "imagesTr/b.nii", True),
+    (scramble_middle, "imagesTr/b.nii.gz", True),
+    (cut_the_end, "labelsTr/b.nii.gz", False),  # labels are read through even when their content is not checked
+])
+def test_a_truncated_or_damaged_volume_is_named_before_training(tmp_path, damage, damaged_file, check_labels):
+    for case in "abc":
+        write_pair(tmp_path, case)
+    damaged = tmp_path / damaged_file
+    if damaged.name == "b.nii":  # an uncompressed image in place of the compressed one
+        nib.save(nib.load(tmp_path / "imagesTr" / "b.nii.gz"), damaged)
+        (tmp_path / "imagesTr" / "b.nii.gz").unlink()
+    damage(damaged)
+    nib.load(damaged)  # the header still reads: only reading the voxels finds the damage
+    with pytest.raises(VolumeDataError, match=rf"{re.escape(str(damaged))} is truncated or damaged: .*"
+                                              r"Copy or export it again"):
+        folder(tmp_path, check_labels=check_labels).setup()
+
+
+def test_volumes_read_through_once_are_cached_so_a_second_run_reads_no_voxel_data(tmp_path, monkeypatch, voxel_reads):
+    opened = []
+
+    class CountingOpener(ImageOpener):
+        def __init__(self, path, *args, **kwargs):
+            opened.append(os.path.relpath(path, tmp_path))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(checks, "ImageOpener", CountingOpener)
+    for case in "abc":
+        write_pair(tmp_path, case)
+    cache = tmp_path / "cache" / "checks.json"
+    folder(tmp_path, label_cache=str(cache)).check()
+    assert sorted(opened) == [f"{kind}/{case}.nii.gz" for kind in ("imagesTr", "labelsTr") for case in "abc"]
+
+    opened.clear()
+    voxel_reads.clear()
+    folder(tmp_path, label_cache=str(cache)).check()
+    assert opened == [] and voxel_reads == [], "the second run reads no voxel data"
+
+    write_volume(tmp_path / "imagesTr" / "b.nii.gz")  # rewritten (new mtime): read again, and only it
+    os.utime(tmp_path / "imagesTr" / "b.nii.gz", ns=(1, 1))
+    folder(tmp_path, label_cache=str(cache)).check()
+    assert opened == ["imagesTr/b.nii.gz"]
+
+    cut_in_half(tmp_path / "imagesTr" / "c.nii.gz")
+    with pytest.raises(VolumeDataError, match=r"imagesTr/c\.nii\.gz is truncated"):
+        folder(tmp_path, label_cache=str(cache)).check()

@@ -2,32 +2,40 @@
 
 * :func:`check_volumes` reads every header: readable NIfTI, 3-D with the configured channels,
   and a label on its image's voxel grid.
+* :func:`check_readable` reads every volume's voxel data through once: nibabel reads only the
+  header when it opens a file, so a file cut short or damaged behind an intact header would
+  otherwise fail only in the data loader, in the middle of training, without its name.
 * :func:`check_labels` reads every label volume's voxels once: integer class indices in
-  ``0..num_classes-1``, and across the data set exactly ``num_classes`` classes. What it finds
-  per file is cached (keyed by path, size and modification time), so a second run reads no
-  label data.
+  ``0..num_classes-1``, and across the data set exactly ``num_classes`` classes.
+
+What the last two find per file is cached (keyed by resolved path, size and modification time),
+so a second run reads no voxel data.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
 from tqdm.auto import tqdm
 
 from adanorm.recipes.layouts import SEGMENTATION, Record, VolumeDataError
 
 AFFINE_TOLERANCE = 1e-3
 LABEL_CACHE = "~/.cache/adanorm/label_checks.json"
-"""Where :func:`check_labels` remembers what each label file holds (one JSON for every data set)."""
-LABEL_CACHE_VERSION = 1
+"""Where :func:`check_readable` and :func:`check_labels` remember what they found per file (one JSON for every
+data set, one section per check)."""
+CACHE_VERSION = 2
 MAX_LABEL_VALUES = 256
 """A label map with more distinct values than this is not a label map (an image in the label folder, say)."""
 CHUNK = 1 << 22
 """Voxels summarised at a time, so a float label is never copied whole."""
+READ_BLOCK = 1 << 24
+"""Bytes of a volume read (decompressed) at a time by :func:`read_through`: memory stays flat for any volume size."""
 
 
 def check_volumes(records: Sequence[Record], task: str, in_channels: int) -> None:
@@ -62,7 +70,35 @@ def _load_header(path: str) -> nib.spatialimages.SpatialImage:
     try:
         return nib.load(path)
     except Exception as error:  # nibabel raises several unrelated types for damaged files
-        raise VolumeDataError(f"cannot read {path} ({error}); every volume must be a readable NIfTI (.nii or .nii.gz) file.") from error
+        raise VolumeDataError(
+            f"cannot read {path} ({error}); every volume must be a readable NIfTI (.nii or .nii.gz) file.") from error
+
+
+def read_through(path: str) -> None:
+    """Reads the volume's file to its end, through nibabel's opener (gzip included), and checks it holds all the
+    voxel data its header describes; raises VolumeDataError naming the file otherwise."""
+    voxels = _load_header(path).dataobj  # nibabel's ArrayProxy: where in the file the voxel data lies
+    expected = voxels.offset + int(np.prod(voxels.shape)) * voxels.dtype.itemsize
+    read = 0
+    try:
+        with ImageOpener(path) as stream:
+            while block := stream.read(READ_BLOCK):
+                read += len(block)
+    except Exception as error:  # gzip raises EOFError, OSError or zlib.error; other openers their own types
+        raise _damaged(path, f"reading it failed ({type(error).__name__}: {error})") from error
+    if read < expected:
+        raise _damaged(path, f"the file ends after {read} of the {expected} bytes its header describes")
+
+
+def _damaged(path: str, detail: str) -> VolumeDataError:
+    return VolumeDataError(f"{path} is truncated or damaged: {detail}. Copy or export it again (an interrupted copy "
+                           f"or download leaves such files).")
+
+
+def check_readable(paths: Sequence[str], cache: Optional[str] = LABEL_CACHE) -> None:
+    """Stops the run, naming the file, unless every volume in ``paths`` can be read to its end (:func:`read_through`),
+    reading each with a progress bar unless the cache knows it unchanged."""
+    _per_file(paths, cache, "readable", read_through, "Reading volumes")
 
 
 def summarize_label(path: str) -> Dict[str, Any]:
@@ -95,41 +131,58 @@ def _file_key(path: str) -> Dict[str, Any]:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _read_cache(cache: Optional[Path]) -> Dict[str, Any]:
+def _read_cache(cache: Optional[Path]) -> Dict[str, Dict[str, Any]]:
+    """The cache's sections (check name -> resolved path -> {"file": _file_key, "result": ...})."""
     if cache is None or not cache.is_file():
         return {}
     try:
         content = json.loads(cache.read_text())
     except (OSError, ValueError):  # a damaged cache is only a slower run
         return {}
-    return content.get("files", {}) if content.get("version") == LABEL_CACHE_VERSION else {}
+    if not isinstance(content, dict) or content.get("version") != CACHE_VERSION:
+        return {}
+    return {name: entries for name, entries in content.items() if isinstance(entries, dict)}
 
 
-def _write_cache(cache: Path, files: Dict[str, Any]) -> None:
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    staging = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps({"version": LABEL_CACHE_VERSION, "files": files}))
-    os.replace(staging, cache)  # atomic: parallel runs never read half a file
+def _write_cache(cache: Path, sections: Dict[str, Dict[str, Any]]) -> None:
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staging = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        staging.write_text(json.dumps({"version": CACHE_VERSION, **sections}))
+        os.replace(staging, cache)  # atomic: parallel runs never read half a file
+    except OSError:  # an unwritable cache is only a slower next run, and must not hide the check's own error
+        return
 
 
-def label_summaries(paths: Sequence[str], cache: Optional[str] = LABEL_CACHE) -> Dict[str, Dict[str, Any]]:
-    """:func:`summarize_label` of every path, read with a progress bar unless the cache already knows the file."""
+def _per_file(paths: Sequence[str], cache: Optional[str], section: str, check: Callable[[str], Any],
+              description: str) -> Dict[str, Any]:
+    """``check(path)`` of every path, run with a progress bar unless the cache's ``section`` holds its result for
+    the file unchanged. The results of the files checked are cached also when a later file raises."""
     cache_path = Path(cache).expanduser() if cache else None
-    known = _read_cache(cache_path)
-    summaries: Dict[str, Dict[str, Any]] = {}
+    sections = _read_cache(cache_path)
+    known = sections.setdefault(section, {})
+    results: Dict[str, Any] = {}
     to_read: List[str] = []
     for path in dict.fromkeys(paths):
         entry = known.get(str(Path(path).resolve()))
         if entry is not None and entry["file"] == _file_key(path):
-            summaries[path] = entry["summary"]
+            results[path] = entry["result"]
         else:
             to_read.append(path)
-    for path in tqdm(to_read, desc="Checking labels", unit="volume", disable=not to_read, leave=False):
-        summaries[path] = summarize_label(path)
-    if cache_path is not None and to_read:
-        known.update({str(Path(p).resolve()): {"file": _file_key(p), "summary": summaries[p]} for p in to_read})
-        _write_cache(cache_path, known)
-    return summaries
+    try:
+        for path in tqdm(to_read, desc=description, unit="volume", disable=not to_read, leave=False):
+            results[path] = check(path)
+    finally:
+        checked = [path for path in to_read if path in results]
+        if cache_path is not None and checked:
+            known.update({str(Path(path).resolve()): {"file": _file_key(path), "result": results[path]} for path in checked})
+            _write_cache(cache_path, sections)
+    return results
+
+
+def label_summaries(paths: Sequence[str], cache: Optional[str] = LABEL_CACHE) -> Dict[str, Dict[str, Any]]:
+    """:func:`summarize_label` of every path, read with a progress bar unless the cache already knows the file."""
+    return _per_file(paths, cache, "labels", summarize_label, "Checking labels")
 
 
 def check_labels(records: Sequence[Record], num_classes: int, cache: Optional[str] = LABEL_CACHE) -> List[int]:

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 from monai.data import CacheDataset, DataLoader
 from torch.utils.data import ConcatDataset
 
-from adanorm.recipes.checks import LABEL_CACHE, check_labels, check_volumes
+from adanorm.recipes.checks import LABEL_CACHE, check_labels, check_readable, check_volumes
 from adanorm.recipes.layouts import (
     CLASSIFICATION,
     LAYOUT_HINT,
@@ -33,9 +33,10 @@ from adanorm.recipes.transforms import volume_transforms
 class NiftiFolder(pl.LightningDataModule):
     """A folder of NIfTI volumes (layouts: ``adanorm.recipes.layouts``), checked in ``setup``.
 
-    ``check_labels`` reads every segmentation label once (the result is cached in ``label_cache``,
-    ``None`` for no cache) and stops the run when a label is not an integer class map of
-    ``num_classes`` classes.
+    Every volume, image and label, is read to its end once, so a truncated or damaged file stops the
+    run before training, named. ``check_labels`` also checks every segmentation label's content and
+    stops the run when a label is not an integer class map of ``num_classes`` classes. What both
+    checks found per file is cached in ``label_cache`` (``None`` for no cache).
     """
 
     def __init__(
@@ -107,9 +108,12 @@ class NiftiFolder(pl.LightningDataModule):
     def check(self) -> Tuple[List[Record], List[Record]]:
         """The training and validation records, after every check that can stop a run before its first step."""
         training, validation = self.list_volumes()
-        check_volumes(training + validation, self.task, self.in_channels)
+        records = training + validation
+        check_volumes(records, self.task, self.in_channels)
+        files = ("image", "label") if self.task == SEGMENTATION else ("image",)  # classification labels are numbers
+        check_readable([record[key] for record in records for key in files], self.label_cache)
         if self.task == SEGMENTATION and self.check_labels:
-            check_labels(training + validation, self.num_classes, self.label_cache)
+            check_labels(records, self.num_classes, self.label_cache)
         return training, validation
 
     def setup(self, stage: Optional[str] = None) -> None:

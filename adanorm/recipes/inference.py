@@ -2,13 +2,20 @@
 
 Lightning supplies the device placement and the progress bar; a prediction writer saves each
 result as soon as its volume is done, so memory does not grow with the number of volumes.
+
+Prediction never destroys data: every output path is planned and checked before the network is
+built (no output folder that holds an input, no output onto an input, no existing output unless
+``overwrite``), and each file is written under a temporary name in its folder and renamed into
+place, so an interrupted run leaves either the old file or the complete new one.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
 import nibabel as nib
@@ -17,8 +24,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from monai.data import DataLoader, Dataset
 from torch import Tensor
 
+from adanorm.recipes.checkpoint import load_recipe_module, read_checkpoint, recipe_module_class
 from adanorm.recipes.data import CLASSIFICATION, case_name, volume_transforms
-from adanorm.recipes.checkpoint import load_recipe_module
 from adanorm.recipes.module import RecipeModule
 from adanorm.recipes.quiet import quiet_third_party
 from adanorm.tiling import SOURCES, TileReport
@@ -36,6 +43,72 @@ def nifti_inputs(path: Path) -> List[Path]:
         if files:
             return files
     raise FileNotFoundError(f"{path} is neither a .nii/.nii.gz file nor a folder holding some; pass a NIfTI file or folder.")
+
+
+class OutputConflictError(ValueError):
+    """Writing the predictions would overwrite an input or an existing file; raised before anything is written."""
+
+
+def prediction_path(output_dir: Path, source: Path) -> Path:
+    """Where the segmentation of ``source`` is written: its own file name, in ``output_dir``."""
+    return output_dir / source.name
+
+
+def planned_outputs(files: Sequence[Path], output_dir: Path, task: str, report_tiles: bool) -> List[Path]:
+    """Every file ``predict`` will write for ``files``, in the order it writes them."""
+    if task == CLASSIFICATION:
+        return [output_dir / PROBABILITIES_CSV]
+    planned = [prediction_path(output_dir, source) for source in files]
+    return (planned + [output_dir / TILE_REPORT_CSV]) if report_tiles else planned
+
+
+def refuse_conflicts(files: Sequence[Path], output_dir: Path, planned: Sequence[Path], overwrite: bool) -> None:
+    """Raises OutputConflictError unless writing ``planned`` leaves every input untouched and, without
+    ``overwrite``, replaces no existing file. Paths are compared resolved, so links and ``./`` count."""
+    inputs = {source.resolve(): source for source in files}
+    folder = output_dir.resolve()
+    if folder in inputs:
+        raise OutputConflictError(f"--output {output_dir} is the input file {inputs[folder]}; --output names a folder: "
+                                  f"pass --output <another folder>.")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputConflictError(f"--output {output_dir} is a file, not a folder; pass --output <a folder>.")
+    held = next((source for resolved, source in inputs.items() if folder in (resolved.parent, source.parent.resolve())), None)
+    if held is not None:
+        raise OutputConflictError(f"--output {output_dir} holds the input {held}: predictions would overwrite or mix "
+                                  f"with the scans (--overwrite does not lift this). Pass --output <another folder>.")
+    for path in planned:
+        if path.resolve() in inputs:
+            raise OutputConflictError(f"{path} leads to the input {inputs[path.resolve()]}; writing it would replace the "
+                                      f"input. Remove the link or pass --output <another folder>.")
+    existing = [path for path in planned if path.exists() or path.is_symlink()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more of the {len(planned)} outputs)" if len(existing) > 1 else ""
+        raise OutputConflictError(f"{existing[0]} already exists{more}; pass --overwrite to replace it, "
+                                  f"or --output <another folder>.")
+
+
+@contextlib.contextmanager
+def atomic_output(target: Path) -> Iterator[Path]:
+    """A temporary path beside ``target`` that becomes ``target`` once the block completes (``os.replace``: readers
+    see the old file or the new one, never part of one); on any exception, Ctrl-C included, it is removed.
+
+    The name keeps ``target``'s suffixes, from which nibabel picks the format (``.nii.gz`` compresses), and starts
+    with a dot, so that a run killed outright leaves a hidden file that is never read as an input."""
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}{''.join(target.suffixes)}")
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_csv(path: Path, fieldnames: Sequence[str], rows: Sequence[Dict[str, Any]]) -> None:
+    """``rows`` as a CSV with a header row, written atomically (``atomic_output``)."""
+    with atomic_output(path) as temporary, temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(fieldnames))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 class NiftiPredictionWriter(BasePredictionWriter):
@@ -64,16 +137,14 @@ class NiftiPredictionWriter(BasePredictionWriter):
         labels = prediction[0].cpu().numpy().astype(np.uint8)
         output = nib.Nifti1Image(labels, original.affine, header)
         output.header.set_slope_inter(1.0, 0.0)  # labels are stored as they are, whatever the input's scaling
-        nib.save(output, self.output_dir / source.name)
+        with atomic_output(prediction_path(self.output_dir, source)) as temporary:
+            nib.save(output, temporary)
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.rows:
             return
         path = self.output_dir / PROBABILITIES_CSV
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]))
-            writer.writeheader()
-            writer.writerows(self.rows)
+        write_csv(path, list(self.rows[0]), self.rows)
         self.csv_path = path
 
     def print_summary(self) -> None:
@@ -89,30 +160,37 @@ class NiftiPredictionWriter(BasePredictionWriter):
 def write_tile_reports(reports: List[Tuple[str, TileReport]], output_dir: Path) -> Path:
     """Prints each volume's tile report and writes them all to tile_report.csv; returns its path."""
     path = output_dir / TILE_REPORT_CSV
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["image"] + [field.name for field in fields(TileReport)])
-        writer.writeheader()
-        for image, report in reports:
-            print(f"{Path(image).name}: {report}")
-            writer.writerow({"image": image, **{key: round(value, 6) for key, value in asdict(report).items()}})
+    for image, report in reports:
+        print(f"{Path(image).name}: {report}")
+    write_csv(path, ["image"] + [field.name for field in fields(TileReport)],
+              [{"image": image, **{key: round(value, 6) for key, value in asdict(report).items()}} for image, report in reports])
     print(f"tile report: {path}")
     return path
 
 
 def predict(checkpoint: Path, inputs: Path, output_dir: Path, overlap: float = 0.5, accelerator: str = "auto",
             num_workers: int = 0, trust_checkpoint: bool = False, norm_stats: str = "tile",
-            report_tiles: bool = False) -> Path:
+            report_tiles: bool = False, overwrite: bool = False) -> Path:
     """Predicts every input volume at batch 1 and returns the folder the results were written to.
 
     ``trust_checkpoint`` lets the checkpoint build a network outside MONAI and adanorm
     (see ``adanorm.recipes.checkpoint``): only for checkpoints you wrote yourself. ``norm_stats`` is
     where per-sample norm layers take their statistics from in sliding-window inference
-    (``adanorm.norm_statistics``); ``report_tiles`` also predicts each volume in one window and
-    writes how far the tiled prediction is from it (``adanorm.tiling.tile_report``).
+    (``adanorm.norm_statistics``); ``report_tiles`` also predicts each volume in one forward
+    (``adanorm.tiling.whole_volume_prediction``) and writes how far the tiled prediction is from it
+    (``adanorm.tiling.tile_report``). ``overwrite`` lets existing output files be replaced; inputs never are.
+
+    Raises:
+        OutputConflictError: before the network is built or anything is written, if ``output_dir`` is or holds
+            an input, an output would land on an input (through a link), or, unless ``overwrite``, an output
+            file already exists.
     """
     if norm_stats not in SOURCES:
         raise ValueError(f"norm_stats={norm_stats!r} is unknown; choose one of {SOURCES}.")
     files = nifti_inputs(Path(inputs))
+    output_dir = Path(output_dir)
+    task = recipe_module_class(read_checkpoint(checkpoint), checkpoint).task  # which files it writes, without building it
+    refuse_conflicts(files, output_dir, planned_outputs(files, output_dir, task, report_tiles), overwrite)
     module: RecipeModule = load_recipe_module(checkpoint, trust_checkpoint=trust_checkpoint)
     if module.task == CLASSIFICATION:
         if norm_stats != "tile" or report_tiles:
@@ -122,7 +200,6 @@ def predict(checkpoint: Path, inputs: Path, output_dir: Path, overlap: float = 0
         module.hparams.predict_overlap = overlap
         module.predict_norm_stats = norm_stats
         module.tile_reports = [] if report_tiles else None
-    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     dataset = Dataset([{"image": str(path)} for path in files],
                       volume_transforms(module.task, module.patch_size, train=False, with_label=False))

@@ -5,7 +5,6 @@ carries everything needed to rebuild the model: ``predict.py`` needs only the ch
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import lightning.pytorch as pl
@@ -18,7 +17,7 @@ from monai.networks.utils import one_hot
 from monai.utils import convert_to_tensor
 from torch import Tensor, nn
 
-from adanorm.tiling import TileReport, norm_statistics, tile_report
+from adanorm.tiling import TileReport, downsampling_factors, norm_statistics, tile_report, whole_volume_prediction
 
 CLASS_PATH_KEY = "adanorm_module_class"
 """Checkpoint key naming the recipe module that wrote it, as a key of ``RECIPE_MODULES``."""
@@ -93,10 +92,12 @@ class SegmentationModule(RecipeModule):
         self.dice.reset()
 
     def whole_volume(self, image: Tensor) -> Tensor:
-        """Logits of one window over the whole volume, zero-padded to a multiple of the largest power of two
-        dividing each patch dimension (strided networks need it; the patch size shows it suffices)."""
-        window = [math.ceil(size / (patch & -patch)) * (patch & -patch) for size, patch in zip(image.shape[2:], self.patch_size)]
-        return sliding_window_inference(image, window, sw_batch_size=1, predictor=self.net, overlap=0.0)
+        """Logits of the whole volume in one forward, from its own voxels only: unpadded wherever its size is a
+        multiple of the network's downsampling factors (measured on the training patch, which the network
+        accepts), otherwise padded to them with the padding kept out of every statistic
+        (``adanorm.tiling.whole_volume_prediction``)."""
+        multiple = downsampling_factors(self.net, image.new_zeros(1, image.shape[1], *self.patch_size))
+        return whole_volume_prediction(self.net, image, multiple)
 
     def predict_step(self, batch: Dict[str, Any], batch_idx: int) -> Tensor:
         """Whole-volume statistics are gathered over non-overlapping windows: each voxel counts once,
