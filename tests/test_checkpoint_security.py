@@ -72,7 +72,9 @@ def crafted(recipe_checkpoint, net):
 
 
 def run_predict(path, scan, tmp_path, *flags):
-    predict_script.main([str(path), str(scan), "--output", str(tmp_path / "out"), "--accelerator", "cpu", *flags])
+    """predict.py with --verbose: a refusal raises its exception (without it, one line and exit status 1)."""
+    predict_script.main([str(path), str(scan), "--output", str(tmp_path / "out"), "--accelerator", "cpu", "--verbose",
+                         *flags])
 
 
 def test_a_real_checkpoint_predicts(tmp_path, recipe_checkpoint, scan):

@@ -23,7 +23,9 @@ import adanorm.configs
 from adanorm import AdaptiveNorm
 from adanorm.integrations.lightning import NormMetric
 from adanorm.recipes.data import VolumeDataError
+from adanorm.recipes.errors import ConfigError
 from adanorm.recipes.quiet import quiet_third_party
+from adanorm.recipes.resume import FirstRun, with_first_run_overrides
 from adanorm.recipes.run import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,9 +41,9 @@ def options(group):
     return sorted(path.stem for path in (CONFIGS / group).glob("*.yaml"))
 
 
-def compose_config(*overrides):
+def compose_config(*overrides, return_hydra_config=False):
     with initialize_config_module(config_module="adanorm.configs", version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def tiny(data_root, output_dir=None, model="unet"):
@@ -69,12 +71,35 @@ def read_metrics(path):
         return list(csv.DictReader(handle))
 
 
+def train_script(cwd, *overrides):
+    """train.py in a subprocess (Hydra's own run folder logic included): the finished process."""
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def run_train_script(cwd, *overrides):
-    """train.py in a subprocess (Hydra's own run folder logic included); returns stdout + stderr."""
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=cwd, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """train.py in a subprocess, which must succeed; returns stdout + stderr."""
+    result = train_script(cwd, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
+
+
+def write_segmentation_folder(root, cases="abcd", shape=(16, 16, 16)):
+    """A nifti_folder data set: random images, each labelled where it is above 0.5."""
+    for index, case in enumerate(cases):
+        image = np.random.RandomState(index).rand(*shape).astype(np.float32)
+        for folder, volume in (("imagesTr", image), ("labelsTr", (image > 0.5).astype(np.uint8))):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(volume, np.eye(4)), root / folder / f"{case}.nii.gz")
+    return root
+
+
+def best_checkpoint_state(checkpoint_path):
+    """What ModelCheckpoint recorded as the best epoch of a run: (score, epoch from the best file's name)."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    (state,) = [state for name, state in checkpoint["callbacks"].items()
+                if name.startswith("ModelCheckpoint") and state.get("monitor") == "val/dice"]
+    return float(state["best_model_score"]), int(Path(state["best_model_path"]).stem.removeprefix("best-epoch"))
 
 
 @pytest.fixture(scope="module")
@@ -208,9 +233,9 @@ def test_run_logs_norm_modes_writes_plots_and_resumes_with_weights_only(data_roo
     rows = read_metrics(first / "csv" / "metrics.csv")
     logged = {key: float(value) for row in rows for key, value in row.items() if value}
     assert "val/dice" in logged
-    # batch 2 is below the default policy's min_batch_size 32: every training forward falls back to group
-    # mode (the UNet's first layer has 16 channels: 8 groups of 2)
-    assert logged["norm/train/fallback_fraction"] == 1.0
+    # batch 2 is below the default policy's min_batch_size 32: every training forward runs group mode (the
+    # UNet's first layer has 16 channels: 8 groups of 2), as designed, which is no fallback
+    assert logged["norm/train/fallback_fraction"] == 0.0
     assert logged["norm/eval/fallback_fraction"] == 0.0
     assert logged["norm/train/net.model.0.adn.N/group"] == 2.0
     assert logged["norm/train/net.model.0.adn.N/instance"] == 0.0
@@ -236,7 +261,8 @@ def test_resume_refuses_a_config_that_builds_another_network(tmp_path):
     checkpoint.parent.mkdir()
     adaptive = compose_config(*tiny(tmp_path, tmp_path))
     torch.save({"hyper_parameters": {"net": OmegaConf.to_container(adaptive.module.net, resolve=True)}}, checkpoint)
-    with pytest.raises(ValueError, match=r"another network.*norm: \['adaptive'.*\['batch'.*first run's overrides"):
+    with pytest.raises(ConfigError, match=r"trained something else \(net\.norm: \['adaptive'.* in the first run, "
+                                          r"\['batch'.*now\)"):
         train(compose_config(*tiny(tmp_path, tmp_path), "norm=batch", f"ckpt_path={checkpoint}"))
 
 
@@ -270,6 +296,89 @@ def test_last_checkpoint_is_the_latest_epoch_and_resume_continues_the_run_folder
     assert "ckpt_path=run/checkpoints/last.ckpt" in (resumed_config / "overrides.yaml").read_text()
 
 
+@pytest.mark.slow
+def test_resume_trains_on_the_first_runs_data_and_refuses_another(tmp_path):
+    """The README's resume form (ckpt_path= and trainer.max_epochs= only) continues a run on its own data set;
+    a resume that changes the norm or the data is refused in a few lines naming both differences."""
+    data = write_segmentation_folder(tmp_path / "scans")
+    run = tmp_path / "run"
+    # lr=0: every epoch scores exactly the same Dice on the same data, and another data set would score another
+    run_train_script(tmp_path, "data=nifti_folder", f"data.root={data}", "data.patch_size=[16,16,16]",
+                     f"data.label_cache={tmp_path}/label_checks.json", "model.lr=0.0", "+trainer.limit_train_batches=2",
+                     "trainer.log_every_n_steps=1", "trainer.max_epochs=1", f"hydra.run.dir={run}")
+
+    refused = train_script(tmp_path, "ckpt_path=run/checkpoints/last.ckpt", "trainer.max_epochs=2", "norm=batch",
+                           f"data.root={write_segmentation_folder(tmp_path / 'other', cases='wxyz')}")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert len(refused.stderr.strip().splitlines()) <= 5, refused.stderr
+    assert "norm=adaptive in the first run, norm=batch now" in refused.stderr
+    assert f"data.root: '{data}' in the first run, '{tmp_path / 'other'}' now" in refused.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+
+    run_train_script(tmp_path, "ckpt_path=run/checkpoints/last.ckpt", "trainer.max_epochs=2")
+    (resumed,) = [folder for folder in (run / ".hydra").glob("resumed-*") if (folder / "config.yaml").is_file()
+                  and "norm=batch" not in (folder / "overrides.yaml").read_text()]
+    config = OmegaConf.load(resumed / "config.yaml")
+    assert config.data._target_.endswith(".NiftiFolder") and config.data.root == str(data)
+    assert config.model.lr == 0.0 and config.trainer.max_epochs == 2 and config.trainer.limit_train_batches == 2
+    assert OmegaConf.load(resumed / "hydra.yaml").hydra.runtime.choices.data == "nifti_folder"
+    dice = {row["epoch"]: row["val/dice"] for row in read_metrics(run / "csv" / "metrics.csv") if row["val/dice"]}
+    assert list(dice) == ["0", "1"] and dice["1"] == dice["0"], "the resumed epoch validates on the first run's data"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1
+
+
+def test_resume_puts_the_first_runs_overrides_ahead_of_the_command_line(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    first = ["data=nifti_folder", "data.root=/scans", "+trainer.limit_train_batches=2", "trainer.max_epochs=2"]
+    OmegaConf.save(OmegaConf.create(first), run / ".hydra" / "overrides.yaml")
+    ckpt_path = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+
+    restored = with_first_run_overrides([ckpt_path, "trainer.max_epochs=3", "trainer.limit_train_batches=3"])
+    assert restored == ["data=nifti_folder", "data.root=/scans", ckpt_path, "trainer.max_epochs=3",
+                        "++trainer.limit_train_batches=3"]
+    cfg = compose_config(*restored, f"output_dir={tmp_path}")
+    assert cfg.data.root == "/scans" and cfg.trainer.max_epochs == 3 and cfg.trainer.limit_train_batches == 3
+    # the first command repeated with ckpt_path= added, as a resubmitted cluster job does: no key twice
+    assert with_first_run_overrides([*first, ckpt_path]) == [*first, ckpt_path]
+    assert with_first_run_overrides(["norm=batch"]) == ["norm=batch"], "no ckpt_path: nothing restored"
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=missing\.ckpt is not a file.*checkpoints/last\.ckpt"):
+        with_first_run_overrides(["ckpt_path=missing.ckpt"])
+
+
+def test_a_resume_may_change_how_it_runs_but_not_what_it_trains(tmp_path):
+    def composed(*overrides):
+        cfg = compose_config(*overrides, "data=nifti_folder", return_hydra_config=True)
+        return cfg, OmegaConf.to_container(cfg.hydra.runtime.choices)
+
+    def config(cfg):
+        plain = OmegaConf.to_container(cfg, resolve=False)
+        del plain["hydra"]
+        return plain
+
+    first_cfg, first_choices = composed("data.root=scans")
+    first = FirstRun(config(first_cfg), first_choices, cwd="/first")
+
+    def changes(*overrides, cwd="/first"):
+        cfg, choices = composed(*overrides)
+        return first.differences(OmegaConf.create(config(cfg)), choices, cwd)
+
+    assert changes("data.root=scans", "trainer.max_epochs=90", "trainer.devices=2", "data.num_workers=4",
+                   "data.cache_rate=0.5", "recalibrate=true", "verbose=true", "ckpt_path=x.ckpt", "trainer=gpu") == []
+    assert changes("data.root=/first/scans") == [], "the same folder, named from anywhere"
+    assert changes("data.root=scans", cwd="/elsewhere") == ["data.root: '/first/scans' in the first run, '/elsewhere/scans' now"]
+    assert changes("data.root=scans", "norm=batch") == ["norm=adaptive in the first run, norm=batch now"]
+    assert changes("data.root=scans", "model=dynunet") == ["model=unet in the first run, model=dynunet now"]
+    assert changes("data.root=scans", "data.patch_size=[16,16,16]", "seed=1", "model.lr=0.1") == [
+        "data.patch_size: [32, 32, 32] in the first run, [16, 16, 16] now",
+        "model.lr: 0.003 in the first run, 0.1 now",
+        "seed: 0 in the first run, 1 now",
+    ]
+
+
 def test_quiet_runs_drop_only_the_named_third_party_messages(tmp_path):
     import lightning.pytorch as pl
     import lightning_utilities.core.rank_zero as rank_zero
@@ -288,7 +397,7 @@ def test_quiet_runs_drop_only_the_named_third_party_messages(tmp_path):
                 pl.Trainer(logger=CSVLogger(tmp_path), enable_progress_bar=False, enable_model_summary=False)
                 LeafSpec()
                 rank_zero.rank_zero_info("kept info")
-                warnings.warn("kept warning", UserWarning)
+                warnings.warn("kept warning", UserWarning, stacklevel=1)
             pl.Trainer(logger=CSVLogger(tmp_path), enable_progress_bar=False, enable_model_summary=False)
             LeafSpec()
     finally:
@@ -300,10 +409,10 @@ def test_quiet_runs_drop_only_the_named_third_party_messages(tmp_path):
     assert sum("litlogger" in message for message in infos) == 1, "silenced inside only"
 
 
-def test_train_script_sweeps_norms_end_to_end(data_root, tmp_path):
+def test_train_script_sweeps_norms_end_to_end_and_summarizes_the_sweep(data_root, tmp_path):
     sweep = tmp_path / "sweep"
     output = run_train_script(REPO, "-m", "norm=adaptive,batch", *tiny(data_root, "${hydra:runtime.output_dir}"),
-                              *one_epoch(), f"hydra.sweep.dir={sweep}")
+                              *one_epoch(), "trainer.max_epochs=2", f"hydra.sweep.dir={sweep}")
     assert "best val/dice" in output
     assert not [noise for noise in NOISE if noise in output], output[-3000:]
     adaptive_run, batch_run = sweep / "0", sweep / "1"
@@ -312,6 +421,18 @@ def test_train_script_sweeps_norms_end_to_end(data_root, tmp_path):
         assert (run / "csv" / "metrics.csv").is_file() and (run / "train.log").is_file()
     assert (adaptive_run / "norm_modes.png").is_file()
     assert not (batch_run / "norm_modes.png").exists(), "a model without adaptive layers has no mode plot"
+
+    rows = read_metrics(sweep / "sweep_summary.csv")
+    assert [row["job"] for row in rows] == ["0", "1"]
+    table = output[output.index("sweep summary"):].splitlines()
+    assert table[1].split() == ["overrides", "monitor", "best", "epoch", "run"]
+    for row, run, norm, line in zip(rows, (adaptive_run, batch_run), ("adaptive", "batch"), table[2:]):
+        score, epoch = best_checkpoint_state(run / "checkpoints" / "last.ckpt")  # what picked the best checkpoint
+        assert f"norm={norm}" in row["overrides"].split() and "trainer.max_epochs=2" in row["overrides"].split()
+        assert row["monitor"] == "val/dice" and row["status"] == "completed" and row["run_dir"] == str(run)
+        assert float(row["best"]) == pytest.approx(score, rel=1e-6) and int(row["epoch"]) == epoch
+        assert line.split() == [f"norm={norm}", "val/dice", f"{score:.4f}", str(epoch), str(run)], \
+            "the table shows what differs between jobs"
 
 
 def test_recalibrate_recomputes_running_statistics_before_validation(tmp_path):

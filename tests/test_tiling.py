@@ -250,7 +250,7 @@ def test_predict_with_running_statistics_names_the_layers_without_them(recipe_ch
     scan = write_scan(tmp_path / "scan.nii.gz", (20, 20, 20), np.eye(4))
     with pytest.raises(ValueError, match=r"no learned running statistics: model\.0\.adn\.N \(AdaptiveNorm3d\)"):
         predict_script.main([str(recipe_checkpoint), str(scan), "--output", str(tmp_path / "out"),
-                             "--norm-stats", "running", "--accelerator", "cpu"])
+                             "--norm-stats", "running", "--accelerator", "cpu", "--verbose"])
 
 
 class SkipCroppingUNet(nn.Module):

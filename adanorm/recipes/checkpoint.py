@@ -87,6 +87,11 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
             f"{path} holds pickled Python objects, which adanorm never loads ({detail.strip()}). Checkpoints are read "
             f"with torch.load(weights_only=True); re-save it from train.py, which writes only tensors and plain values."
         ) from None
+    except (RuntimeError, EOFError, KeyError) as error:  # what torch.load raises on a truncated or non-checkpoint file
+        raise CheckpointError(
+            f"{path} cannot be read as a PyTorch checkpoint (torch.load raised {type(error).__name__}): it is truncated "
+            f"or not a .ckpt file; pass a checkpoint written by adanorm-train (train.py)."
+        ) from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a .ckpt written by train.py.")
     return checkpoint

@@ -2,39 +2,64 @@
 
     adanorm-train                                      # UNet, adaptive norm, synthetic volumes, CPU
     adanorm-train model=dynunet norm=instance          # any Hydra override: group=option, key=value
-    adanorm-train -m norm=adaptive,batch,instance      # one run per norm (multirun/<date>/<time>/<n>)
-    adanorm-train ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt trainer.max_epochs=60   # resume
+    adanorm-train -m norm=adaptive,batch,instance      # one run per norm (multirun/<date>/<time>/<n>), then a summary
+    adanorm-train ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt trainer.max_epochs=60   # resume, same config
     adanorm-predict outputs/<date>/<time>/checkpoints/last.ckpt scans/ --output predictions/
 
 The Hydra configs ship inside the package (``adanorm/configs``, search path ``pkg://adanorm.configs``), so
 both commands work from any directory; a run writes into ``outputs/<date>/<time>/`` under the current one.
 Lightning, MONAI and the run code are imported only once the arguments are parsed, so ``--help`` answers fast.
+A user's mistake ends either command with one line (``adanorm.recipes.errors``).
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 CONFIG_PATH = "pkg://adanorm.configs"
 CONFIG_NAME = "train"
+TRAIN_PROG = "adanorm-train"
 
 
 def _train(cfg) -> Optional[float]:
-    from adanorm.recipes.run import train
+    """Hydra's task function. A user error is logged to train.log and leaves as one line (``adanorm.recipes.errors``)."""
+    from adanorm.recipes.errors import reported_through_hydra
 
-    return train(cfg)
+    with reported_through_hydra(TRAIN_PROG, logging.getLogger(__name__), verbose=bool(cfg.get("verbose"))):
+        from adanorm.recipes.run import train
+
+        return train(cfg)
 
 
-def train_main() -> Optional[float]:
-    """``adanorm-train [group=option ...] [key=value ...]``: Hydra's command line over the packaged configs."""
+def train_main() -> None:
+    """``adanorm-train [group=option ...] [key=value ...]``: Hydra's command line over the packaged configs.
+
+    With ``ckpt_path=<run>/checkpoints/*.ckpt`` the first run's overrides go ahead of the command line's
+    (``adanorm.recipes.resume``), so Hydra composes (and ``--cfg job`` shows) the config the run continues with.
+    """
     import hydra
+    from hydra._internal.utils import get_args_parser  # the parser hydra.main reads sys.argv with
 
+    from adanorm.recipes.errors import exit_on_user_error
     from adanorm.recipes.resolvers import register_resolvers
+    from adanorm.recipes.resume import with_first_run_overrides
 
     register_resolvers()  # the configs' ${adanorm.*} resolvers, before Hydra composes (hydra.run.dir uses one)
-    app = hydra.main(config_path=CONFIG_PATH, config_name=CONFIG_NAME, version_base="1.3")(_train)
-    return app()
+    arguments = sys.argv[1:]
+    overrides = get_args_parser().parse_args(arguments).overrides
+    with exit_on_user_error(TRAIN_PROG, verbose="verbose=true" in overrides):
+        restored = with_first_run_overrides(overrides)
+    # argparse takes the overrides (a positional with nargs="*") as one run of arguments: swap that run
+    start = next(i for i in range(len(arguments) - len(overrides) + 1) if arguments[i:i + len(overrides)] == overrides)
+    command_line = sys.argv
+    sys.argv = [command_line[0], *arguments[:start], *restored, *arguments[start + len(overrides):]]
+    try:
+        hydra.main(config_path=CONFIG_PATH, config_name=CONFIG_NAME, version_base="1.3")(_train)()
+    finally:
+        sys.argv = command_line
 
 
 PREDICT_DESCRIPTION = "Run a checkpoint from adanorm-train (train.py) over whole NIfTI volumes."
@@ -56,7 +81,11 @@ def predict_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a .ckpt written by adanorm-train (train.py)")
     parser.add_argument("inputs", type=Path, help="a .nii/.nii.gz file or a folder of them")
-    parser.add_argument("--output", type=Path, default=Path("predictions"), help="output folder (default: predictions/)")
+    parser.add_argument("--output", type=Path, default=Path("predictions"),
+                        help="output folder (default: predictions/); it may not hold the inputs")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace output files that already exist (without it, an existing output stops the run "
+                             "before anything is written)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, 0 to <1 (default: 0.5)")
     parser.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default: auto)")
     parser.add_argument("--norm-stats", choices=("tile", "running", "volume"), default="tile",
@@ -65,21 +94,29 @@ def predict_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                              "(running; an error names layers without them), or the whole volume's (volume; up to one "
                              "extra pass over non-overlapping windows per norm layer)")
     parser.add_argument("--tile-report", action="store_true",
-                        help="also predict each volume in one window and print/write (tile_report.csv) how far the "
+                        help="also predict each volume in one forward (unpadded where the network accepts its size, padding "
+                             "kept out of every statistic otherwise) and print/write (tile_report.csv) how far the "
                              "tiled prediction is from it and how strong its window seams are")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="let the checkpoint build a network outside MONAI and adanorm (runs its constructor): "
                              "only for checkpoints you wrote yourself")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the traceback of an error (without it, a missing file, a bad checkpoint or a "
+                             "refused input ends with one line naming it and the fix; HYDRA_FULL_ERROR=1 does the same)")
     return parser
 
 
 def predict_main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> None:
     """``adanorm-predict CHECKPOINT INPUTS [--output DIR] [--overlap F] [--accelerator A] [--norm-stats S]
-    [--tile-report] [--trust-checkpoint]``."""
-    args = predict_parser(prog).parse_args(argv)
+    [--tile-report] [--trust-checkpoint] [--overwrite] [--verbose]``."""
+    parser = predict_parser(prog)
+    args = parser.parse_args(argv)
 
+    from adanorm.recipes.errors import exit_on_user_error
     from adanorm.recipes.inference import predict  # imported here so that --help answers fast
 
-    output = predict(args.checkpoint, args.inputs, args.output, overlap=args.overlap, accelerator=args.accelerator,
-                     trust_checkpoint=args.trust_checkpoint, norm_stats=args.norm_stats, report_tiles=args.tile_report)
+    with exit_on_user_error(parser.prog, verbose=args.verbose):
+        output = predict(args.checkpoint, args.inputs, args.output, overlap=args.overlap, accelerator=args.accelerator,
+                         trust_checkpoint=args.trust_checkpoint, norm_stats=args.norm_stats,
+                         report_tiles=args.tile_report, overwrite=args.overwrite)
     print(f"predictions: {output}")

@@ -1,8 +1,9 @@
 """OmegaConf resolvers the recipe configs use (``${adanorm.<name>:...}``).
 
 ``train.py`` registers them before Hydra composes; ``adanorm.recipes.run`` registers them on import,
-so configs composed through Hydra's compose API resolve too. Only OmegaConf is imported here, so
-registering costs nothing at start-up.
+so configs composed through Hydra's compose API resolve too. Only OmegaConf and Hydra's error classes are
+imported here, so registering costs nothing at start-up. A resolver refuses a setting with ``ConfigError``,
+which the commands print as one line (``adanorm.recipes.errors``).
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 from omegaconf import OmegaConf
+
+from adanorm.recipes.errors import ConfigError
 
 CHECKPOINT_FOLDER = "checkpoints"
 CONFIG_FOLDER = ".hydra"
@@ -52,7 +55,7 @@ def batch_norm_momentum(preset: Optional[str]) -> Optional[float]:
         return get_preset("default").momentum
     chosen = get_preset(str(preset))
     if chosen.window_samples is not None:
-        raise ValueError(
+        raise ConfigError(
             f"norm.preset={preset} sets the momentum from each step's batch size, which native BatchNorm3d "
             f"(norm=batch) cannot do; use norm=adaptive norm.preset={preset}, or with norm=batch one of the fixed "
             f"presets: default, small_batch, tiny_batch, cumulative."
@@ -63,7 +66,7 @@ def batch_norm_momentum(preset: Optional[str]) -> Optional[float]:
 def norm_without_presets(norm: str, preset: Optional[str]) -> str:
     """Returns ``norm`` (instance, group), refusing a momentum preset: these norms keep no running statistics."""
     if preset is not None:
-        raise ValueError(
+        raise ConfigError(
             f"norm={norm} keeps no running statistics, so norm.preset={preset} has nothing to set; drop "
             f"norm.preset, or choose a norm with running statistics: norm=adaptive or norm=batch."
         )
