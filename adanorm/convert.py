@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Tuple, Type, Union
 from torch import nn
 
 from adanorm.norm import AdaptiveNorm, AdaptiveNorm1d, AdaptiveNorm2d, AdaptiveNorm3d
-from adanorm.policy import MODES, Policy, get_policy, native_first
+from adanorm.policy import Policy, get_policy, native_first
 
 _ADAPTIVE_BY_NATIVE: Dict[Type[nn.Module], Type[AdaptiveNorm]] = {
     nn.BatchNorm1d: AdaptiveNorm1d,
@@ -29,15 +29,12 @@ _BATCH_BY_ADAPTIVE = {AdaptiveNorm1d: nn.BatchNorm1d, AdaptiveNorm2d: nn.BatchNo
 _INSTANCE_BY_ADAPTIVE = {AdaptiveNorm1d: nn.InstanceNorm1d, AdaptiveNorm2d: nn.InstanceNorm2d, AdaptiveNorm3d: nn.InstanceNorm3d}
 
 
-SMALL_BATCH_FINE_TUNING = 2
-"""``min_batch_size`` of converted BatchNorm layers: fine-tuning a BatchNorm checkpoint at batch 2–31
-keeps batch statistics (and keeps the running statistics it evaluates with current) instead of
-dropping to group mode as a fresh adaptive layer (``min_batch_size=32``) would."""
-
-BATCH_NORM_CHAIN = MODES
-"""The chain of converted BatchNorm layers: below ``SMALL_BATCH_FINE_TUNING`` samples (batch 1) they fall
-back to instance statistics, which are what native BatchNorm computes in training on one sample (over
-each channel's S values), not to group mode as the default chain (``DEFAULT_CHAIN``) would."""
+NATIVE_BATCH_NORM_MIN_BATCH_SIZE = 1
+"""``min_batch_size`` of converted BatchNorm layers: batch statistics at every batch size, batch 1
+included, as native BatchNorm computes them (over the N·S values of each channel), so fine-tuning a
+BatchNorm checkpoint at any batch keeps updating the running statistics it evaluates with, where a
+fresh adaptive layer (``min_batch_size=32``) would train in group mode. Batch mode's own floor (two
+values per statistic) then makes it fall back only where native BatchNorm raises, at N·S = 1."""
 
 
 def _native_config(module: nn.Module) -> Dict[str, Any]:
@@ -57,16 +54,15 @@ def _faithful_policy(module: nn.Module, base: Union[Policy, str, None]) -> Polic
     """A policy under which the adaptive layer normalizes as ``module`` does wherever ``module`` can run,
     in training and in eval, and falls back only where it would raise.
 
-    BatchNorm keeps batch statistics from ``SMALL_BATCH_FINE_TUNING`` samples and instance statistics
-    (what it computes on one sample) below them, unless ``base`` says otherwise; it uses its running
-    statistics in eval even at their initial values (as native does), and without running statistics
-    uses batch statistics in eval too. InstanceNorm and GroupNorm start
-    the chain at their own mode with thresholds at the native floor; InstanceNorm with running
-    statistics updates and evaluates with them as ``F.instance_norm`` does.
+    BatchNorm keeps batch statistics at every batch size (``NATIVE_BATCH_NORM_MIN_BATCH_SIZE``) unless
+    ``base`` says otherwise; it uses its running statistics in eval even at their initial values (as
+    native does), and without running statistics uses batch statistics in eval too. InstanceNorm and
+    GroupNorm start the chain at their own mode with thresholds at the native floor; InstanceNorm with
+    running statistics updates and evaluates with them as ``F.instance_norm`` does.
     """
     base = None if base is None else get_policy(base)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        policy = base or Policy(chain=BATCH_NORM_CHAIN, min_batch_size=SMALL_BATCH_FINE_TUNING)
+        policy = base or Policy(min_batch_size=NATIVE_BATCH_NORM_MIN_BATCH_SIZE)
         return replace(policy, native_eval_rule=module.track_running_stats,
                        eval_batch_stats=not module.track_running_stats)
     first_mode = "group" if isinstance(module, nn.GroupNorm) else "instance"
@@ -178,11 +174,12 @@ def convert(model: nn.Module, **kwargs: Any) -> nn.Module:
     another mode only where the native layer would raise; so a converted checkpoint gives the same
     numbers, and :func:`revert` gives the native layers back.
 
-    ``BatchNorm1d/2d/3d`` become ``AdaptiveNorm1d/2d/3d`` that keep batch statistics from
-    ``SMALL_BATCH_FINE_TUNING`` (2) samples on, so fine-tuning at small batch still updates the
-    running statistics that eval uses. ``InstanceNorm1d/2d/3d`` and ``GroupNorm`` start the fallback
-    chain at their own mode. ``SyncBatchNorm`` becomes an ``AdaptiveNorm`` synced over the same
-    process group. Parameters, buffers, device, dtype and the train/eval flag carry over.
+    ``BatchNorm1d/2d/3d`` become ``AdaptiveNorm1d/2d/3d`` that keep batch statistics at every batch
+    size, batch 1 included, so fine-tuning at small batch updates the running statistics that eval
+    uses exactly as native BatchNorm does; only a single value per channel (batch 1 with a 1×1×1
+    feature map) falls back, with a ``FallbackWarning``. ``InstanceNorm1d/2d/3d`` and ``GroupNorm``
+    start the fallback chain at their own mode. ``SyncBatchNorm`` becomes an ``AdaptiveNorm`` synced
+    over the same process group. Parameters, buffers, device, dtype and the train/eval flag carry over.
 
     Args:
         model (nn.Module): the network, changed in place. A bare norm layer is converted too.

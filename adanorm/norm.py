@@ -29,7 +29,7 @@ from adanorm.policy import (
     Policy,
     check_num_groups,
     choose_mode,
-    first_choice,
+    designed_mode,
     get_policy,
     is_fallback,
     mode_is_usable,
@@ -48,14 +48,15 @@ BALANCE_CHECK_STEPS = 64
 
 def auto_decision(shape: Tuple[int, ...], training: bool, policy: Policy, num_groups: int,
                   has_running_stats: bool) -> Tuple[str, Optional[str]]:
-    """Auto mode's choice for one input: the mode, and the chain's first choice where that mode is a
+    """Auto mode's choice for one input: the mode, and the ``designed_mode`` where that mode is a
     fallback from it (else ``None``). The policy's pure functions, composed once so that the eager
-    hot path asks one cache per call (``_cached_auto_decision``); compiled code calls this uncached:
-    dynamo folds it into the graph and would warn about a cache it bypasses."""
+    hot path asks one cache per call (``_cached_auto_decision``, keyed on the shape, whose batch size
+    the designed mode depends on); compiled code calls this uncached: dynamo folds it into the graph
+    and would warn about a cache it bypasses."""
     mode = choose_mode(shape, training, policy, num_groups, has_running_stats)
-    if not is_fallback(mode, training, policy, has_running_stats, num_groups):
+    if not is_fallback(mode, shape, training, policy, has_running_stats, num_groups):
         return mode, None
-    return mode, first_choice(training, policy, num_groups)
+    return mode, designed_mode(shape, training, policy, num_groups)
 
 
 _cached_auto_decision = lru_cache(maxsize=4096)(auto_decision)
@@ -144,7 +145,9 @@ Shape:
 
 Attributes:
     last_mode (str or None): the mode of the last eager forward.
-    mode_counts (Dict[str, int]): eager forwards per mode. The full record of fallbacks, since the
+    last_fallback_from (str or None): the mode the last eager forward was designed to run and fell
+        back from (see ``Warns``), else ``None``; ``NormModeMonitor`` counts fallbacks from it.
+    mode_counts (Dict[str, int]): eager forwards per mode: the full record, where the
         ``FallbackWarning`` is shown once per model and regime; not saved in checkpoints.
     nonfinite_skips (Tensor or None): batch-mode steps whose running-statistics update was skipped
         because the batch statistics were NaN or Inf (``Policy.skip_nonfinite``); ``None`` without
@@ -156,7 +159,9 @@ Attributes:
     num_groups (int): the resolved G.
 
 Warns:
-    FallbackWarning: auto mode ran a later mode of the chain than its first choice. Once per model
+    FallbackWarning: the spatial size left too few values per statistic for the mode the batch size
+        alone would choose (a 1×1×1 bottleneck), so auto mode ran a later mode of the chain. Below
+        ``min_batch_size`` samples the per-sample mode is the design and does not warn. Once per model
         and regime (from-mode, to-mode, training or eval), at the line that called the model and
         naming the layer: a network's layers fall back together.
     NonFiniteStatsWarning: the first time a running-statistics update is skipped.
@@ -231,6 +236,7 @@ class AdaptiveNorm(_NormBase):
         self.process_group = process_group
         self.renorm_limits = _resolve_renorm(name, renorm, renorm_r_max, renorm_d_max, renorm_warmup_steps)
         self.last_mode: Optional[str] = None
+        self.last_fallback_from: Optional[str] = None
         self.mode_counts: Dict[str, int] = dict.fromkeys(MODES, 0)
         self._reported_fallbacks: Set[Tuple[str, str, bool]] = set()  # (from-mode, to-mode, training)
         self._warned_nonfinite = 0
@@ -369,7 +375,8 @@ class AdaptiveNorm(_NormBase):
                 warnings.warn(
                     f"{type(self).__name__}({self.num_features}): a batch-mode step had NaN or Inf statistics; its running-"
                     f"statistics update was skipped so the buffers stay finite (count in .nonfinite_skips). Check the input "
-                    f"for NaN/Inf (under AMP, an fp16 overflow); Policy(skip_nonfinite=False) updates them as native BatchNorm does.",
+                    f"for NaN/Inf (under AMP, an fp16 overflow); Policy(skip_nonfinite=False) updates them as native "
+                    f"BatchNorm does.",
                     NonFiniteStatsWarning,
                     stacklevel=calling_site()[0],
                 )
@@ -405,7 +412,8 @@ class AdaptiveNorm(_NormBase):
                 f"shape {tuple(input.shape)}; set num_features to the previous layer's output channels."
             )
 
-    def _select_mode(self, shape: Tuple[int, ...], compiling: bool) -> str:
+    def _select_mode(self, shape: Tuple[int, ...], compiling: bool) -> Tuple[str, Optional[str]]:
+        """The mode for ``shape``, and the designed mode it fell back from (else ``None``)."""
         training = self.training
         if self.mode != "auto":
             usable = (mode_is_usable if compiling else _cached_mode_is_usable)(self.mode, shape, self.num_groups, None)
@@ -415,24 +423,25 @@ class AdaptiveNorm(_NormBase):
                     f"{type(self).__name__}(mode={self.mode!r}) cannot normalize input of shape {tuple(shape)}: it would compute "
                     f"statistics over a single value. Use mode='auto' to fall back, or a larger batch/patch size."
                 )
-            return self.mode
+            return self.mode, None
         has_stats = not training and self.has_learned_running_stats()
-        mode, preferred = (auto_decision if compiling else _cached_auto_decision)(
+        mode, fallback_from = (auto_decision if compiling else _cached_auto_decision)(
             shape, training, self.policy, self.num_groups, has_stats)
-        if preferred is not None and (self.policy.strict or (
-                not compiling and (preferred, mode, training) not in self._reported_fallbacks)):
-            self._report_fallback(shape, preferred, mode)
-        return mode
+        if fallback_from is not None and (self.policy.strict or (
+                not compiling and (fallback_from, mode, training) not in self._reported_fallbacks)):
+            self._report_fallback(shape, fallback_from, mode)
+        return mode, fallback_from
 
-    def _report_fallback(self, shape: Tuple[int, ...], preferred: str, mode: str) -> None:
+    def _report_fallback(self, shape: Tuple[int, ...], designed: str, mode: str) -> None:
         """Raise under ``Policy(strict=True)``; otherwise warn once per model and regime (from-mode,
         to-mode, training or eval) at the line that called the model: a network's layers fall back
         together, and a warning per layer would bury the one that matters. Called only for a regime
         not yet reported, and never while compiling unless strict: warnings stay out of graphs."""
-        regime = (preferred, mode, self.training)
+        regime = (designed, mode, self.training)
         message = (
-            f"{type(self).__name__}({self.num_features}) fell back to {mode!r} mode from {preferred!r} for input of "
-            f"shape {tuple(shape)} in {'training' if self.training else 'eval'}"
+            f"{type(self).__name__}({self.num_features}) fell back to {mode!r} mode from {designed!r} for input of "
+            f"shape {tuple(shape)} in {'training' if self.training else 'eval'}: too few values per statistic for "
+            f"{designed!r} mode at this shape"
         )
         if self.policy.strict:
             raise FallbackError(message + ". Policy(strict=True) forbids falling back: change the input shape or the policy.")
@@ -441,8 +450,10 @@ class AdaptiveNorm(_NormBase):
         if first_report(model, regime):
             path = layer_path(model, self)
             warnings.warn(
-                f"{message}{f' ({path})' if path else ''}. Shown once per model and regime (from-mode, to-mode, "
-                f"training/eval); other layers may have fallen back too: each counts its calls per mode in .mode_counts.",
+                f"{message}{f' ({path})' if path else ''}. To keep {designed!r} mode, feed "
+                f"{'more than one value per channel' if designed == 'batch' else 'a larger patch'} or use fewer "
+                f"downsampling steps. Shown once per model and regime (from-mode, to-mode, training/eval); other "
+                f"layers may have fallen back too: each counts its calls per mode in .mode_counts.",
                 FallbackWarning,
                 stacklevel=stacklevel,
             )
@@ -459,9 +470,10 @@ class AdaptiveNorm(_NormBase):
             # One gather per forward: every rank decides from the same global shape (see functional.sync).
             global_batch = gather_batch(input, self.process_group)
         compiling, captured = torch.compiler.is_compiling(), capturing()
-        mode = self._select_mode(input.shape if global_batch is None else global_batch.shape, compiling)
+        mode, fallback_from = self._select_mode(input.shape if global_batch is None else global_batch.shape, compiling)
         if not compiling:  # telemetry stays out of graphs: no guards on counters, no breaks
-            self.__dict__["last_mode"] = mode  # plain attribute write: skips nn.Module.__setattr__ on the hot path
+            self.__dict__["last_mode"] = mode  # plain attribute writes: skip nn.Module.__setattr__ on the hot path
+            self.__dict__["last_fallback_from"] = fallback_from
             self.mode_counts[mode] += 1
         running_mean = self._state("running_mean")
         if training:
@@ -559,7 +571,8 @@ def _resolve_momentum(name: str, momentum: Optional[float], preset: Optional[str
     if momentum is not None and (
         isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0
     ):
-        raise ValueError(f"{name}: momentum={momentum!r} is invalid; use a float in [0, 1], None for a cumulative average, or preset=.")
+        raise ValueError(
+            f"{name}: momentum={momentum!r} is invalid; use a float in [0, 1], None for a cumulative average, or preset=.")
     if momentum is None:
         return get_preset("cumulative")
     return MomentumPreset("default" if momentum == 0.1 else "custom", float(momentum))

@@ -36,8 +36,10 @@ class FallbackError(RuntimeError):
 
 
 class FallbackWarning(UserWarning):
-    """Emitted when auto mode falls back from its first choice: once per model and regime (the
-    from-mode, the to-mode, training or eval), pointing at the line that called the model."""
+    """Emitted when the spatial size forces auto mode past the mode the batch size alone would choose
+    (``designed_mode``), e.g. on a 1×1×1 bottleneck: once per model and regime (the from-mode, the
+    to-mode, training or eval), pointing at the line that called the model. Per-sample statistics below
+    ``min_batch_size`` samples are the design and do not warn."""
 
 
 class NonFiniteStatsWarning(RuntimeWarning):
@@ -81,8 +83,9 @@ class Policy:
         min_batch_size (int): samples batch mode needs. Default: ``32`` (``DEFAULT_MIN_BATCH_SIZE``)
         min_instance_size (int): spatial values per sample and channel instance mode needs. Default: ``4``
         min_group_size (int): values per sample and group group mode needs. Default: ``4``
-        strict (bool): raise ``FallbackError`` instead of falling back from the chain's first choice,
-            for runs that must not silently change their normalization. Default: ``False``
+        strict (bool): raise ``FallbackError`` instead of falling back from the ``designed_mode``
+            (the mode the batch size alone would choose), for runs that must not silently change their
+            normalization. Default: ``False``
         skip_nonfinite (bool): skip a running-statistics update whose statistics are NaN or Inf (one
             bad batch, an fp16 overflow under AMP) instead of poisoning the buffers for good, as native
             BatchNorm does. Default: ``True``
@@ -261,22 +264,40 @@ def choose_mode(
                   num_groups, policy.min_batch_size, policy.min_instance_size, policy.min_group_size, has_running_stats)
 
 
-def first_choice(training: bool, policy: Policy, num_groups: Optional[int] = None) -> str:
-    """The mode the chain prefers without usable running statistics (eval skips batch mode unless
-    ``policy.eval_batch_stats``): what a layer runs when it does not fall back. A layer with one group
-    (``num_groups=1``: C < 4 or prime C by default) has no group mode at any shape, so its chain starts
-    past it; ``None`` (not known) assumes group mode exists."""
+def designed_mode(shape: Tuple[int, ...], training: bool, policy: Policy, num_groups: int) -> str:
+    """The mode the batch size alone would choose: what the layer is meant to run for this shape.
+
+    Below ``min_batch_size`` samples the chain's per-sample mode is the design (``Policy`` says why),
+    and a layer with one group (C < 4 or prime C by default) has no group mode at any shape; only the
+    spatial size can then force a later mode, and that is a fallback (``is_fallback``).
+
+    Args:
+        shape (Tuple[int, ...]): the input's shape, (N, C, *).
+        training (bool): whether the layer is in training mode.
+        policy (Policy): the chain and thresholds.
+        num_groups (int): G for group mode (1: no group mode).
+
+    Returns:
+        str: one of ``MODES``.
+
+    Example:
+        >>> import adanorm
+        >>> from adanorm.policy import designed_mode
+        >>> designed_mode((1, 64, 1, 1, 1), True, adanorm.Policy(), num_groups=32)  # group, though 1x1x1 forces layer
+        'group'
+    """
     walked = candidates(training, list(policy.chain), policy.eval_batch_stats)
-    return preferred_mode(walked, -1 if num_groups is None else num_groups)
+    return designed(walked, shape[0], num_groups, policy.min_batch_size)
 
 
-def is_fallback(mode: str, training: bool, policy: Policy, has_running_stats: bool,
-                num_groups: Optional[int] = None) -> bool:
-    """Whether ``mode`` is a step down from the first mode the chain would prefer for a layer with
-    ``num_groups`` groups (see ``first_choice``)."""
+def is_fallback(mode: str, shape: Tuple[int, ...], training: bool, policy: Policy, has_running_stats: bool,
+                num_groups: int) -> bool:
+    """Whether auto mode running ``mode`` for ``shape`` is a fallback: a mode other than the
+    ``designed_mode``, which the input's spatial size left too few values per statistic. Never in
+    eval with usable running statistics, which are valid at every shape."""
     if not training and has_running_stats:
         return False
-    return mode != first_choice(training, policy, num_groups)
+    return mode != designed_mode(shape, training, policy, num_groups)
 
 
 # The decision itself, over plain values so that TorchScript compiles the same code the eager layers run
@@ -293,13 +314,19 @@ def candidates(training: bool, chain: List[str], eval_batch_stats: bool) -> List
     return walked
 
 
-def preferred_mode(walked: List[str], num_groups: int) -> str:
-    """``first_choice`` over plain values: the first of the ``candidates`` a layer with ``num_groups``
-    groups has at all (no group mode with one group; -1: not known)."""
+def designed(walked: List[str], batch_size: int, num_groups: int, min_batch_size: int) -> str:
+    """``designed_mode`` over plain values: the first of the ``candidates`` that the batch size and the
+    layer allow (batch mode from ``min_batch_size`` samples, group mode with more than one group).
+    A chain that has no mode for this batch size (``chain=("batch",)``) is designed to run batch mode,
+    so that what auto mode runs instead counts as a fallback."""
+    unserved = "identity"
     for mode in walked:
-        if mode != "group" or num_groups != 1:
+        if mode == "group" and num_groups == 1:
+            continue
+        if mode != "batch" or batch_size >= min_batch_size:
             return mode
-    return "identity"
+        unserved = mode
+    return unserved
 
 
 def usable(mode: str, shape: List[int], num_groups: int, forced: bool, min_batch_size: int,

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from adanorm.functional.api import affine_only
 from adanorm.functional.renorm import RenormClip, clip_at, renormalize_batch_mode
 from adanorm.functional.running_stats import blend, scratch_statistics
-from adanorm.policy import candidates, choose, preferred_mode, usable
+from adanorm.policy import candidates, choose, designed, usable
 from adanorm.presets import step_factor
 
 
@@ -115,7 +115,7 @@ class ScriptableAdaptiveNorm(nn.Module):
         walked = candidates(self.training, self.chain, self.eval_batch_stats)
         mode = choose(shape, self.training, walked, self.num_groups, self.min_batch_size,
                       self.min_instance_size, self.min_group_size, has_stats)
-        if self.strict and not has_stats and mode != preferred_mode(walked, self.num_groups):
+        if self.strict and not has_stats and mode != designed(walked, shape[0], self.num_groups, self.min_batch_size):
             raise RuntimeError(f"{self.layer_name} fell back to {mode} for input of shape {shape}; Policy(strict=True).")
         return mode
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import adanorm
 from adanorm import FallbackError, FallbackWarning, Policy, choose_mode
-from adanorm.policy import default_num_groups
+from adanorm.policy import default_num_groups, designed_mode, is_fallback
 
 SPATIAL = [(1, 1, 1), (1, 1, 2), (2, 2, 2), (4, 4, 4)]
 GRID = list(itertools.product([1, 2, 8, 31, 32], [1, 2, 3, 64], SPATIAL))
@@ -59,7 +59,7 @@ def test_never_normalizes_over_one_value():
         layer = adanorm.AdaptiveNorm3d(1, policy=Policy(min_batch_size=1))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FallbackWarning)
-            y = layer(torch.randn(shape))
+            layer(torch.randn(shape))
         assert layer.last_mode != "identity" or math.prod(shape) == 1 or shape[0] * math.prod(shape[2:]) == 1
 
 
@@ -85,11 +85,12 @@ def test_mode_changes_between_steps_keep_running_stats():
         layer(big), native(big)
     assert layer.last_mode == "batch"
     stats = layer.running_mean.clone(), layer.running_var.clone()
-    with pytest.warns(FallbackWarning, match="fell back to 'group' mode from 'batch'"):
-        y = layer(torch.randn(2, 4, 3, 3, 3))  # a smaller last batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)  # group statistics below min_batch_size: the design
+        layer(torch.randn(2, 4, 3, 3, 3))  # a smaller last batch
     assert layer.last_mode == "group"
     torch.testing.assert_close((layer.running_mean, layer.running_var), stats)
-    with pytest.warns(FallbackWarning, match="fell back to 'layer' mode from 'batch'"):  # a new regime warns
+    with pytest.warns(FallbackWarning, match="fell back to 'layer' mode from 'group'"):  # 2 values per group
         layer(torch.randn(2, 4, 1, 1, 1))  # a different patch size
     assert layer.last_mode == "layer"
     assert layer.mode_counts == {"batch": 5, "instance": 0, "group": 1, "layer": 1, "identity": 0}
@@ -105,7 +106,7 @@ def test_mode_changes_between_steps_keep_running_stats():
     # Training that moved to per-sample statistics for good: eval follows it (and the statistics are kept).
     layer.train()
     with warnings.catch_warnings():
-        warnings.simplefilter("error", FallbackWarning)  # this regime warned already: no second warning
+        warnings.simplefilter("error", FallbackWarning)
         for _ in range(8):
             layer(torch.randn(2, 4, 3, 3, 3))
     layer.eval()
@@ -170,8 +171,10 @@ def test_checkpoint_with_zero_counter_still_uses_its_running_stats():
 def test_strict_policy_raises_instead_of_falling_back():
     layer = adanorm.AdaptiveNorm3d(4, policy=Policy(strict=True))
     layer(torch.randn(32, 4, 2, 2, 2))
-    with pytest.raises(FallbackError, match="fell back to 'group'.*strict=True"):
-        layer(torch.randn(2, 4, 2, 2, 2))
+    layer(torch.randn(2, 4, 2, 2, 2))  # group statistics below min_batch_size: the design, not a fallback
+    assert layer.last_mode == "group"
+    with pytest.raises(FallbackError, match="fell back to 'layer' mode from 'group'.*strict=True"):
+        layer(torch.randn(2, 4, 1, 1, 1))
 
 
 class TwoBlocks(nn.Module):
@@ -196,24 +199,26 @@ def fallback_warnings(model, shapes):
 
 def test_one_warning_per_model_and_regime_at_the_calling_line():
     model = TwoBlocks()
-    caught, line = fallback_warnings(model, [(2, 4, 2, 2, 2)] * 3)
+    caught, _ = fallback_warnings(model, [(2, 4, 2, 2, 2)] * 2)  # group statistics below min_batch_size: the design
+    assert caught == []
+    caught, line = fallback_warnings(model, [(2, 4, 1, 1, 1)] * 3)  # 2 values per group: too few for group mode
     assert len(caught) == 1, [str(w.message) for w in caught]
     assert (caught[0].filename, caught[0].lineno) == (__file__, line), "points at the line that called the model"
-    assert "fell back to 'group' mode from 'batch'" in str(caught[0].message)
+    assert str(caught[0].message).split(" for ")[0] == "AdaptiveNorm3d(4) fell back to 'layer' mode from 'group'"
     assert "(TwoBlocks.first.1)" in str(caught[0].message)
 
-    caught, _ = fallback_warnings(model, [(2, 4, 1, 1, 1)] * 2 + [(2, 4, 2, 2, 2)])  # a new regime, then the old one
-    assert [str(w.message).split(" for ")[0] for w in caught] == ["AdaptiveNorm3d(4) fell back to 'layer' mode from 'batch'"]
+    caught, _ = fallback_warnings(model, [(2, 4, 2, 2, 2), (2, 4, 1, 1, 1)])  # the design, then the reported regime
+    assert caught == []
     caught, _ = fallback_warnings(model.eval(), [(2, 4, 1, 1, 1)])  # eval without running statistics: another regime
     assert len(caught) == 1 and "from 'group'" in str(caught[0].message) and "in eval" in str(caught[0].message)
 
-    caught, _ = fallback_warnings(TwoBlocks(), [(2, 4, 2, 2, 2)])  # another model is told again
+    caught, _ = fallback_warnings(TwoBlocks(), [(2, 4, 1, 1, 1)])  # another model is told again
     assert len(caught) == 1
     for layer in (model.first[1], model.second[1]):
-        assert layer.mode_counts["group"] == 4 and layer.mode_counts["layer"] == 3  # telemetry counts every call
+        assert layer.mode_counts["group"] == 3 and layer.mode_counts["layer"] == 5  # telemetry counts every call
 
 
-def test_no_warning_while_the_first_choice_runs():
+def test_no_warning_while_the_designed_mode_runs():
     layer = adanorm.AdaptiveNorm3d(4, policy="instance_first")
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)
@@ -232,8 +237,6 @@ def test_a_layer_without_group_mode_does_not_fall_back_from_it():
     """Group mode comes before instance in the default chain, but a layer with one group (C < 4, prime C)
     has no group mode at any shape: its chain starts at instance mode, so eval runs it without a
     warning and a strict policy accepts it; only shape-driven steps count as fallbacks."""
-    from adanorm.policy import first_choice, is_fallback
-
     layer = adanorm.AdaptiveNorm3d(3).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)
@@ -244,16 +247,83 @@ def test_a_layer_without_group_mode_does_not_fall_back_from_it():
     assert strict.last_mode == "instance"
     with pytest.raises(FallbackError, match="fell back to 'layer' mode from 'instance'"):
         strict(torch.randn(2, 7, 1, 1, 1))
-    with pytest.raises(FallbackError, match="fell back to 'instance' mode from 'batch'"):
-        strict.train()(torch.randn(2, 7, 4, 4, 4))  # below 32 samples training still falls back from batch mode
+    strict.train()(torch.randn(2, 7, 4, 4, 4))  # below 32 samples instance statistics are its design in training too
+    assert strict.last_mode == "instance"
     converted = adanorm.convert(nn.GroupNorm(1, 6))  # layer norm written as GroupNorm: a chain from group mode
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)
         converted(torch.randn(2, 6, 4, 4, 4))
     assert converted.last_mode == "layer"
-    assert first_choice(False, Policy(), 1) == "instance" and first_choice(False, Policy(), 4) == "group"
-    assert first_choice(False, Policy()) == "group"  # groups not known: group mode assumed
-    assert is_fallback("instance", False, Policy(), False) and not is_fallback("instance", False, Policy(), False, 1)
+    shape = (2, 8, 4, 4, 4)
+    assert designed_mode(shape, False, Policy(), 1) == "instance" and designed_mode(shape, False, Policy(), 4) == "group"
+    assert is_fallback("instance", shape, False, Policy(), False, 4)
+    assert not is_fallback("instance", shape, False, Policy(), False, 1)
+
+
+@pytest.mark.parametrize("batch,channels,spatial", GRID)
+def test_warns_only_where_the_spatial_size_forces_a_later_mode(batch, channels, spatial):
+    """The designed mode is what the batch size alone chooses (the README table's first column that the layer
+    has): batch from 32 samples, else group (64 channels: 32 groups) or instance (1-3 channels: no group mode).
+    Only a spatial size too small for it is a fallback: it warns and is recorded in ``last_fallback_from``."""
+    shape = (batch, channels) + spatial
+    designed = "batch" if batch >= 32 else "group" if channels == 64 else "instance"
+    for training in (True, False):
+        layer = adanorm.AdaptiveNorm3d(channels).train(training)  # untrained: eval walks the per-sample modes
+        ran = "batch" if training and batch >= 32 else expected_per_sample_mode(channels, spatial)
+        expected = designed if training else designed.replace("batch", "group" if channels == 64 else "instance")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer(torch.randn(shape))
+        messages = [str(w.message) for w in caught if issubclass(w.category, FallbackWarning)]
+        assert layer.last_mode == ran
+        if ran == expected:
+            assert messages == [] and layer.last_fallback_from is None
+            assert not is_fallback(ran, shape, training, layer.policy, False, layer.num_groups)
+        else:
+            assert len(messages) == 1 and f"fell back to {ran!r} mode from {expected!r}" in messages[0]
+            assert layer.last_fallback_from == expected
+
+
+def test_a_chain_without_a_mode_for_the_batch_size_warns():
+    """Nothing in ``chain=("batch",)`` serves 2 samples: the identity auto mode runs instead is a fallback."""
+    layer = adanorm.AdaptiveNorm3d(4, policy=Policy(chain=("batch",)))
+    with pytest.warns(FallbackWarning, match="fell back to 'identity' mode from 'batch'"):
+        layer(torch.randn(2, 4, 4, 4, 4))
+    assert designed_mode((2, 4, 4, 4, 4), True, Policy(chain=("batch", "identity")), 2) == "identity"
+
+
+def readme_unet(norm="adaptive"):
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 32, 64, 128), strides=(2, 2, 2, 2),
+                norm=norm)
+
+
+def test_readme_unet_at_batch_1_gives_no_warning():
+    """The README's headline network at batch 1 on a 32³ patch runs group statistics in every layer, as designed
+    (batch 1 < min_batch_size): training and eval say nothing."""
+    net = readme_unet()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net(torch.randn(1, 1, 32, 32, 32)).sum().backward()
+        net.eval()(torch.randn(1, 1, 32, 32, 32))
+    assert [str(w.message) for w in caught] == []
+    layers = [m for m in net.modules() if isinstance(m, adanorm.AdaptiveNorm)]
+    assert len(layers) == 8 and all(layer.mode_counts["group"] == 2 for layer in layers)
+
+
+@pytest.mark.parametrize("norm, message", [
+    ("adaptive", "AdaptiveNorm3d(64) fell back to 'layer' mode from 'group'"),  # 32 groups of 2 values at 1×1×1
+    (("adaptive", {"policy": "instance_first"}), "AdaptiveNorm3d(64) fell back to 'group' mode from 'instance'"),
+])
+def test_readme_unet_warns_once_where_the_patch_is_too_small(norm, message):
+    """On a 16³ patch the two innermost layers are 1×1×1: too small for the mode the batch size chose."""
+    net = readme_unet(norm)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net(torch.randn(1, 1, 16, 16, 16)).sum().backward()
+    assert len(caught) == 1 and issubclass(caught[0].category, FallbackWarning), [str(w.message) for w in caught]
+    assert str(caught[0].message).startswith(message)
 
 
 def test_nonfinite_warning_points_at_the_calling_line():

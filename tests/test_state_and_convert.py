@@ -1,4 +1,5 @@
 """Checkpoint compatibility with nn.BatchNorm3d, whole-model conversion, presets and SyncBatchNorm."""
+import copy
 import warnings
 
 import pytest
@@ -92,6 +93,52 @@ def test_converted_layers_fall_back_only_where_native_fails():
         warnings.simplefilter("ignore", FallbackWarning)
         assert torch.isfinite(instance(x_point)).all()
     assert instance.last_mode == "group"
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1, 1, 2), (2, 8, 1, 1, 1), (1, 8, 4, 4, 4), (3, 8, 2, 2, 2)])
+def test_converted_batchnorm_runs_batch_mode_wherever_native_runs(shape):
+    """Native BatchNorm3d trains on N·D·H·W >= 2 values per channel, batch 1 included: so does the converted layer,
+    outputs, gradients and running statistics, without a warning."""
+    native = nn.BatchNorm3d(8)
+    with torch.no_grad():
+        native.weight.uniform_(0.5, 1.5), native.bias.uniform_(-1, 1)
+    converted = adanorm.convert(copy.deepcopy(native))
+    for _ in range(3):
+        x = (torch.randn(shape) * 2 + 1).requires_grad_()
+        x_native = x.detach().clone().requires_grad_()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            output = converted(x)
+        assert [str(w.message) for w in caught] == [] and converted.last_mode == "batch"
+        expected = native(x_native)
+        torch.testing.assert_close(output, expected)
+        output.pow(2).sum().backward(), expected.pow(2).sum().backward()
+        torch.testing.assert_close(x.grad, x_native.grad)
+    for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(converted, buffer), getattr(native, buffer))
+
+
+def test_converted_batchnorm_falls_back_with_one_warning_where_native_raises():
+    converted = adanorm.convert(nn.BatchNorm3d(8))
+    x = torch.randn(1, 8, 1, 1, 1)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        nn.BatchNorm3d(8)(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            converted(x)
+    assert len(caught) == 1 and issubclass(caught[0].category, FallbackWarning)
+    assert "fell back to 'layer' mode from 'batch'" in str(caught[0].message)  # 4 groups of 2: too few for group mode
+    assert converted.last_fallback_from == "batch" and int(converted.num_batches_tracked) == 0
+
+
+def test_convert_keeps_a_given_policy_for_batchnorm():
+    """A policy the user passes replaces the native batch-size rule: ``min_batch_size=4`` trains batch 2 in group mode."""
+    converted = adanorm.convert(nn.BatchNorm3d(8), policy=adanorm.Policy(min_batch_size=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)  # below its min_batch_size: the design
+        converted(torch.randn(2, 8, 2, 2, 2))
+    assert converted.last_mode == "group" and converted.policy.min_batch_size == 4
 
 
 def test_convert_keeps_device_and_preset_kwargs():

@@ -256,8 +256,8 @@ def test_fine_tuning_a_converted_checkpoint_at_batch_2_keeps_its_statistics_curr
 
 
 @pytest.mark.parametrize("make, batch, mode", [
-    # converted layers keep batch mode from 2 samples, and instance statistics (BatchNorm's at one sample) below
-    (lambda net: adanorm.convert(net), 1, "instance"),
+    # converted with a policy that trains batch 1 per-sample (plain convert keeps batch mode there, as native)
+    (lambda net: adanorm.convert(net, policy=adanorm.Policy(chain=adanorm.MODES, min_batch_size=2)), 1, "instance"),
     (lambda net: nn.Sequential(*[adanorm.AdaptiveNorm3d(m.num_features) if isinstance(m, nn.BatchNorm3d) else m for m in net]), 2,
      "group"),  # the default chain: group before instance
 ], ids=["converted_batch1", "default_policy_batch2"])

@@ -77,6 +77,20 @@ def test_scripted_strict_layer_without_group_mode_starts_its_chain_at_instance_m
         scripted(torch.randn(2, 5, 1, 1, 1))
 
 
+def test_scripted_strict_layer_raises_only_where_eager_falls_back():
+    """Group statistics below min_batch_size are the design, in scripted code as in eager; a 1×1×1 patch (two
+    values per group) is a fallback, which a strict policy refuses in both."""
+    eager = adanorm.AdaptiveNorm3d(4, policy=adanorm.Policy(strict=True))
+    scripted = torch.jit.script(copy.deepcopy(eager))
+    x = torch.randn(2, 4, 2, 2, 2)
+    torch.testing.assert_close(scripted(x), eager(x))
+    assert eager.last_mode == "group"
+    with pytest.raises(adanorm.FallbackError, match="fell back to 'layer' mode from 'group'"):
+        eager(torch.randn(2, 4, 1, 1, 1))
+    with pytest.raises(torch.jit.Error, match="fell back to layer"):
+        scripted(torch.randn(2, 4, 1, 1, 1))
+
+
 def test_scripted_layer_follows_the_eval_rule_after_loading_a_checkpoint():
     native = nn.BatchNorm3d(5)
     native(torch.randn(8, 5, 3, 3, 3) * 2 + 3)

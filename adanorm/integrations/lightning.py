@@ -16,7 +16,7 @@ from torch.nn import Module
 from torch.utils.hooks import RemovableHandle
 
 from adanorm.norm import AdaptiveNorm
-from adanorm.policy import MODES, is_fallback
+from adanorm.policy import MODES
 from adanorm.recalibration import update_bn
 
 TRAIN, EVAL = "train", "eval"
@@ -78,8 +78,10 @@ class NormModeMonitor(pl.Callback):
     Keys (built and parsed by :class:`NormMetric`), with stage ``train`` or ``eval``:
     ``{prefix}/{stage}/{layer}/{mode}`` (forward counts, summed over ranks),
     ``{prefix}/{stage}/{layer}/fallback_fraction`` and ``{prefix}/{stage}/fallback_fraction`` (all
-    layers together). A fallback is a forward that ran a later mode of the policy's chain than its
-    first choice (see ``adanorm.policy.is_fallback``); at small batches that is the designed behaviour.
+    layers together). A fallback is a forward whose spatial size forced a later mode of the policy's
+    chain than the one its batch size alone would choose (``adanorm.policy.is_fallback``, recorded by
+    the layer in ``last_fallback_from``): per-sample statistics below ``min_batch_size`` samples are
+    the design and count as none.
     Every key is logged every epoch, also at zero, so that all ranks log the same keys under DDP.
 
     Args:
@@ -118,10 +120,7 @@ class NormModeMonitor(pl.Callback):
         def count_mode(module: AdaptiveNorm, inputs, output) -> None:
             counts = self._counts[TRAIN if module.training else EVAL][layer]
             counts[module.last_mode] += 1
-            fell_back = module.mode == "auto" and is_fallback(
-                module.last_mode, module.training, module.policy, module.has_learned_running_stats(), module.num_groups
-            )
-            counts["fallback"] += int(fell_back)
+            counts["fallback"] += int(module.last_fallback_from is not None)
 
         return count_mode
 

@@ -60,18 +60,23 @@ def plot_curves(rows: List[Dict[str, float]], monitor: str, path: Path) -> Path:
     return path
 
 
+FELL_BACK = "fell back (spatial size too small)"
+"""The legend entry of the hatched share: forwards whose spatial size forced a later mode than the one their
+batch size chose (``adanorm.policy.is_fallback``)."""
+
+
 class StageModes(NamedTuple):
-    """Per layer (input to output), the share of a stage's forwards that ran each mode, and the share that ran a
-    later mode of the policy's chain than the layer's first choice."""
+    """Per layer (input to output), the share of a stage's forwards that ran each mode, and the share that fell
+    back (``NormModeMonitor``'s ``fallback_fraction``)."""
 
     modes: Dict[str, Dict[str, float]]
-    later: Dict[str, float]
+    fell_back: Dict[str, float]
 
 
 def stage_modes(rows: List[Dict[str, float]], stage: str, prefix: str = DEFAULT_PREFIX) -> StageModes:
-    """Sums NormModeMonitor's per-epoch counts over the run (each epoch's later-mode share weighted by its forwards)."""
+    """Sums NormModeMonitor's per-epoch counts over the run (each epoch's fallback share weighted by its forwards)."""
     counts: Dict[str, Dict[str, float]] = defaultdict(lambda: dict.fromkeys(MODES, 0.0))
-    later: Dict[str, float] = defaultdict(float)
+    fell_back: Dict[str, float] = defaultdict(float)
     for row in rows:
         parsed = [(metric, value) for key, value in row.items()
                   if (metric := NormMetric.parse(key, prefix)) is not None and metric.stage == stage and metric.layer]
@@ -82,10 +87,10 @@ def stage_modes(rows: List[Dict[str, float]], stage: str, prefix: str = DEFAULT_
                 forwards[metric.layer] += value
         for metric, value in parsed:  # a row holds an epoch's counts and fractions together
             if metric.name == FALLBACK_FRACTION:
-                later[metric.layer] += value * forwards[metric.layer]
+                fell_back[metric.layer] += value * forwards[metric.layer]
     totals = {layer: sum(c.values()) for layer, c in counts.items()}
     return StageModes({layer: {mode: n / max(totals[layer], 1.0) for mode, n in c.items()} for layer, c in counts.items()},
-                      {layer: later[layer] / max(totals[layer], 1.0) for layer in counts})
+                      {layer: fell_back[layer] / max(totals[layer], 1.0) for layer in counts})
 
 
 def _summary(fractions: Dict[str, Dict[str, float]]) -> str:
@@ -97,20 +102,21 @@ def _summary(fractions: Dict[str, Dict[str, float]]) -> str:
     return ", ".join(f"{mode} {share:.0%}" for mode, share in overall.items() if share > 0) or "no forwards"
 
 
-def _later_note(stage: StageModes) -> str:
-    layers = [layer for layer, share in stage.later.items() if share > 0]
+def _fallback_note(stage: StageModes) -> str:
+    layers = [layer for layer, share in stage.fell_back.items() if share > 0]
     if not layers:
-        return "every forward ran its layer's first choice"
-    overall = sum(stage.later.values()) / max(len(stage.later), 1)
-    return (f"{len(layers)} of {len(stage.later)} layers ran a later mode of the chain than their first choice "
+        return "no fallbacks"
+    overall = sum(stage.fell_back.values()) / max(len(stage.fell_back), 1)
+    return (f"{len(layers)} of {len(stage.fell_back)} layers fell back: spatial size too small "
             f"({overall:.0%} of forwards, hatched)")
 
 
 def norm_modes_figure(rows: List[Dict[str, float]], prefix: str = DEFAULT_PREFIX) -> Figure:
     """One bar per adaptive layer (input to output), split by the share of forwards in each mode.
 
-    The hatched share of a bar ran a later mode of the policy's chain than the layer's first choice: batch mode
-    below ``min_batch_size`` samples, for example, runs group statistics, which is what the policy is for.
+    The bars show the designed path as plain colours, per-sample statistics below ``min_batch_size`` samples
+    included; only a fallback, a forward whose spatial size left too few values for the mode its batch size
+    chose (a 1×1×1 bottleneck), is hatched, since that is where the user may want a larger patch.
     """
     stages = {stage: stage_modes(rows, stage, prefix) for stage in STAGES}
     layers = list(stages[TRAIN].modes or stages[EVAL].modes)
@@ -129,16 +135,18 @@ def norm_modes_figure(rows: List[Dict[str, float]], prefix: str = DEFAULT_PREFIX
                     axis.text(start + width / 2, y, text, ha="center", va="center", color="white", fontsize=7, zorder=3,
                               bbox={"facecolor": MODE_COLORS[mode], "edgecolor": "none", "pad": 1.5})
             left = [a + b for a, b in zip(left, widths)]
-        later = [stages[stage].later.get(layer, 0.0) for layer in layers]
-        axis.barh(range(len(layers)), later, left=[1.0 - share for share in later], fill=False, hatch="///",
-                  edgecolor="0.15", linewidth=0, label="ran a later mode of the chain than its first choice")
+        fell_back = [stages[stage].fell_back.get(layer, 0.0) for layer in layers]
+        if any(fell_back):
+            axis.barh(range(len(layers)), fell_back, left=[1.0 - share for share in fell_back], fill=False, hatch="///",
+                      edgecolor="0.15", linewidth=0, label=FELL_BACK)
         name = "training" if stage == TRAIN else "eval"
         axis.set_title(f"{name} forwards: {_summary(modes)}", fontsize=10)
         axis.set(xlim=(0, 1))
-        axis.set_xlabel(f"fraction of forwards\n{_later_note(stages[stage])}", fontsize=8)
+        axis.set_xlabel(f"fraction of forwards\n{_fallback_note(stages[stage])}", fontsize=8)
     axes[0].set_yticks(range(len(layers)), names, fontsize=7)
     axes[0].invert_yaxis()
-    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=len(MODES) + 1, fontsize=8,
+    legend = {label: handle for axis in axes for handle, label in zip(*axis.get_legend_handles_labels())}
+    figure.legend(legend.values(), legend.keys(), loc="outside lower center", ncol=len(MODES) + 1, fontsize=8,
                   frameon=False)
     figure.suptitle("adanorm: the mode each layer ran (input at the top)")
     return figure
