@@ -117,9 +117,11 @@ Args:
         with a different ``momentum`` it raises. Default: ``None``
     policy (Policy or str, optional): auto mode's chain and thresholds: an ``adanorm.Policy``, or a
         name, since plans and configs (nnU-Net, Hydra, MONAI's norm tuples) hold plain values:
-        ``"batch_first"`` (``Policy()``: batch statistics from 32 samples on, then group, instance,
-        layer), ``"instance_first"`` (``nn.InstanceNorm`` wherever it can run, then group, layer,
-        identity) or ``"group_first"``. An unknown name raises and lists the names.
+        ``"batch_group_instance"`` (``Policy()``: batch statistics from 32 samples on, then group,
+        instance, layer), ``"batch_instance_group"`` (the design card's chain), ``"instance_group_layer"``
+        (``nn.InstanceNorm`` wherever it can run, then group, layer, identity) or ``"group_layer"``; the
+        earlier names ``"batch_first"``, ``"instance_first"`` and ``"group_first"`` still work. An unknown
+        name raises and lists the names.
         Default: ``None``, ``Policy()``
     sync (bool): compute batch statistics over the ranks of ``process_group`` (one ``all_gather``
         per training forward), so every rank decides the mode from the global batch and runs the
@@ -627,7 +629,7 @@ class AdaptiveNorm3d(AdaptiveNorm):
     ``norm_op_kwargs``), which also trains on a 1×1×1 bottleneck:
 
     >>> bottleneck = adanorm.AdaptiveNorm3d(32, eps=1e-5, affine=True, track_running_stats=False,
-    ...                                     policy="instance_first")
+    ...                                     policy="instance_group_layer")
     >>> _ = bottleneck(torch.randn(2, 32, 1, 1, 1))  # nn.InstanceNorm3d raises here
     >>> bottleneck.last_mode
     'group'

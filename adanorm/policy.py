@@ -54,26 +54,12 @@ class Policy:
     few samples are what makes BatchNorm lose to per-sample norms at small batch, and instance
     statistics over a handful of voxels are mostly noise. Auto mode walks ``chain`` and runs the first
     mode whose statistics clear its threshold. Configurations that hold plain values name a policy
-    instead (``NAMED_POLICIES``: ``"instance_first"`` ...).
+    instead (``NAMED_POLICIES``: ``"instance_group_layer"`` ...).
 
-    Why the default is batch from 32 samples, then group, then instance: in the small-batch study
-    (STUDY.md, issue #13: a MONAI UNet at batch 1, 2, 4, 8 and 16 on a synthetic task with per-volume
-    scanner drift and on the MNI152 MRI template), batch norm never beat group norm and was behind it at
-    batch 8 and 16 on both tasks, and the previous default (batch from 8 samples, instance before group)
-    fell behind group norm by more than the seed noise at batch 8 on both tasks (on MNI152 at 2 and 16
-    too). Group norm's mean validation Dice was above instance norm's at every batch size on both tasks
-    (within the seed noise at each single size on the synthetic task, but of the same sign in all ten
-    cells). The grid ends at 16, so no 3D measurement says where batch statistics start to pay; 32 is
-    the next power of two, where Wu & He 2018 (ResNet-50, ImageNet) report BN 23.6% error against GN
-    24.1%. The previous value 8 came from the same paper's table (BN 24.8% at 8 images per GPU, 27.3% at
-    4, 34.7% at 2; GN 24.0–24.2% at every batch size), which the 3D study does not bear out. The study's
-    group norm had 4 groups, so in its UNet (16 to 128 channels) each group pooled 4 to 32 channels;
-    default group mode takes up to 32 groups of at least two channels (``num_groups``), 2 to 4 channels
-    per group there, and under ``policy="group_first"`` it matched the study's group norm at batch 4, 8
-    and 16 on both tasks. Group before instance also means fewer per-sample statistics, each over more
-    values: a group pools C/G channels where an instance pools one, so group mode stays usable in
-    bottlenecks too small for instance mode ((C/G)·S ≥ ``min_group_size`` against S ≥
-    ``min_instance_size``).
+    The default (batch statistics from 32 samples, then group, then instance) is what trained best in
+    the small-batch study; STUDY.md has the evidence and docs/layer.md the reasoning. Group before
+    instance also means fewer per-sample statistics, each over more values, so group mode stays usable
+    in bottlenecks too small for instance mode.
 
     Args:
         chain (Tuple[str, ...]): the fallback order, a non-empty ordered subset of ``MODES``.
@@ -106,7 +92,7 @@ class Policy:
         >>> shape = (2, 32, 4, 4, 4)  # nnU-Net's batch of 2
         >>> adanorm.choose_mode(shape, True, adanorm.Policy(), num_groups=16, has_running_stats=False)
         'group'
-        >>> adanorm.choose_mode(shape, True, "instance_first", num_groups=16, has_running_stats=False)
+        >>> adanorm.choose_mode(shape, True, "instance_group_layer", num_groups=16, has_running_stats=False)
         'instance'
         >>> adanorm.choose_mode(shape, True, adanorm.Policy(min_batch_size=2), num_groups=16, has_running_stats=False)
         'batch'
@@ -151,20 +137,34 @@ def native_first(mode: str, base: Optional[Policy] = None) -> Policy:
     )
 
 
+DESIGN_CARD_CHAIN: Tuple[str, ...] = MODES
+"""The design card's chain, batch → instance → group → layer → identity (``"batch_instance_group"``)."""
+
 NAMED_POLICIES: Dict[str, Policy] = {
-    "batch_first": Policy(),
-    "instance_first": native_first("instance"),
-    "group_first": native_first("group"),
+    "batch_group_instance": Policy(),
+    "batch_instance_group": Policy(chain=DESIGN_CARD_CHAIN),
+    "instance_group_layer": native_first("instance"),
+    "group_layer": native_first("group"),
 }
-"""Policies by name, for configurations that hold plain values (nnU-Net plans, Hydra YAML, MONAI's
-``("adaptive", {...})`` norm tuples): ``policy="instance_first"`` is the drop-in for InstanceNorm."""
+"""Policies by the chain they walk, for configurations that hold plain values (nnU-Net plans, Hydra YAML,
+MONAI's ``("adaptive", {...})`` norm tuples). ``"batch_group_instance"`` is ``Policy()``;
+``"batch_instance_group"`` is the design card's chain with the default thresholds; ``"instance_group_layer"``
+and ``"group_layer"`` start at a per-sample mode with the native floor as threshold, the drop-ins for
+``nn.InstanceNorm`` and ``nn.GroupNorm``."""
+
+POLICY_ALIASES: Dict[str, str] = {
+    "batch_first": "batch_group_instance",
+    "instance_first": "instance_group_layer",
+    "group_first": "group_layer",
+}
+"""Earlier names of ``NAMED_POLICIES``' entries, still accepted: configurations and checkpoints hold them."""
 
 
 def get_policy(policy: Union[Policy, str]) -> Policy:
     """A ``Policy`` as given, or the one ``NAMED_POLICIES`` holds under that name.
 
     Args:
-        policy (Policy or str): a policy, or one of ``NAMED_POLICIES``' names.
+        policy (Policy or str): a policy, or one of ``NAMED_POLICIES``' names (or ``POLICY_ALIASES``').
 
     Returns:
         Policy: the policy.
@@ -175,8 +175,10 @@ def get_policy(policy: Union[Policy, str]) -> Policy:
 
     Example:
         >>> import adanorm
-        >>> adanorm.get_policy("instance_first").chain
+        >>> adanorm.get_policy("instance_group_layer").chain
         ('instance', 'group', 'layer', 'identity')
+        >>> adanorm.get_policy("batch_instance_group").chain  # the design card's chain
+        ('batch', 'instance', 'group', 'layer', 'identity')
     """
     if isinstance(policy, Policy):
         return policy
@@ -185,9 +187,10 @@ def get_policy(policy: Union[Policy, str]) -> Policy:
             f"policy must be an adanorm.Policy or one of the names {sorted(NAMED_POLICIES)}, got "
             f"{type(policy).__name__}; build one with adanorm.Policy(...)."
         )
-    if policy not in NAMED_POLICIES:
+    name = POLICY_ALIASES.get(policy, policy)
+    if name not in NAMED_POLICIES:
         raise ValueError(f"policy={policy!r} is unknown; choose one of {sorted(NAMED_POLICIES)} or pass an adanorm.Policy(...).")
-    return NAMED_POLICIES[policy]
+    return NAMED_POLICIES[name]
 
 
 def default_num_groups(num_channels: int) -> int:
@@ -256,7 +259,7 @@ def choose_mode(
 
     Example:
         >>> import adanorm
-        >>> adanorm.choose_mode((2, 32, 1, 1, 1), True, "instance_first", num_groups=16, has_running_stats=False)
+        >>> adanorm.choose_mode((2, 32, 1, 1, 1), True, "instance_group_layer", num_groups=16, has_running_stats=False)
         'group'
     """
     policy = get_policy(policy)

@@ -346,15 +346,32 @@ def test_default_policy():
     assert choose_mode((2, 8, 4, 4, 4), False, Policy(), 4, False) == "group"  # eval without running statistics
 
 
-def test_named_policies():
-    assert adanorm.AdaptiveNorm3d(4, policy="batch_first").policy == Policy()
-    instance_first = adanorm.AdaptiveNorm3d(4, policy="instance_first").policy
+def test_named_policies_say_their_chain():
+    for name, policy in adanorm.NAMED_POLICIES.items():
+        parts = tuple(name.split("_"))
+        assert policy.chain[:len(parts)] == parts, f"{name!r} walks {policy.chain}"
+    assert adanorm.AdaptiveNorm3d(4, policy="batch_group_instance").policy == Policy()
+    design = adanorm.AdaptiveNorm3d(4, policy="batch_instance_group").policy
+    assert design.chain == ("batch", "instance", "group", "layer", "identity"), "the design card's chain"
+    assert design.min_batch_size == Policy().min_batch_size
+    assert choose_mode((2, 8, 4, 4, 4), True, design, 4, False) == "instance"
+    assert choose_mode((2, 8, 1, 1, 1), True, design, 4, False) == "layer"  # (8/4)·1 values: too few for group
+    assert choose_mode((32, 8, 4, 4, 4), True, design, 4, False) == "batch"
+    instance_first = adanorm.AdaptiveNorm3d(4, policy="instance_group_layer").policy
     assert instance_first.chain == ("instance", "group", "layer", "identity")
     assert instance_first.min_instance_size == 2, "instance statistics wherever nn.InstanceNorm3d computes them"
-    assert adanorm.AdaptiveNorm3d(4, policy="group_first").policy.chain == ("group", "layer", "identity")
-    assert choose_mode((1, 4, 1, 1, 2), True, "instance_first", 2, False) == "instance"
-    with pytest.raises(ValueError, match=r"policy='instance'.*\['batch_first', 'group_first', 'instance_first'\]"):
+    assert adanorm.AdaptiveNorm3d(4, policy="group_layer").policy.chain == ("group", "layer", "identity")
+    assert choose_mode((1, 4, 1, 1, 2), True, "instance_group_layer", 2, False) == "instance"
+    with pytest.raises(ValueError, match=r"policy='instance'.*\['batch_group_instance', 'batch_instance_group', "
+                                         r"'group_layer', 'instance_group_layer'\]"):
         adanorm.AdaptiveNorm3d(4, policy="instance")
+
+
+@pytest.mark.parametrize("alias", sorted(adanorm.policy.POLICY_ALIASES))
+def test_earlier_policy_names_still_work(alias):
+    expected = adanorm.NAMED_POLICIES[adanorm.policy.POLICY_ALIASES[alias]]
+    assert adanorm.AdaptiveNorm3d(4, policy=alias).policy == expected
+    assert adanorm.get_policy(alias) == expected
 
 
 def test_policy_is_pure_and_validated():
