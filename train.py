@@ -7,7 +7,7 @@
     python train.py -m norm=adaptive,batch,instance   # one run per norm
     python train.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt trainer.max_epochs=60   # resume, in that folder
 
-Config groups live in the package (adanorm/configs); outputs go to Hydra's run folder (outputs/<date>/<time>)
+Config groups live in configs/ (installed as adanorm.configs); outputs go to Hydra's run folder (outputs/<date>/<time>)
 under the current directory. The code is adanorm.recipes.cli.train_main, the same as the adanorm-train command.
 """
 from adanorm.recipes.cli import train_main

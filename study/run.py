@@ -4,7 +4,7 @@
     python -m study.run --data mni152                     # the MNI152 grid
     python -m study.run --batches 1,16 --norms batch,adaptive --seeds 0 --out study/results/calibration.csv
 
-Every cell composes the recipe's own Hydra config (``adanorm/configs``: model=unet, norm=..., data=...) and
+Every cell composes the recipe's own Hydra config (``configs/``: model=unet, norm=..., data=...) and
 builds the recipe's data module and Lightning module from it, so the data path, network, loss and
 validation are exactly ``adanorm-train``'s; only the Trainer is a lean one (no checkpoints, loggers or
 plots: they would cost more than a small cell's training). The runs share one process, so the imports and

@@ -6,8 +6,9 @@
     adanorm-train ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt trainer.max_epochs=60   # resume, same config
     adanorm-predict outputs/<date>/<time>/checkpoints/last.ckpt scans/ --output predictions/
 
-The Hydra configs ship inside the package (``adanorm/configs``, search path ``pkg://adanorm.configs``), so
-both commands work from any directory; a run writes into ``outputs/<date>/<time>/`` under the current one.
+The Hydra configs live in ``configs/`` and install as the package ``adanorm.configs`` (Hydra's search path
+``pkg://adanorm.configs``), so both commands work from any directory and from a wheel; a run writes into
+``outputs/<date>/<time>/`` under the current one.
 Lightning, MONAI and the run code are imported only once the arguments are parsed, so ``--help`` answers fast.
 A user's mistake ends either command with one line (``adanorm.recipes.errors``).
 """
