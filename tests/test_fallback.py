@@ -18,7 +18,7 @@ GRID = list(itertools.product([1, 2, 8, 31, 32], [1, 2, 3, 64], SPATIAL))
 
 
 def expected_per_sample_mode(channels, spatial):
-    """The README table for the per-sample modes in the default chain (group, instance, layer, identity),
+    """The mode table in docs/layer.md for the per-sample modes in the default chain (group, instance, layer, identity),
     with the default thresholds (4 values per statistic)."""
     size = math.prod(spatial)
     if channels == 64 and 2 * size >= 4:  # default groups for 64 channels: 32 groups of 2
@@ -262,7 +262,7 @@ def test_a_layer_without_group_mode_does_not_fall_back_from_it():
 
 @pytest.mark.parametrize("batch,channels,spatial", GRID)
 def test_warns_only_where_the_spatial_size_forces_a_later_mode(batch, channels, spatial):
-    """The designed mode is what the batch size alone chooses (the README table's first column that the layer
+    """The designed mode is what the batch size alone chooses (the mode table's first column that the layer
     has): batch from 32 samples, else group (64 channels: 32 groups) or instance (1-3 channels: no group mode).
     Only a spatial size too small for it is a fallback: it warns and is recorded in ``last_fallback_from``."""
     shape = (batch, channels) + spatial

@@ -298,7 +298,7 @@ def test_last_checkpoint_is_the_latest_epoch_and_resume_continues_the_run_folder
 
 @pytest.mark.slow
 def test_resume_trains_on_the_first_runs_data_and_refuses_another(tmp_path):
-    """The README's resume form (ckpt_path= and trainer.max_epochs= only) continues a run on its own data set;
+    """The documented resume form (docs/recipes.md) (ckpt_path= and trainer.max_epochs= only) continues a run on its own data set;
     a resume that changes the norm or the data is refused in a few lines naming both differences."""
     data = write_segmentation_folder(tmp_path / "scans")
     run = tmp_path / "run"
