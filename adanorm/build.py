@@ -4,7 +4,7 @@ Exits non-zero when they cannot be built, after the warning that says why.
 """
 import sys
 
-from adanorm.functional.cpu_fused import cpu_kernels
+from adanorm.functional.dispatch import cpu_kernels
 
 if __name__ == "__main__":
     kernels = cpu_kernels()

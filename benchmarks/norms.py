@@ -559,7 +559,7 @@ def machine_info() -> str:
                 break
     except OSError:
         cpu = platform.processor() or cpu
-    from adanorm.functional.cpu_fused import cpu_kernels
+    from adanorm.functional.dispatch import cpu_kernels
 
     kernels = "compiled adanorm CPU kernels" if cpu_kernels() is not None else "native kernels only (ADANORM_CPU_KERNEL=0 or no compiler)"
     return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "

@@ -1,4 +1,4 @@
-"""Where the compiled CPU kernels beat the native ones: the data behind ``cpu_fused``'s size thresholds.
+"""Where the compiled CPU kernels beat the native ones: the data behind ``dispatch``'s size thresholds.
 
     python -m benchmarks.thresholds                  # group and layer mode over the grid, ~10 min here
     python -m benchmarks.thresholds --modes instance --shapes quick
@@ -20,11 +20,11 @@ from typing import Callable, Dict
 
 import torch
 
-from adanorm.functional import cpu_fused
+from adanorm.functional import dispatch
 from benchmarks.norms import (DTYPES, FULL_SHAPES, LAYOUTS, QUICK_SHAPES, _forward, _forward_backward, _randomize_affine,
                               adanorm_module, steady_allocator, time_interleaved)
 
-THRESHOLDS = [name for name in dir(cpu_fused) if name.startswith("MIN_NUMEL_")]
+THRESHOLDS = [name for name in dir(dispatch) if name.startswith("MIN_NUMEL_")]
 OUT_OF_REACH = 1 << 62
 
 
@@ -32,7 +32,7 @@ def _with_kernels(compiled: bool, fn: Callable[[], None]) -> Callable[[], None]:
     """``fn`` with the dispatch thresholds set so that the compiled (or the native) kernels run."""
     def run() -> None:
         for name in THRESHOLDS:
-            setattr(cpu_fused, name, 0 if compiled else OUT_OF_REACH)
+            setattr(dispatch, name, 0 if compiled else OUT_OF_REACH)
         fn()
     return run
 
@@ -41,7 +41,7 @@ def measure(modes, shapes, repeats: int):
     import pandas as pd
     from tqdm import tqdm
 
-    saved = {name: getattr(cpu_fused, name) for name in THRESHOLDS}
+    saved = {name: getattr(dispatch, name) for name in THRESHOLDS}
     cells = [(mode, shape, dtype_name, layout_name) for mode in modes for shape in shapes for dtype_name in DTYPES
              for layout_name in LAYOUTS]
     rows = []
@@ -64,7 +64,7 @@ def measure(modes, shapes, repeats: int):
                                  ratio=medians[(pass_name, True)] / medians[(pass_name, False)]))
     finally:
         for name, value in saved.items():
-            setattr(cpu_fused, name, value)
+            setattr(dispatch, name, value)
     return pd.DataFrame(rows).rename(columns={"pass_": "pass"})
 
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
-    if cpu_fused.cpu_kernels() is None:
+    if dispatch.cpu_kernels() is None:
         raise SystemExit("adanorm's compiled CPU kernels are not available here (see the warning above): nothing to compare.")
     allocator = steady_allocator()
     with warnings.catch_warnings():

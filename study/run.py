@@ -4,7 +4,7 @@
     python -m study.run --data mni152                     # the MNI152 grid
     python -m study.run --batches 1,16 --norms batch,adaptive --seeds 0 --out study/results/calibration.csv
 
-Every cell composes the recipe's own Hydra config (``configs/``: model=unet, norm=..., data=...) and
+Every cell composes the recipe's own Hydra config (``adanorm/configs``: model=unet, norm=..., data=...) and
 builds the recipe's data module and Lightning module from it, so the data path, network, loss and
 validation are exactly ``adanorm-train``'s; only the Trainer is a lean one (no checkpoints, loggers or
 plots: they would cost more than a small cell's training). The runs share one process, so the imports and
@@ -394,7 +394,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("  batch={} norm={} seed={}".format(*cell))
         return 0
     build = time.perf_counter()
-    from adanorm.functional.cpu_fused import cpu_kernels
+    from adanorm.functional.dispatch import cpu_kernels
 
     cpu_kernels()  # built (or loaded) once before the first cell, so no cell's time includes the build
     print(f"study: adanorm CPU kernels ready in {time.perf_counter() - build:.1f} s", flush=True)

@@ -21,12 +21,12 @@ def one_thread():
 def cpu_backend(request, monkeypatch):
     """Run a test twice: once on the native CPU kernels, once with the compiled fused kernels taking
     every input they can (size thresholds at zero), so small test shapes reach both paths."""
-    from adanorm.functional import cpu_fused
+    from adanorm.functional import dispatch
 
     if request.param == "native":
-        monkeypatch.setattr(cpu_fused, "cpu_kernels", lambda: None)
+        monkeypatch.setattr(dispatch, "cpu_kernels", lambda: None)
     else:
-        assert cpu_fused.cpu_kernels() is not None, "the fused CPU kernels did not compile (see the warning)"
-        for threshold in (name for name in dir(cpu_fused) if name.startswith("MIN_NUMEL_")):
-            monkeypatch.setattr(cpu_fused, threshold, 0)
+        assert dispatch.cpu_kernels() is not None, "the fused CPU kernels did not compile (see the warning)"
+        for threshold in (name for name in dir(dispatch) if name.startswith("MIN_NUMEL_")):
+            monkeypatch.setattr(dispatch, threshold, 0)
     return request.param

@@ -36,9 +36,9 @@ def test_threshold_benchmark_compares_both_kernels_and_restores_the_thresholds(t
 
 
 def test_threshold_benchmark_leaves_the_dispatch_thresholds_as_they_were():
-    from adanorm.functional import cpu_fused
+    from adanorm.functional import dispatch
     from benchmarks import thresholds
 
-    before = {name: getattr(cpu_fused, name) for name in thresholds.THRESHOLDS}
+    before = {name: getattr(dispatch, name) for name in thresholds.THRESHOLDS}
     thresholds.measure(["layer"], [(1, 8, 4, 4, 4)], repeats=1)
-    assert {name: getattr(cpu_fused, name) for name in thresholds.THRESHOLDS} == before
+    assert {name: getattr(dispatch, name) for name in thresholds.THRESHOLDS} == before

@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (adanorm/csrc/norm_cpu.cpp via adanorm.functional.cpu_fused).
+"""The compiled CPU kernels (adanorm/csrc/norm_cpu_kernels.cpp via adanorm.functional.cpu_fused).
 
 References are PyTorch's own kernels (F.batch_norm, F.group_norm) and float64 math; shapes are
 chosen so the kernels' chunking (several tasks per sample and per row), float-block flushing and
@@ -7,19 +7,22 @@ test_fast_paths.py also run on these kernels (the ``cpu_backend`` fixture).
 """
 from __future__ import annotations
 
+import ast
 import itertools
 import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from adanorm import AdaptiveNorm3d
-from adanorm.functional import cpu_fused
-from adanorm.functional.cpu_fused import cpu_kernels, fused_norm, prefer_fused_cpu
+from adanorm.functional import cpu_fused, cpu_ops, dispatch
+from adanorm.functional.cpu_fused import fused_norm
+from adanorm.functional.dispatch import cpu_kernels, prefer_fused_cpu
 
 TOL = {torch.float64: (1e-10, 1e-8), torch.float32: (2e-5, 1e-4), torch.bfloat16: (6e-2, 3e-2), torch.float16: (1e-2, 1e-2)}
 LAYOUTS = ["contiguous", "channels_last"]
@@ -34,6 +37,13 @@ CASES = [
     ((1, 3, 40, 40, 25), None), ((1, 3, 40, 40, 25), 3), ((2, 64, 12, 12, 12), 64), ((2, 64, 12, 12, 12), 8),
     ((3, 4, 24, 64, 64), 1),
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    kernels = cpu_kernels()
+    assert kernels is not None, "the compiled CPU kernels did not build (see the warning)"
+    return kernels
 
 
 def _memory_format(layout: str, dim: int) -> torch.memory_format:
@@ -99,7 +109,7 @@ def _check_against_native(shape, groups, dtype, layout):
             torch.testing.assert_close(got.double(), want.double(), atol=atol, rtol=rtol)
 
 
-# Channel counts the channels-last passes compile a fixed row width for (norm_cpu.cpp,
+# Channel counts the channels-last passes compile a fixed row width for (norm_cpu_kernels.cpp,
 # channels_last_sums/affine), and run-time widths beside them.
 FIXED_WIDTHS = (8, 16, 32, 48, 64, 96, 128, 256)
 
@@ -224,28 +234,31 @@ def test_torch_compile_traces_the_layer_without_graph_breaks():
 
 def test_layer_uses_the_fused_kernels_on_channels_last_input(monkeypatch):
     calls = []
-    kernels = cpu_kernels()
 
-    class Spy:
-        def fused_norm(self, *args):
-            calls.append(args[3])  # groups
-            return kernels.fused_norm(*args)
+    def spy(input, num_groups, *args, **kwargs):
+        calls.append(num_groups)
+        return fused_norm(input, num_groups, *args, **kwargs)
 
-        def __getattr__(self, name):  # blend_running_stats and the rest: the real kernels
-            return getattr(kernels, name)
-
-    monkeypatch.setattr(cpu_fused, "cpu_kernels", lambda: Spy())
+    monkeypatch.setattr(cpu_fused, "fused_norm", spy)
     x = torch.randn(2, 32, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
     AdaptiveNorm3d(32, mode="instance")(x).sum().backward()
     AdaptiveNorm3d(32, mode="batch")(torch.randn(4, 32, 16, 16, 16))  # 2^19 values: batch statistics fused too
-    assert calls == [32, 0]
+    assert calls == [32, None]
 
 
 def test_disabled_by_environment_variable():
-    code = "from adanorm.functional.cpu_fused import cpu_kernels; print(cpu_kernels() is None)"
+    code = "from adanorm.functional.dispatch import cpu_kernels; print(cpu_kernels() is None)"
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ADANORM_CPU_KERNEL": "0"},
                             capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "True"
+
+
+def test_calls_before_the_operators_are_loaded_say_how_to_load_them():
+    code = ("import torch; from adanorm.functional import cpu_fused\n"
+            "try:\n    cpu_fused.fused_norm(torch.randn(2, 4, 3), 2, None, None, 1e-5)\n"
+            "except RuntimeError as error:\n    print(error)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "not loaded in this process: adanorm.functional.dispatch.cpu_kernels() loads them" in result.stdout
 
 
 def test_missing_toolchain_warns_and_falls_back(monkeypatch):
@@ -255,7 +268,7 @@ def test_missing_toolchain_warns_and_falls_back(monkeypatch):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(cpu_fused, "_registered", lambda: False)  # as in a process that has not loaded them yet
+    monkeypatch.setattr(cpu_ops, "registered", lambda: False)  # as in a process that has not loaded them yet
     cpu_kernels.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="could not compile its CPU kernels.*pip install ninja"):
@@ -266,3 +279,27 @@ def test_missing_toolchain_warns_and_falls_back(monkeypatch):
             assert not prefer_fused_cpu(x, num_groups=4)
     finally:
         cpu_kernels.cache_clear()
+
+
+def test_unreadable_build_wait_warns_and_waits_the_default(monkeypatch):
+    monkeypatch.setenv("ADANORM_BUILD_WAIT", "ten minutes")
+    with pytest.warns(RuntimeWarning, match="ADANORM_BUILD_WAIT='ten minutes' is not a number of seconds"):
+        assert dispatch._build_wait_s() == dispatch.DEFAULT_BUILD_WAIT_S
+    monkeypatch.setenv("ADANORM_BUILD_WAIT", "2.5")
+    assert dispatch._build_wait_s() == 2.5
+
+
+def test_environment_switches_are_read_in_dispatch_only():
+    """dispatch.py is the one place that reads the kernel switches; the kernel modules get values passed in."""
+    import adanorm.build
+    import adanorm.functional
+
+    def reads_environment(path: Path) -> bool:
+        return any(isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv")
+                   or isinstance(node, ast.Name) and node.id in ("environ", "getenv")
+                   for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))))
+
+    functional = Path(adanorm.functional.__file__).resolve().parent
+    readers = sorted(str(path.relative_to(functional.parent)) for path in [*functional.glob("*.py"), Path(adanorm.build.__file__)]
+                     if path.name != "dispatch.py" and reads_environment(path))
+    assert not readers, f"environment read outside adanorm/functional/dispatch.py: {readers}"

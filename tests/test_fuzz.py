@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import adanorm
 from adanorm import PRESETS, FallbackWarning
-from adanorm.functional import cpu_fused
+from adanorm.functional import dispatch
 from test_forced_modes import CHANNELS_LAST, native_module
 
 EXAMPLES = int(os.environ.get("ADANORM_FUZZ_EXAMPLES", "600"))
@@ -66,12 +66,12 @@ def cases(draw, modes=MODES):
 def backend(fused):
     """The compiled kernels on every input they accept (thresholds at zero), or the native kernels only."""
     if fused:
-        assert cpu_fused.cpu_kernels() is not None
-        thresholds = {name: 0 for name in dir(cpu_fused) if name.startswith("MIN_NUMEL_")}
-        with mock.patch.multiple(cpu_fused, **thresholds):
+        assert dispatch.cpu_kernels() is not None
+        thresholds = {name: 0 for name in dir(dispatch) if name.startswith("MIN_NUMEL_")}
+        with mock.patch.multiple(dispatch, **thresholds):
             yield
     else:
-        with mock.patch.object(cpu_fused, "cpu_kernels", lambda: None):
+        with mock.patch.object(dispatch, "cpu_kernels", lambda: None):
             yield
 
 

@@ -1,6 +1,6 @@
 """The compiled CPU kernels as torch operators (issue #10): ``torch.ops.adanorm.fused_norm`` and
-``torch.ops.adanorm.native_group_norm``, registered in C++ (adanorm/csrc/norm_cpu.cpp) with fake
-kernels in adanorm/functional/cpu_fused.py.
+``torch.ops.adanorm.native_group_norm``, registered in C++ (adanorm/csrc/norm_cpu_ops.cpp) with fake
+kernels in adanorm/functional/cpu_ops.py.
 
 ``torch.library.opcheck`` checks each operator's schema (declared mutations and aliasing), fake
 kernel (against the real outputs), autograd registration and AOTAutograd tracing (outputs and
@@ -18,7 +18,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from adanorm.functional import cpu_fused
+from adanorm.functional import cpu_fused, dispatch
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
 
@@ -30,7 +30,7 @@ OPCHECK_TESTS = ["test_schema", "test_autograd_registration", "test_faketensor",
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
-    kernels = cpu_fused.cpu_kernels()
+    kernels = dispatch.cpu_kernels()
     assert kernels is not None, "the compiled CPU kernels did not build (see the warning)"
     return kernels
 
@@ -330,12 +330,12 @@ def test_operators_are_registered_once_per_process(monkeypatch, tmp_path, kernel
     monkeypatch.setattr(cpp_extension, "load", no_load)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     try:
-        cpu_fused.cpu_kernels.cache_clear()
-        again = cpu_fused.cpu_kernels()
+        dispatch.cpu_kernels.cache_clear()
+        again = dispatch.cpu_kernels()
         assert again.__file__ == kernels.__file__ and again.fused_norm is kernels.fused_norm
         assert not any(tmp_path.iterdir())  # nothing built there
     finally:
         monkeypatch.undo()
-        cpu_fused.cpu_kernels.cache_clear()
+        dispatch.cpu_kernels.cache_clear()
     x = _input((2, 4, 3, 4, 5))
     torch.testing.assert_close(cpu_fused.fused_norm(x, 2, None, None, 1e-5), F.group_norm(x, 2))

@@ -92,8 +92,7 @@ def _wheel(tmp_path):
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    for package in ("adanorm", "configs"):  # configs/ installs as adanorm.configs (pyproject.toml's package-dir)
-        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    shutil.copytree(REPO / "adanorm", source / "adanorm", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     isolation = [] if _has("setuptools") else ["--use-pep517"]  # with setuptools here, nothing is downloaded
     command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(tmp_path / "dist")]
     if not isolation:
@@ -115,7 +114,8 @@ def test_wheel_entry_points_work_from_any_directory(tmp_path):
     wheel = _wheel(tmp_path)
     files = set(zipfile.ZipFile(wheel).namelist())
     assert {"adanorm/configs/train.yaml", "adanorm/configs/model/dynunet.yaml", "adanorm/configs/task/segmentation.yaml",
-            "adanorm/csrc/norm_cpu.cpp"} <= files
+            "adanorm/csrc/norm_cpu_kernels.cpp", "adanorm/csrc/norm_cpu_kernels.h",
+            "adanorm/csrc/norm_cpu_ops.cpp"} <= files
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)

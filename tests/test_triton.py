@@ -23,6 +23,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adanorm.functional import dispatch
+
 _NO_TRITON = "triton is not installed (optional: pip install triton); the Triton backend tests need it"
 _previous_interpret = os.environ.get("TRITON_INTERPRET")
 _INTERPRETER_USABLE = "triton" not in sys.modules or _previous_interpret == "1"
@@ -307,7 +309,7 @@ def test_errors_match_native_types():
 def test_dispatch_never_sends_cpu_tensors_to_triton():
     x = torch.randn(2, 4, 3, 3, 3).contiguous(memory_format=torch.channels_last_3d)
     assert triton_norm.triton_available(x)  # interpreted kernels serve CPU tensors, for these tests
-    assert not triton_norm.prefer_triton(x)  # but production dispatch is CUDA-only
+    assert not dispatch.prefer_triton(x)  # but production dispatch is CUDA-only
     assert not triton_norm.triton_available(x.to(torch.int32))
     assert not triton_norm.triton_available(x[:0])
 
@@ -341,7 +343,7 @@ def test_cuda_dispatch_rule(switch, layout, batch_statistics, expected, monkeypa
     x = torch.randn(2, 4, 3, 3, 3)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last_3d)
-    assert triton_norm.prefer_triton(_ReportsCuda(x), batch_statistics) is expected
+    assert dispatch.prefer_triton(_ReportsCuda(x), batch_statistics) is expected
 
 
 def _load_as(name: str, path: str):
@@ -373,7 +375,7 @@ def test_module_imports_without_triton(monkeypatch):
 
     assert kernels.triton is None and not hasattr(kernels, "_apply_kernel")
     x = torch.randn(2, 3, 4)
-    assert not module.triton_available(x) and not module.prefer_triton(x)
+    assert not module.triton_available(x)
     with pytest.raises(RuntimeError, match="triton is not installed"):  # registered all the same, and say why
         torch.ops.adanorm_no_triton.triton_grouped_norm(x, 3, None, None, 1e-5)
 

@@ -5,7 +5,7 @@ Kernels, in order of preference:
 * captured code (``torch.compile``, ``torch.export``, ``torch.jit.trace``, ONNX export): PyTorch's
   native norm ops, which inductor fuses with their neighbours and every exporter carries; instance
   mode as ``instance_norm``, so no group count is read from a traced shape;
-* CUDA: the Triton kernels where ``triton_norm.prefer_triton`` says they beat the native ones;
+* CUDA: the Triton kernels (``triton_norm``) where ``prefer_triton`` says they beat the native ones;
 * CPU: the compiled kernels (``cpu_fused``) where ``prefer_fused_cpu`` says they repay their fixed
   cost; channels-last instance mode without them: a per-sample batch-norm kernel that keeps the
   layout (``instance_channels_last``);
@@ -15,20 +15,25 @@ Kernels, in order of preference:
 Running statistics are blended (``blend_kernel``) by one compiled operator on the CPU in eager
 mode, by tensor operations elsewhere.
 
-Each size rule lives with its kernel (measured thresholds in ``cpu_fused``, ``triton_norm``); the
-order of the rules, and every environment switch, are read here.
+Every rule is here: the order of the kernels, their size thresholds, and the environment switches
+(``ADANORM_CPU_KERNEL``, ``ADANORM_BUILD_WAIT``, ``ADANORM_TRITON``), which the kernel modules never
+read themselves.
 """
 from __future__ import annotations
 
+import os
+import warnings
+from functools import lru_cache
+from types import ModuleType
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
-from adanorm.functional import cpu_fused
-from adanorm.functional.running_stats import blend
+from adanorm.functional import cpu_fused, cpu_ops
 from adanorm.functional.instance_channels_last import channels_last_instance_norm
-from adanorm.functional.layout import is_channels_last, native_memory_format
+from adanorm.functional.layout import KERNEL_DTYPES, is_channels_last, native_memory_format
+from adanorm.functional.running_stats import blend
 
 BatchKernel = Callable[[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], float, float], Tensor]
 """``kernel(input, weight, bias, running_mean, running_var, momentum, eps)``: batch statistics, updating the
@@ -43,9 +48,102 @@ def capturing() -> bool:
     """Whether a compiler, tracer or exporter is recording this call (then only native ops may run).
 
     ONNX export needs no check of its own: the legacy exporter records with ``torch.jit.trace`` and
-    the dynamo exporter with ``torch.export``. (``torch.onnx.is_in_onnx_export`` costs 2.5 µs a call,
-    which this function, called on every forward, must not.)"""
+    the dynamo exporter with ``torch.export``. (``torch.onnx.is_in_onnx_export`` costs more per call
+    than this function, called on every forward, may.)"""
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+DEFAULT_BUILD_WAIT_S = 600.0
+"""Seconds a process waits for another process's build of the CPU kernels before it keeps the native
+kernels (``ADANORM_BUILD_WAIT`` overrides): several builds' time, so that only a hung or stopped build
+runs it out."""
+
+
+@lru_cache(maxsize=None)
+def cpu_kernels() -> Optional[ModuleType]:
+    """The compiled CPU operators (``cpu_ops.operators()``), compiled and loaded on the first call; None
+    where ``ADANORM_CPU_KERNEL=0`` turns them off or they cannot be built (a warning says what to do).
+    The switches are read on the first call: every layer call asks, and later ones answer from the cache."""
+    if os.environ.get("ADANORM_CPU_KERNEL", "1") == "0":
+        return None
+    return cpu_ops.load(build_wait_s=_build_wait_s())
+
+
+def _build_wait_s() -> float:
+    """``ADANORM_BUILD_WAIT``, or the default (with a warning naming the variable) where it is no number."""
+    value = os.environ.get("ADANORM_BUILD_WAIT")
+    if value is None:
+        return DEFAULT_BUILD_WAIT_S
+    try:
+        return float(value)
+    except ValueError:
+        warnings.warn(f"adanorm: ADANORM_BUILD_WAIT={value!r} is not a number of seconds; waiting the default "
+                      f"{DEFAULT_BUILD_WAIT_S:g} s for another process's build. Set it to a number such as 600.",
+                      RuntimeWarning, stacklevel=4)
+        return DEFAULT_BUILD_WAIT_S
+
+
+# Smallest inputs for which the compiled CPU kernels beat the native ones; below them the native
+# kernels' lower fixed cost per call wins. The measurements, and how to repeat them
+# (``python -m benchmarks.thresholds``), are in BENCHMARKS.md, "What makes it fast" (Dispatch).
+MIN_NUMEL_BATCH = 1 << 14
+# Channels-last per-sample modes: native instance and group norm copy the layout or starve threads.
+MIN_NUMEL_PER_SAMPLE_CHANNELS_LAST = 1 << 12
+# Channels-last layer mode (one group): below this, native group norm's channels-last kernel with one
+# group has the lower cost.
+MIN_NUMEL_LAYER_CHANNELS_LAST = 1 << 17
+# Contiguous per-sample modes compete with native group norm, which makes two cache-local passes per
+# (sample, group) pair as the compiled kernels do: these win from here on cheaper sums and a backward
+# that reuses a pair while it is in cache,
+MIN_NUMEL_PER_SAMPLE_CONTIGUOUS = 1 << 19
+# and from here where there are fewer pairs than threads, which native group norm would leave idle (it
+# runs each pair on one thread).
+MIN_NUMEL_PER_SAMPLE_FEW_GROUPS = 1 << 16
+
+
+def prefer_fused_cpu(input: Tensor, num_groups: Optional[int]) -> bool:
+    """Whether ``cpu_fused.fused_norm`` is the faster kernel for this input, with statistics per (sample, group)
+    for ``num_groups`` groups (instance, group, layer) or over the batch for None (batch mode): on a
+    CPU tensor of a supported dtype, outside autocast (whose dtype policy the native ops carry).
+    Captured code (compile, export, tracing) never asks: it is routed to native ops first."""
+    if not input.is_cpu or input.dim() < 3:  # cheapest tests first: this runs on every call of a layer
+        return False
+    numel = input.numel()
+    if num_groups is None:
+        # More than one value per channel, or native batch norm's error must be raised instead.
+        worth_it = numel >= MIN_NUMEL_BATCH and numel > input.shape[1]
+    elif is_channels_last(input):
+        worth_it = numel >= (MIN_NUMEL_LAYER_CHANNELS_LAST if num_groups == 1 else MIN_NUMEL_PER_SAMPLE_CHANNELS_LAST)
+    else:
+        worth_it = numel >= MIN_NUMEL_PER_SAMPLE_CONTIGUOUS or (
+            numel >= MIN_NUMEL_PER_SAMPLE_FEW_GROUPS and input.shape[0] * num_groups < torch.get_num_threads())
+    return (
+        worth_it
+        and input.dtype in KERNEL_DTYPES
+        and not torch.is_autocast_enabled("cpu")
+        and cpu_kernels() is not None
+    )
+
+
+def prefer_triton(input: Tensor, batch_statistics: bool = False) -> bool:
+    """Whether the Triton kernels (``triton_norm``) take this CUDA input: where native kernels are known
+    to pay extra passes.
+
+    Native CUDA group/instance norm copies channels-last input to contiguous and returns a
+    contiguous output, which the next channels-last convolution copies back; the Triton kernels
+    read and write channels-last in place. Native CUDA batch norm has channels-last kernels of its
+    own, so batch statistics, like contiguous input, keep the native kernels unless
+    ``ADANORM_TRITON=1`` (no GPU measurement says Triton wins there); ``ADANORM_TRITON=0`` turns the
+    backend off.
+    """
+    switch = os.environ.get("ADANORM_TRITON", "")
+    if switch == "0" or not input.is_cuda:
+        return False
+    from adanorm.functional import triton_norm  # imported on the first CUDA call: triton is slow to import
+
+    if not triton_norm.triton_available(input):
+        return False
+    return switch == "1" or (not batch_statistics and is_channels_last(input))
 
 
 def batch_kernel(input: Tensor, captured: bool) -> BatchKernel:
@@ -53,11 +151,9 @@ def batch_kernel(input: Tensor, captured: bool) -> BatchKernel:
     asked once per call by the caller)."""
     if not captured:
         if input.is_cuda:
-            from adanorm.functional import triton_norm  # imported on the first CUDA call: triton is slow to import
-
-            if triton_norm.prefer_triton(input, batch_statistics=True):
+            if prefer_triton(input, batch_statistics=True):
                 return _triton_batch_norm
-        elif cpu_fused.prefer_fused_cpu(input, num_groups=None):
+        elif prefer_fused_cpu(input, num_groups=None):
             return _fused_batch_norm
     return _native_batch_norm
 
@@ -69,11 +165,11 @@ def grouped_kernel(input: Tensor, num_groups: int, captured: bool) -> GroupedKer
     if captured:
         return _native_instance_norm if instance else _captured_group_norm
     if input.is_cuda:
-        from adanorm.functional import triton_norm
+        if prefer_triton(input, batch_statistics=False):
+            from adanorm.functional import triton_norm
 
-        if triton_norm.prefer_triton(input, batch_statistics=False):
             return triton_norm.triton_grouped_norm
-    elif cpu_fused.prefer_fused_cpu(input, num_groups):
+    elif prefer_fused_cpu(input, num_groups):
         return cpu_fused.fused_norm
     if input.is_contiguous():  # native group norm's crashing backward is its channels-last one
         return _native_group_norm
@@ -86,7 +182,7 @@ def blend_kernel(running_mean: Tensor, running_var: Tensor, captured: bool) -> B
     """How batch statistics are blended into running ones: on the CPU in eager mode one compiled
     operator; elsewhere tensor operations, which compilers fuse and GPUs run without a host sync."""
     if (not captured and running_mean.is_cpu and running_mean.is_contiguous() and running_var.is_contiguous()
-            and cpu_fused.cpu_kernels() is not None):
+            and cpu_kernels() is not None):
         return cpu_fused.blend_running_stats
     return blend
 
@@ -136,7 +232,7 @@ def _group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: 
     ``native_group_norm`` runs the same native kernels but always asks for the input gradient.
     ``tests/test_reliability_core.py`` has a canary that fails once torch fixes the kernel.
     """
-    if not input.is_contiguous() and input.is_cpu and cpu_fused.cpu_kernels() is not None:
+    if not input.is_contiguous() and input.is_cpu and cpu_kernels() is not None:
         return cpu_fused.native_group_norm(input, num_groups, _scale_beside_shift(weight, bias), bias, eps)
     return _captured_group_norm(input, num_groups, weight, bias, eps)
 

@@ -49,7 +49,8 @@ def gather_batch(input: Tensor, process_group: Optional[dist.ProcessGroup]) -> G
     return GlobalBatch(shape, merged.mean, merged.m2 / max(merged.count, 1.0), int(merged.count))
 
 
-def gather_rows(local: Moments, process_group: Optional[dist.ProcessGroup], extras: List[float]) -> List[Tuple[List[float], Moments]]:
+def gather_rows(local: Moments, process_group: Optional[dist.ProcessGroup],
+                extras: List[float]) -> List[Tuple[List[float], Moments]]:
     """Every rank's moments (and a few numbers of its own) on every rank, in one all_gather."""
     channels = local.mean.shape[0]
     row = torch.cat([local.mean.new_tensor([local.count] + extras), local.mean, local.m2])

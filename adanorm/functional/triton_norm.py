@@ -12,13 +12,12 @@ implementation) rather than Triton launches:
   formulas.
 
 ``triton_grouped_norm`` and ``triton_batch_norm`` below call them as ``F.group_norm`` and
-``F.batch_norm(training=True)`` are called; ``prefer_triton`` is the CUDA dispatch rule.
+``F.batch_norm(training=True)`` are called; the CUDA dispatch rule is ``dispatch.prefer_triton``.
 Importing this module never fails: without triton, ``triton_available`` is False and callers keep
 the native path (the ops are registered all the same, and raise if called).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Tuple
@@ -30,7 +29,7 @@ from adanorm.functional import triton_kernels as kernels
 from adanorm.functional.layout import KERNEL_DTYPES, is_channels_last
 from adanorm.functional.triton_kernels import triton  # None without triton
 
-__all__ = ["triton_available", "prefer_triton", "triton_grouped_norm", "triton_batch_norm"]
+__all__ = ["triton_available", "triton_grouped_norm", "triton_batch_norm"]
 
 # Elements per program tile; tests shrink these to drive the chunk and merge loops on tiny inputs.
 _MAX_TILE = 2048
@@ -60,22 +59,6 @@ def triton_available(input: Tensor) -> bool:
     if triton is None or input.dtype not in KERNEL_DTYPES or input.dim() < 2 or input.numel() == 0:
         return False
     return input.is_cuda or (input.device.type == "cpu" and _KERNELS_INTERPRETED)
-
-
-def prefer_triton(input: Tensor, batch_statistics: bool = False) -> bool:
-    """Dispatch rule for CUDA tensors: Triton where native kernels are known to pay extra passes.
-
-    Native CUDA group/instance norm copies channels-last input to contiguous and returns a
-    contiguous output, which the next channels-last convolution copies back; the Triton kernels
-    read and write channels-last in place. Native CUDA batch norm has channels-last kernels of its
-    own, so batch statistics, like contiguous input, keep the native kernels unless
-    ``ADANORM_TRITON=1`` (until a GPU measurement says otherwise); ``ADANORM_TRITON=0`` turns the
-    backend off.
-    """
-    switch = os.environ.get("ADANORM_TRITON", "")
-    if switch == "0" or not input.is_cuda or not triton_available(input):
-        return False
-    return switch == "1" or (not batch_statistics and is_channels_last(input))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,55 @@
+// Interface of the fused CPU normalization kernels (norm_cpu_kernels.cpp) to the operators that
+// call them (norm_cpu_ops.cpp). What the kernels compute, in one sentence each:
+//
+//   norm_forward   y = γ·(x − μ)·rstd + β with μ, rstd over each statistic's set: the channels of a
+//                  group of one sample (groups > 0: instance, group, layer) or one channel over the
+//                  batch (groups == 0), blending batch statistics into running ones when given.
+//   norm_backward  dx, dγ, dβ of norm_forward from its saved (N, C) mean and rstd tables.
+//   blend_running_stats_cpu  running ← lerp(running, batch, factor), skipping non-finite steps.
+//
+// The input must already be dense in the layout named by `channels_last` (layout_format); the
+// operators' CPU kernels make it so. Helpers both translation units use are inline here.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace adanorm {
+
+using OptionalTensor = c10::optional<at::Tensor>;
+
+// The memory format the kernels read and write for `channels_last`: channels_last(_3d) by x's rank.
+inline at::MemoryFormat layout_format(const at::Tensor& x, bool channels_last) {
+  if (!channels_last) return at::MemoryFormat::Contiguous;
+  return x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+}
+
+// Normalizes x (N, C, *) with statistics of x itself: per (sample, group) for groups > 0, per
+// channel over the batch for groups == 0 (then updates running_mean/var in place when given).
+// Returns (y in x's layout, mean, rstd) with mean and rstd as (N, C) float64 tables.
+std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& bias, int64_t groups, double eps,
+                                     const c10::optional<at::Tensor>& running_mean,
+                                     const c10::optional<at::Tensor>& running_var, double momentum,
+                                     bool channels_last);
+
+// Gradients of norm_forward given its saved (N, C) mean and rstd: (dx or undefined, dγ, dβ). dγ and dβ are
+// summed in float64 and rounded once into the weight's dtype (float64 without a weight), the dtype autograd
+// hands them to the parameters in: two tensor conversions per call cost more than a small layer's passes.
+std::vector<at::Tensor> norm_backward(const at::Tensor& grad_output, const at::Tensor& x,
+                                      const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                      const at::Tensor& rstd, int64_t groups, bool channels_last,
+                                      bool need_input);
+
+// running ← lerp(running, batch, factor) per channel, in place, as torch.lerp computes it (factor:
+// momentum_tensor when given, else momentum). With a nonfinite_skips counter, a step whose batch
+// statistics hold NaN or Inf leaves the running statistics as they were and adds one to the counter.
+// One call instead of the dozen tensor ops of running_stats.blend, each of which costs more than a
+// small layer's kernel on the CPU.
+void blend_running_stats_cpu(const at::Tensor& running_mean, const at::Tensor& running_var,
+                             const at::Tensor& batch_mean, const at::Tensor& batch_var, double momentum,
+                             const OptionalTensor& momentum_tensor, const OptionalTensor& nonfinite_skips);
+
+}  // namespace adanorm

@@ -1,0 +1,323 @@
+// The adanorm operators: schemas, CPU kernels (adapters from the schema to the kernels of
+// norm_cpu_kernels.h), autograd, and the tracer kernel of native_group_norm.
+//
+// adanorm::fused_norm and adanorm::native_group_norm are torch operators (TORCH_LIBRARY at the end),
+// with CPU, Autograd and (for native_group_norm) Tracer kernels here and fake kernels in
+// adanorm/functional/cpu_ops.py, so that FakeTensor, torch.compile, AOTAutograd, torch.export and
+// torch.jit.trace see one operator with known output shapes. The autograd kernel of fused_norm runs
+// the internal operators _fused_norm_forward/_fused_norm_backward through the dispatcher, so those
+// tools trace its forward and backward as operators too. FusedNorm wires both directions of the
+// fused kernels into autograd; NativeGroupNorm wires PyTorch's own group norm kernels in with a
+// backward that cannot crash.
+
+#include "norm_cpu_kernels.h"
+
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+#include <utility>
+
+namespace {
+
+using adanorm::layout_format;
+using adanorm::OptionalTensor;
+
+c10::optional<at::Tensor> present(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+bool requires_grad(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined() && t->requires_grad(); }
+
+// Channels-last when the input is dense in channels_last(_3d) and not also plain contiguous, or a
+// strided view that PyTorch's own kernels lay out channels-last (suggest_memory_format), so the
+// output has the layout native norms give it; anything else is made contiguous (a no-op for
+// convolution outputs). The fake kernels in cpu_ops.py (_dense_format) mirror this rule.
+std::pair<at::Tensor, bool> dense_layout(const at::Tensor& input) {
+  if (input.dim() >= 4 && !input.is_contiguous()) {
+    const at::MemoryFormat channels_last = layout_format(input, true);
+    if (input.is_contiguous(channels_last)) return {input, true};
+    if (input.suggest_memory_format() == channels_last) return {input.contiguous(channels_last), true};
+  }
+  return {input.contiguous(), false};
+}
+
+// ---- CPU kernels of the operators: real tensors only (they read sizes and data) -------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_norm_forward_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    int64_t groups, double eps, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum) {
+  // Geometry divides by N·C: an empty batch (nothing to normalize) is the callers' to pass through.
+  TORCH_CHECK(input.numel() > 0, "adanorm CPU kernel: input of shape ", input.sizes(), " is empty");
+  const auto [x, channels_last] = dense_layout(input);
+  auto results = adanorm::norm_forward(x, weight, bias, groups, eps, running_mean, running_var, momentum, channels_last);
+  return {std::move(results[0]), std::move(results[1]), std::move(results[2])};
+}
+
+at::Tensor fused_norm_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias, int64_t groups, double eps,
+                          const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+                          double momentum) {
+  return std::get<0>(fused_norm_forward_cpu(input, weight, bias, groups, eps, running_mean, running_var, momentum));
+}
+
+// (dx, or undefined unless need_input; dγ and dβ in the weight's dtype, float64 without one) given the
+// forward's saved (N, C) tables.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_norm_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, int64_t groups, bool need_input) {
+  const auto [x, channels_last] = dense_layout(input);
+  const at::Tensor dy = grad_output.contiguous(layout_format(x, channels_last));
+  auto results = adanorm::norm_backward(dy, x, weight, mean, rstd, groups, channels_last, need_input);
+  return {std::move(results[0]), std::move(results[1]), std::move(results[2])};
+}
+
+// Reached below autograd only (inference mode): there no backward can crash.
+at::Tensor native_group_norm_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                 const c10::optional<at::Tensor>& bias, int64_t groups, double eps) {
+  return at::group_norm(input, groups, weight, bias, eps, false);
+}
+
+// ---- Autograd: the kernels above reached through the dispatcher, so that FakeTensor, AOTAutograd
+// and the tracers see the operators (and their fake kernels) instead of running them. Code above
+// the CPU kernels reads no sizes: under torch.compile they may be symbolic. -------------------------
+
+using FusedNormSignature = at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&, int64_t, double,
+                                      const OptionalTensor&, const OptionalTensor&, double);
+using FusedNormForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const OptionalTensor&, const OptionalTensor&, int64_t, double, const OptionalTensor&,
+    const OptionalTensor&, double);
+using FusedNormBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&, int64_t, bool);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+const c10::TypedOperatorHandle<FusedNormSignature>& fused_norm_op() {
+  static const auto op = find_op<FusedNormSignature>("adanorm::fused_norm");
+  return op;
+}
+const c10::TypedOperatorHandle<FusedNormForwardSignature>& fused_norm_forward_op() {
+  static const auto op = find_op<FusedNormForwardSignature>("adanorm::_fused_norm_forward");
+  return op;
+}
+const c10::TypedOperatorHandle<FusedNormBackwardSignature>& fused_norm_backward_op() {
+  static const auto op = find_op<FusedNormBackwardSignature>("adanorm::_fused_norm_backward");
+  return op;
+}
+
+// Which of (input, weight, bias) the backward must return: absent optional arguments have no graph
+// edge, so edge indices skip them.
+std::array<bool, 3> needed_gradients(torch::autograd::AutogradContext* ctx, const at::Tensor& weight,
+                                     const at::Tensor& bias) {
+  const int64_t weight_edge = 1, bias_edge = weight.defined() ? 2 : 1;
+  return {ctx->needs_input_grad(0), weight.defined() && ctx->needs_input_grad(weight_edge),
+          bias.defined() && ctx->needs_input_grad(bias_edge)};
+}
+
+// What FusedNorm and NativeGroupNorm both keep from forward for backward: the arguments a native op
+// needs to recompute the output (differentiable_gradients) and the forward's (N, G) statistics.
+struct SavedNorm {
+  at::Tensor input, weight, bias;  // weight, bias undefined where absent
+  at::Tensor mean, rstd;
+  int64_t groups;  // 0: batch statistics
+  double eps;
+  std::array<bool, 3> need;  // which of (input, weight, bias) get a gradient
+
+  static void save(torch::autograd::AutogradContext* ctx, const at::Tensor& input, const OptionalTensor& weight,
+                   const OptionalTensor& bias, const at::Tensor& mean, const at::Tensor& rstd, int64_t groups,
+                   double eps) {
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), mean, rstd});
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["eps"] = eps;
+  }
+
+  static SavedNorm load(torch::autograd::AutogradContext* ctx) {
+    auto saved = ctx->get_saved_variables();
+    const auto need = needed_gradients(ctx, saved[1], saved[2]);
+    return {std::move(saved[0]),
+            std::move(saved[1]),
+            std::move(saved[2]),
+            std::move(saved[3]),
+            std::move(saved[4]),
+            ctx->saved_data["groups"].toInt(),
+            ctx->saved_data["eps"].toDouble(),
+            need};
+  }
+};
+
+// Gradients that must themselves be differentiable (create_graph=True, e.g. gradient penalties):
+// recomputed through the native ops, which autograd can differentiate twice (with grad mode on,
+// native group norm's backward is its composite formula, not the kernel NativeGroupNorm avoids).
+// The list has `edges` entries, as forward has arguments.
+torch::autograd::variable_list differentiable_gradients(const SavedNorm& saved, const at::Tensor& grad_output,
+                                                        size_t edges) {
+  const at::Tensor output =
+      saved.groups == 0
+          ? at::batch_norm(saved.input, saved.weight, saved.bias, {}, {}, true, 0.0, saved.eps, false)
+          : at::group_norm(saved.input, saved.groups, saved.weight, saved.bias, saved.eps, false);
+  const std::array<const at::Tensor*, 3> arguments = {&saved.input, &saved.weight, &saved.bias};
+  torch::autograd::variable_list wanted;
+  for (int i = 0; i < 3; ++i)
+    if (saved.need[i]) wanted.push_back(*arguments[i]);
+  const auto computed = torch::autograd::grad({output}, wanted, {grad_output}, true, true);
+  torch::autograd::variable_list grads(edges);
+  for (int i = 0, k = 0; i < 3; ++i)
+    if (saved.need[i]) grads[i] = computed[k++];
+  return grads;
+}
+
+// Autograd in C++: the Python-level autograd.Function cost more per call than small layers' kernels.
+struct FusedNorm : public torch::autograd::Function<FusedNorm> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
+                            const OptionalTensor& weight, const OptionalTensor& bias, int64_t groups, double eps,
+                            const OptionalTensor& running_mean, const OptionalTensor& running_var, double momentum) {
+    at::Tensor output, mean, rstd;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(output, mean, rstd) =
+          fused_norm_forward_op().call(input, weight, bias, groups, eps, running_mean, running_var, momentum);
+    }
+    SavedNorm::save(ctx, input, weight, bias, mean, rstd, groups, eps);
+    return output;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const SavedNorm saved = SavedNorm::load(ctx);
+    if (at::GradMode::is_enabled()) return differentiable_gradients(saved, grad_outputs[0], 8);
+    at::Tensor grad_input, grad_weight, grad_bias;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(grad_input, grad_weight, grad_bias) = fused_norm_backward_op().call(
+          grad_outputs[0], saved.input, present(saved.weight), saved.mean, saved.rstd, saved.groups, saved.need[0]);
+    }
+    torch::autograd::variable_list grads(8);
+    if (saved.need[0]) grads[0] = grad_input;
+    if (saved.need[1]) grads[1] = grad_weight;  // already in the weight's dtype
+    if (saved.need[2]) grads[2] = grad_bias.scalar_type() == saved.bias.scalar_type() ? grad_bias
+                                                                                   : grad_bias.to(saved.bias.scalar_type());
+    return grads;
+  }
+};
+
+// Native group norm (PyTorch's own kernels, so the same numbers) with a backward that always asks
+// for the input gradient. torch 2.13's channels-last CPU backward kernel crashes the process when
+// asked for γ/β gradients without the input's: a frozen input, or torch.autograd.grad over the
+// parameters only. Computing an unwanted input gradient costs one pass; the native autograd node
+// offers no way around the crash, and a Python-level autograd.Function costs more than small calls.
+// Sizes are symbolic-safe (sym_size): under AOTAutograd this runs on fake tensors.
+struct NativeGroupNorm : public torch::autograd::Function<NativeGroupNorm> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
+                            const OptionalTensor& weight, const OptionalTensor& bias, int64_t groups, double eps) {
+    const at::Tensor x = input.contiguous(input.suggest_memory_format());  // as at::group_norm
+    auto [y, mean, rstd] =
+        at::native_group_norm_symint(x, weight, bias, x.sym_size(0), x.sym_size(1), spatial_size(x), groups, eps);
+    SavedNorm::save(ctx, input, weight, bias, mean, rstd, groups, eps);
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const SavedNorm saved = SavedNorm::load(ctx);
+    if (at::GradMode::is_enabled()) return differentiable_gradients(saved, grad_outputs[0], 5);
+    const at::Tensor x = saved.input.contiguous(saved.input.suggest_memory_format());
+    auto [dx, dw, db] = at::native_group_norm_backward_symint(
+        grad_outputs[0].contiguous(x.suggest_memory_format()), x, saved.mean, saved.rstd, saved.weight,
+        x.sym_size(0), x.sym_size(1), spatial_size(x), saved.groups, {true, saved.need[1], saved.need[2]});
+    torch::autograd::variable_list grads(5);
+    if (saved.need[0]) grads[0] = dx;
+    if (saved.need[1]) grads[1] = dw;
+    if (saved.need[2]) grads[2] = db;
+    return grads;
+  }
+
+  static c10::SymInt spatial_size(const at::Tensor& x) {
+    c10::SymInt size = 1;
+    for (const c10::SymInt& extent : x.sym_sizes().slice(2)) size = size * extent;
+    return size;
+  }
+};
+
+// The checks live here rather than in Python, where they cost more than a small call's kernels.
+at::Tensor fused_norm_autograd(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                               int64_t groups, double eps, const OptionalTensor& running_mean,
+                               const OptionalTensor& running_var, double momentum) {
+  if (!at::GradMode::is_enabled() || !(input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    // Inference (no_grad, sliding-window prediction): no graph node, nothing saved.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return fused_norm_op().call(input, weight, bias, groups, eps, running_mean, running_var, momentum);
+  }
+  return FusedNorm::apply(input, weight, bias, groups, eps, running_mean, running_var, momentum);
+}
+
+at::Tensor native_group_norm_autograd(const at::Tensor& input, const OptionalTensor& weight,
+                                      const OptionalTensor& bias, int64_t groups, double eps) {
+  if (!at::GradMode::is_enabled() || !(requires_grad(weight) || requires_grad(bias)) ||
+      at::autocast::is_autocast_enabled(at::kCPU)) {
+    // No parameter gradient for the crashing kernel to compute; or autocast's dtype policy, which
+    // must see the native op itself.
+    return at::group_norm(input, groups, weight, bias, eps, false);
+  }
+  return NativeGroupNorm::apply(input, weight, bias, groups, eps);
+}
+
+// While torch.jit.trace (or ONNX export) records: the native op, which every runtime of a traced
+// graph knows, instead of adanorm's.
+at::Tensor native_group_norm_traced(const at::Tensor& input, const OptionalTensor& weight,
+                                    const OptionalTensor& bias, int64_t groups, double eps) {
+  return at::group_norm(input, groups, weight, bias, eps, false);
+}
+
+}  // namespace
+
+// The operators. Running statistics are mutated inputs (a!, b!): batch mode (groups = 0) blends
+// the batch's statistics into them in place. Fake kernels (shapes and layouts only) are registered
+// from Python by the module named here, which FakeTensor imports when it meets an operator first.
+TORCH_LIBRARY(adanorm, m) {
+  m.set_python_module("adanorm.functional.cpu_ops");
+  m.def(
+      "fused_norm(Tensor input, Tensor? weight, Tensor? bias, int groups, float eps, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def("native_group_norm(Tensor input, Tensor? weight, Tensor? bias, int groups, float eps) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // What the autograd kernel of fused_norm runs: the forward also returns the (N, C) float64 mean
+  // and rstd tables it saves; the backward returns (dx or None, dγ, dβ), dγ and dβ in the weight's dtype
+  // (float64 without a weight).
+  m.def(
+      "_fused_norm_forward(Tensor input, Tensor? weight, Tensor? bias, int groups, float eps, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "_fused_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor rstd, int groups, "
+      "bool need_input) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "blend_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor batch_mean, Tensor batch_var, "
+      "float momentum, Tensor? momentum_tensor, Tensor(c!)? nonfinite_skips) -> ()",
+      {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(adanorm, CPU, m) {
+  m.impl("blend_running_stats", adanorm::blend_running_stats_cpu);
+  m.impl("fused_norm", fused_norm_cpu);
+  m.impl("native_group_norm", native_group_norm_cpu);
+  m.impl("_fused_norm_forward", fused_norm_forward_cpu);
+  m.impl("_fused_norm_backward", fused_norm_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(adanorm, Autograd, m) {
+  m.impl("fused_norm", fused_norm_autograd);
+  m.impl("native_group_norm", native_group_norm_autograd);
+}
+
+TORCH_LIBRARY_IMPL(adanorm, Tracer, m) {
+  m.impl("native_group_norm", native_group_norm_traced);
+}
