@@ -2,7 +2,14 @@
 from adanorm.convert import convert, revert
 from adanorm.norm import AdaptiveNorm, AdaptiveNorm1d, AdaptiveNorm2d, AdaptiveNorm3d
 from adanorm.policy import (
-    MODES, NAMED_POLICIES, FallbackError, FallbackWarning, NonFiniteStatsWarning, Policy, choose_mode, get_policy,
+    MODES,
+    NAMED_POLICIES,
+    FallbackError,
+    FallbackWarning,
+    NonFiniteStatsWarning,
+    Policy,
+    choose_mode,
+    get_policy,
 )
 from adanorm.presets import PRESETS, MomentumPreset, get_preset
 from adanorm.recalibration import update_bn

@@ -60,7 +60,8 @@ def _timer_callback():
 
 
 def compose(model: str, data_root: Path, output_dir: Path, epochs: int, overrides: Sequence[str]):
-    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
 
     from adanorm.recipes.resolvers import register_resolvers
 
@@ -128,7 +129,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for model in args.models:
             results[model] = time_model(model, data_root, Path(scratch) / model, args.epochs, args.overrides)
             print(f"{model}: {results[model]['epoch']:.2f} s/epoch", file=sys.stderr, flush=True)
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, "
           f"overrides: {' '.join(args.overrides) or 'none'}; 1-minute load average {load_before} before, {_load()} after "
           f"(above the core count, other processes took CPU time from these runs)\n")
     print(table(results, args.epochs))

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -236,7 +237,8 @@ def run_grid(shapes: Sequence[Tuple[int, ...]], repeats: int, min_sample_s: floa
                 keeps_format=all(t[2][layout_name] for t in timings),
                 ratio_min=minimums[("adanorm", layout_name)] / minimums[("native", layout_name)],
                 clone_ratio_min=minimums[("adanorm", layout_name)] / minimums[("clone", layout_name)],
-                layout_penalty_min=(minimums[("adanorm", layout_name)] / minimums[("adanorm", "contiguous")]) if layout_name != "contiguous" else 1.0,
+                layout_penalty_min=(minimums[("adanorm", layout_name)] / minimums[("adanorm", "contiguous")])
+                if layout_name != "contiguous" else 1.0,
                 round_ratios=" ".join(f"{r:.3f}" for r in ratios),
             ))
     import pandas as pd
@@ -291,7 +293,7 @@ def run_memory(shapes: Sequence[Tuple[int, ...]]):
     """Peak memory in a child process whose malloc returns every large block to the OS on free."""
     import pandas as pd
 
-    cases = [dict(shape=list(s), mode=m, layout=l, dtype="float32") for s in shapes for m in MODES for l in LAYOUTS]
+    cases = [dict(shape=list(s), mode=m, layout=layout, dtype="float32") for s in shapes for m in MODES for layout in LAYOUTS]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536", OMP_NUM_THREADS="2")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.norms", "--_memory-worker", json.dumps(cases)],
                           env=env, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parent.parent))
@@ -318,8 +320,8 @@ def run_tiny(repeats: int, min_sample_s: float, rounds: int = 1):
                 warnings.simplefilter("ignore")
                 ada(x)
             picked = ada.last_mode
-            fns = {"adanorm_auto": lambda: ada(x), "native_" + picked: (lambda m: (lambda: m(x)))(native_module(picked, channels).train())}
-            fns["nn.BatchNorm3d"] = (lambda m: (lambda: m(x)))(nn.BatchNorm3d(channels).train())
+            fns = {"adanorm_auto": partial(ada, x), "native_" + picked: partial(native_module(picked, channels).train(), x),
+                   "nn.BatchNorm3d": partial(nn.BatchNorm3d(channels).train(), x)}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 per_round.append(time_interleaved(fns, repeats, min_sample_s, seed=round_index))
@@ -380,11 +382,12 @@ def run_unet(repeats: int, rounds: int = 1):
         gc.collect()
     medians = medians_over_rounds(per_round)
     rows = []
-    for l in LAYOUTS:
-        ratios = round_ratios(per_round, ("adaptive", l), ("instance", l))
-        rows.append(dict(layout=l, adaptive_ms=medians[("adaptive", l)] * 1e3, instance_ms=medians[("instance", l)] * 1e3,
-                         group_ms=medians[("group", l)] * 1e3, ratio=statistics.median(ratios),
-                         ratio_vs_group=statistics.median(round_ratios(per_round, ("adaptive", l), ("group", l))),
+    for layout in LAYOUTS:
+        ratios = round_ratios(per_round, ("adaptive", layout), ("instance", layout))
+        rows.append(dict(layout=layout, adaptive_ms=medians[("adaptive", layout)] * 1e3,
+                         instance_ms=medians[("instance", layout)] * 1e3,
+                         group_ms=medians[("group", layout)] * 1e3, ratio=statistics.median(ratios),
+                         ratio_vs_group=statistics.median(round_ratios(per_round, ("adaptive", layout), ("group", layout))),
                          round_ratios=" ".join(f"{r:.3f}" for r in ratios)))
     return pd.DataFrame(rows)
 
@@ -429,7 +432,8 @@ def summarize(grid, memory, tiny, unet) -> Tuple[str, List[str]]:
         out += ["### Cells over 1.10 (native >= 1 ms)",
                 _md(misses[["mode", "shape", "dtype", "layout", "pass", "adanorm_ms", "native_ms", "ratio", "ratio_min", "round_ratios"]])]
     mins = grid.groupby("mode", sort=False).agg(median_of_min_ratios=("ratio_min", "median"), max_min_ratio=("ratio_min", "max"),
-                                                 layout_penalty_min=("layout_penalty_min", lambda v: v[grid.loc[v.index, "layout"] != "contiguous"].median()),
+                                                 layout_penalty_min=("layout_penalty_min",
+                                                                     lambda v: v[grid.loc[v.index, "layout"] != "contiguous"].median()),
                                                  clone_ratio_min=("clone_ratio_min", "median")).reset_index()
     out += ["### Noise check: the same figures from the fastest repeat of each callable (ratios of minimums)", _md(mins)]
     verdicts.append("1-4 from minimums (noise check, not the targets' statistic): " + ", ".join(
@@ -440,16 +444,19 @@ def summarize(grid, memory, tiny, unet) -> Tuple[str, List[str]]:
         speed = 1 / inst.ratio  # the cells' round-paired ratio (with 3 rounds, the median of the rounds' speed-ups)
         t2 = inst.assign(speedup=speed)[["shape", "dtype", "adanorm_ms", "native_ms", "speedup", "keeps_format"]]
         ok2 = speed.median() >= 3.0 and bool(grid[grid["mode"] == "instance"].keeps_format.all())
-        out += [f"## Target 2: instance, channels_last_3d, fwd+bwd: nn.InstanceNorm3d(affine=True) / adanorm (median {speed.median():.2f}x, >= 3x)", _md(t2)]
+        out += [f"## Target 2: instance, channels_last_3d, fwd+bwd: nn.InstanceNorm3d(affine=True) / adanorm "
+                f"(median {speed.median():.2f}x, >= 3x)", _md(t2)]
         verdicts.append(f"2 ({_verdict(ok2)}): median speed-up {speed.median():.2f}x "
-                        f"(fp32 {speed[inst.dtype == 'float32'].median():.2f}x, bf16 {speed[inst.dtype == 'bfloat16'].median():.2f}x); output channels_last_3d: {bool(inst.keeps_format.all())}")
+                        f"(fp32 {speed[inst.dtype == 'float32'].median():.2f}x, bf16 {speed[inst.dtype == 'bfloat16'].median():.2f}x); "
+                        f"output channels_last_3d: {bool(inst.keeps_format.all())}")
     # Target 3
     cl = grid[grid.layout == "channels_last_3d"]
     t3 = cl.groupby("mode", sort=False).layout_penalty.agg(["median", "max"]).reset_index()
     t3_pass = cl.pivot_table(index="mode", columns=["dtype", "pass"], values="layout_penalty", aggfunc="median").reset_index()
     t3_pass.columns = [" ".join(c).strip() if isinstance(c, tuple) else c for c in t3_pass.columns]
     out += ["## Target 3: adanorm channels_last_3d / adanorm contiguous (<= 1.15 per mode)", _md(t3), _md(t3_pass)]
-    verdicts.append(f"3 ({_verdict(bool((t3['median'] <= 1.15).all()))}): medians " + ", ".join(f"{m} {v:.2f}" for m, v in zip(t3["mode"], t3["median"])))
+    verdicts.append(f"3 ({_verdict(bool((t3['median'] <= 1.15).all()))}): medians "
+                    + ", ".join(f"{m} {v:.2f}" for m, v in zip(t3["mode"], t3["median"])))
     # Target 4
     t4 = grid.pivot_table(index="mode", columns="pass", values="clone_ratio", aggfunc="median").reset_index()
     t4max = grid.pivot_table(index="mode", columns="pass", values="clone_ratio", aggfunc="max").reset_index()
@@ -464,13 +471,15 @@ def summarize(grid, memory, tiny, unet) -> Tuple[str, List[str]]:
     # Target 5
     if memory is not None:
         ok5 = bool((memory.ratio <= 1.01).all())  # RSS granularity: small Python-side allocations vary by ~0.1 MiB
-        out += ["## Target 5: peak extra resident memory of forward+backward (MiB above inputs; adanorm / native <= 1, within 1% RSS granularity)", _md(memory)]
+        out += ["## Target 5: peak extra resident memory of forward+backward "
+                "(MiB above inputs; adanorm / native <= 1, within 1% RSS granularity)", _md(memory)]
         verdicts.append(f"5 ({_verdict(ok5)}): adanorm/native peak ratio max {memory.ratio.max():.2f}, median {memory.ratio.median():.2f}")
     # Target 6
     if tiny is not None:
         ok6 = bool((tiny.ratio <= 1.5).all())
         out += ["## Target 6: auto mode call time on tiny tensors (<= 1.5x the native module of the picked mode)", _md(tiny)]
-        verdicts.append(f"6 ({_verdict(ok6)}): " + ", ".join(f"{r.shape} {r.ratio:.2f}x (vs BatchNorm3d {r.ratio_vs_batchnorm3d:.2f}x)" for r in tiny.itertuples()))
+        verdicts.append(f"6 ({_verdict(ok6)}): "
+                        + ", ".join(f"{r.shape} {r.ratio:.2f}x (vs BatchNorm3d {r.ratio_vs_batchnorm3d:.2f}x)" for r in tiny.itertuples()))
     # Target 7
     if unet is not None:
         # The target (issue #3) is against norm="instance"; auto mode runs group statistics at batch 2, so
@@ -492,7 +501,7 @@ def draw_chart(grid, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
-    combos = [(l, p) for l in LAYOUTS for p in PASSES]
+    combos = [(layout, p) for layout in LAYOUTS for p in PASSES]
     width = 0.8 / len(combos)
     for i, (layout, pass_name) in enumerate(combos):
         sub = grid[(grid.layout == layout) & (grid["pass"] == pass_name)]
@@ -570,8 +579,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a subset of the grid with fewer repeats (~2 minutes)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output directory")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per group and round (default 3 quick, 5 full; cheap groups get more within a time budget)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds over the grid, each group timed once per round with a fresh setup (default 1 quick, 3 full)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved repeats per group and round "
+                             "(default 3 quick, 5 full; cheap groups get more within a time budget)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds over the grid, each group timed once per round with a fresh setup (default 1 quick, 3 full)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: memory,tiny,unet")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated forced modes to time")
     parser.add_argument("--_memory-worker", dest="memory_worker", default=None, help=argparse.SUPPRESS)

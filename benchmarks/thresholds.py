@@ -21,8 +21,18 @@ from typing import Callable, Dict
 import torch
 
 from adanorm.functional import dispatch
-from benchmarks.norms import (DTYPES, FULL_SHAPES, LAYOUTS, QUICK_SHAPES, _forward, _forward_backward, _randomize_affine,
-                              adanorm_module, steady_allocator, time_interleaved)
+from benchmarks.norms import (
+    DTYPES,
+    FULL_SHAPES,
+    LAYOUTS,
+    QUICK_SHAPES,
+    _forward,
+    _forward_backward,
+    _randomize_affine,
+    adanorm_module,
+    steady_allocator,
+    time_interleaved,
+)
 
 THRESHOLDS = [name for name in dir(dispatch) if name.startswith("MIN_NUMEL_")]
 OUT_OF_REACH = 1 << 62

@@ -191,7 +191,8 @@ def markdown(summary: pd.DataFrame, comparison: pd.DataFrame, crossing_table: pd
             out += ["Adaptive vs the best fixed norm at each batch size, paired by seed (difference of validation Dice, "
                     "mean ± sd and 95% t-interval; seed noise = sd over seeds pooled over the norms at that batch size; "
                     "'behind' = the mean difference is below minus the seed noise):", "",
-                    "| batch | candidate | best fixed | best fixed Dice | candidate Dice | difference (mean ± sd) | 95% CI | seed noise | verdict |",
+                    "| batch | candidate | best fixed | best fixed Dice | candidate Dice | "
+                    "difference (mean ± sd) | 95% CI | seed noise | verdict |",
                     "|---:|---|---|---:|---:|---:|---:|---:|---|"]
             for row in cmp.itertuples():
                 out.append(f"| {row.batch} | {row.candidate} | {row.best_fixed} | {row.best_fixed_dice:.3f} | "

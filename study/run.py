@@ -247,7 +247,7 @@ def tile_mismatch(module, loader, patch_size, overlap: float, volumes: int) -> T
             for mode in TILE_MODES:
                 try:
                     with norm_statistics(net, mode) as stats:
-                        stats.gather(lambda: infer(image, 0.0))
+                        stats.gather(lambda image=image: infer(image, 0.0))
                         tiled = infer(image, overlap)
                     with norm_statistics(net, "running" if mode == "running" else "tile"):
                         whole = whole_volume(image)
@@ -290,7 +290,8 @@ def run_cell(data: str, batch: int, norm: str, seed: int, epochs: int, steps_per
 
     spec = DATA[data]
     warmup = epochs * steps_per_epoch // RENORM_WARMUP_SHARE
-    overrides = ["model=unet", *[item.replace("WARMUP", str(warmup)) for item in NORM_OVERRIDES[norm]], *spec["overrides"], *spec["batch"](batch, steps_per_epoch),
+    overrides = ["model=unet", *[item.replace("WARMUP", str(warmup)) for item in NORM_OVERRIDES[norm]], *spec["overrides"],
+                 *spec["batch"](batch, steps_per_epoch),
                  f"seed={seed}", "output_dir=/tmp/adanorm-study", *extra]
     cfg = compose_config(overrides)
     start, cpu_start = time.perf_counter(), time.process_time()

@@ -102,7 +102,8 @@ def _check_against_native(shape, groups, dtype, layout):
     for name, got, want in zip(["output", "grad_input", "grad_weight", "grad_bias"], fused, reference):
         assert got.dtype == dtype, name
         tolerance = (atol * shape[0] * 32, rtol) if name in ("grad_weight", "grad_bias") and dtype != torch.float64 else (atol, rtol)
-        torch.testing.assert_close(got.double(), want.double(), atol=tolerance[0], rtol=tolerance[1], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got.double(), want.double(), atol=tolerance[0], rtol=tolerance[1],
+                                   msg=lambda m, name=name: f"{name}: {m}")
     assert fused[0].is_contiguous(memory_format=fmt) and fused[1].is_contiguous(memory_format=fmt)
     if groups is None:
         for got, want in zip(stats, native_stats):

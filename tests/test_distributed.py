@@ -176,7 +176,7 @@ def test_sync_on_a_single_process_is_unsynced():
 def test_convert_syncs_converted_sync_batchnorm_and_on_request():
     model = nn.Sequential(nn.SyncBatchNorm(4), nn.BatchNorm3d(4), nn.GroupNorm(2, 4))
     adanorm.convert(model)
-    assert [getattr(m, "sync") for m in model] == [True, False, False]
+    assert [m.sync for m in model] == [True, False, False]
     assert all(m.sync for m in adanorm.convert(nn.Sequential(nn.BatchNorm3d(4)), sync=True))
 
 

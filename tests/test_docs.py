@@ -19,6 +19,7 @@ import adanorm.functional
 from adanorm.integrations import lightning as lightning_integration
 from adanorm.integrations import monai as monai_integration
 
+
 def _exported(module: ModuleType) -> Iterator[Tuple[str, Callable]]:
     for name in module.__all__:
         yield f"{module.__name__}.{name}", getattr(module, name)

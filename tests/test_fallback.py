@@ -193,7 +193,7 @@ def fallback_warnings(model, shapes):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # no help from Python's once-per-location registry
         for shape in shapes:
-            model(torch.randn(shape)); line = inspect.currentframe().f_lineno
+            model(torch.randn(shape)); line = inspect.currentframe().f_lineno  # noqa: E702 - the call's own line
     return [w for w in caught if issubclass(w.category, FallbackWarning)], line
 
 
@@ -331,7 +331,7 @@ def test_nonfinite_warning_points_at_the_calling_line():
     x = torch.randn(32, 4, 2, 2, 2)  # batch mode, which updates the running statistics
     x[0, 0, 0, 0, 0] = float("nan")
     with pytest.warns(adanorm.NonFiniteStatsWarning) as caught:
-        model(x); line = inspect.currentframe().f_lineno
+        model(x); line = inspect.currentframe().f_lineno  # noqa: E702 - the call's own line
     assert (caught[0].filename, caught[0].lineno) == (__file__, line)
 
 

@@ -2,7 +2,8 @@
 
 The fast paths (group norm for instance mode in contiguous layout, the per-sample batch-norm
 kernel for instance mode in channels-last layout, the native kernels elsewhere) are picked by
-mode and memory format, so small shapes reach every one of them; the tests compare output, input/weight/bias gradients and the output's memory format with the native
+mode and memory format, so small shapes reach every one of them; the tests compare output,
+input/weight/bias gradients and the output's memory format with the native
 module of the same mode. Tolerances: those of the core tests for float32/float64, a looser one
 for bfloat16 (the native kernels round differently there).
 """

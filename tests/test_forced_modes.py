@@ -169,7 +169,8 @@ def test_gradcheck_float64(mode, shape, channels_last):
 
 # PyTorch's own module-test generators, as an independent source of cases.
 common_modules = pytest.importorskip("torch.testing._internal.common_modules")
-MODULE_DB = [m for m in common_modules.module_db if m.module_cls in BATCH_BY_RANK.values() or m.module_cls in INSTANCE_BY_RANK.values() or m.module_cls is nn.GroupNorm]
+MODULE_DB = [m for m in common_modules.module_db
+             if m.module_cls in BATCH_BY_RANK.values() or m.module_cls in INSTANCE_BY_RANK.values() or m.module_cls is nn.GroupNorm]
 
 
 def forced_twin(native):
@@ -211,7 +212,8 @@ def test_pytorch_module_inputs(module_info, dtype):
             if tracks_instance_stats and not training:
                 continue  # native InstanceNorm with running stats in eval: adanorm's instance mode keeps per-sample stats
             for _ in range(2):
-                torch.testing.assert_close(adaptive(x), native(x), atol=atol, rtol=rtol, msg=f"{module_info.module_cls.__name__} {case.desc}")
+                torch.testing.assert_close(adaptive(x), native(x), atol=atol, rtol=rtol,
+                                           msg=f"{module_info.module_cls.__name__} {case.desc}")
             if isinstance(native, nn.modules.batchnorm._BatchNorm) and native.track_running_stats and training:
                 torch.testing.assert_close(adaptive.running_mean, native.running_mean, atol=atol, rtol=rtol)
                 torch.testing.assert_close(adaptive.running_var, native.running_var, atol=atol, rtol=rtol)

@@ -19,11 +19,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_forced_modes import CHANNELS_LAST, native_module
 
 import adanorm
 from adanorm import PRESETS, FallbackWarning
 from adanorm.functional import dispatch
-from test_forced_modes import CHANNELS_LAST, native_module
 
 EXAMPLES = int(os.environ.get("ADANORM_FUZZ_EXAMPLES", "600"))
 settings.register_profile("ci", max_examples=EXAMPLES, deadline=None, derandomize=True, print_blob=True,

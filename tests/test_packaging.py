@@ -10,7 +10,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from test_recipes import REPO, one_epoch, tiny
 
 try:

@@ -7,6 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import adanorm.configs
 import nibabel as nib
 import numpy as np
 import pytest
@@ -19,7 +20,6 @@ from omegaconf.errors import InterpolationResolutionError
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-import adanorm.configs
 from adanorm import AdaptiveNorm
 from adanorm.integrations.lightning import NormMetric
 from adanorm.recipes.data import VolumeDataError

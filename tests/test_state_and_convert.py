@@ -63,7 +63,8 @@ def test_convert_keeps_outputs_state_and_flags(dtype):
     adanorm.convert(model)
     kinds = [type(m).__name__ for m in model.modules() if isinstance(m, adanorm.AdaptiveNorm)]
     assert kinds == ["AdaptiveNorm3d", "AdaptiveNorm3d", "AdaptiveNorm", "AdaptiveNorm1d"]
-    assert not any(isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and not isinstance(m, adanorm.AdaptiveNorm) for m in model.modules())
+    assert not any(isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and not isinstance(m, adanorm.AdaptiveNorm)
+                   for m in model.modules())
     assert not model.training and all(not m.training for m in model.modules())
     assert all(p.dtype == dtype for p in model.parameters())
     torch.testing.assert_close(model(x), expected)

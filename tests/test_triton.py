@@ -91,7 +91,7 @@ def _compare(mode, x, weight, bias, atol, rtol, grad_atol=None):
     torch.testing.assert_close(output.double(), expected, atol=atol, rtol=rtol)
     for grad, expected_grad, name in zip(grads, expected_grads, ("input", "weight", "bias")):
         assert grad.dtype == x.dtype, name
-        torch.testing.assert_close(grad.double(), expected_grad, atol=grad_atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grad.double(), expected_grad, atol=grad_atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @interpreted

@@ -85,7 +85,8 @@ class SyntheticHardVolumes(GeneratedFolder):
         kwargs.setdefault("num_classes", 3)
         super().__init__(root, **kwargs)
         if self.task != SEGMENTATION:
-            raise VolumeDataError("data=synthetic_hard is a segmentation data set; use a segmentation model (unet, basic_unet, dynunet, segresnet).")
+            raise VolumeDataError("data=synthetic_hard is a segmentation data set; "
+                                  "use a segmentation model (unet, basic_unet, dynunet, segresnet).")
         if self.num_classes < 2:
             raise VolumeDataError(f"data.num_classes={self.num_classes}: synthetic_hard needs background plus at least one class.")
         self.num_volumes = num_volumes
@@ -154,7 +155,8 @@ class MNI152Tissue(GeneratedFolder):
         kwargs.setdefault("num_classes", len(self.CLASS_NAMES))
         super().__init__(root, **kwargs)
         if self.task != SEGMENTATION:
-            raise VolumeDataError("data=mni152 is a tissue segmentation data set; use a segmentation model (unet, basic_unet, dynunet, segresnet).")
+            raise VolumeDataError("data=mni152 is a tissue segmentation data set; "
+                                  "use a segmentation model (unet, basic_unet, dynunet, segresnet).")
         self.resolution = resolution
 
     def signature(self) -> str:

@@ -92,7 +92,8 @@ def read_dataset_json(path: Path, num_classes: int) -> Tuple[List[Record], List[
     """The ``training`` and optional ``validation`` lists of a Decathlon-style dataset.json."""
     declared = json.loads(path.read_text()).get("labels")
     if declared is not None and len(declared) != num_classes:
-        raise VolumeDataError(f"{path} declares {len(declared)} labels {declared} but data.num_classes={num_classes}; set data.num_classes={len(declared)}.")
+        raise VolumeDataError(f"{path} declares {len(declared)} labels {declared} but data.num_classes={num_classes}; "
+                              f"set data.num_classes={len(declared)}.")
     training = load_decathlon_datalist(path, is_segmentation=True, data_list_key="training")
     try:
         validation = load_decathlon_datalist(path, is_segmentation=True, data_list_key="validation")

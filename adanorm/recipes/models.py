@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence, Tuple, Union
 
+from monai.networks.layers.factories import split_args
 from monai.networks.layers.utils import get_norm_layer
 from monai.networks.nets import resnet10, resnet18, resnet34
-from monai.networks.layers.factories import split_args
 from torch import nn
 
 import adanorm
