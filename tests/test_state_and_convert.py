@@ -149,11 +149,10 @@ def test_convert_keeps_device_and_preset_kwargs():
 
 def test_convert_takes_a_policy_by_name():
     """``policy=`` takes what the adaptive constructor takes: a Policy or a NAMED_POLICIES name."""
-    from adanorm.policy import NAMED_POLICIES
-
-    layer = adanorm.convert(nn.BatchNorm3d(4), policy="instance_first")
-    assert layer.policy.chain == NAMED_POLICIES["instance_first"].chain
-    assert layer.policy.native_eval_rule  # still evaluates with its running statistics, as BatchNorm does
+    for name in ("instance_group_layer", "instance_first"):  # a chain's name, and its earlier alias
+        layer = adanorm.convert(nn.BatchNorm3d(4), policy=name)
+        assert layer.policy.chain == adanorm.get_policy(name).chain == ("instance", "group", "layer", "identity")
+        assert layer.policy.native_eval_rule  # still evaluates with its running statistics, as BatchNorm does
 
 
 def test_sync_batchnorm_conversion_leaves_adaptive_layers():
