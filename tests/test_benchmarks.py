@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each case runs a benchmark script in its own process
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 

@@ -11,7 +11,8 @@ from torch._dynamo.testing import CompileCounter
 
 import adanorm
 
-pytestmark = pytest.mark.filterwarnings("ignore::adanorm.FallbackWarning")
+# Each case compiles a graph (seconds to tens of seconds on 2 cores): part of the full suite, not the inner loop.
+pytestmark = [pytest.mark.filterwarnings("ignore::adanorm.FallbackWarning"), pytest.mark.slow]
 BACKEND = "aot_eager"  # dynamo + AOTAutograd (forward and backward graphs) without inductor's C++ build time
 
 

@@ -125,6 +125,7 @@ def test_every_channels_last_row_width_matches_native(grouping, channels, dtype)
     _check_against_native((2, channels, 5, 9, 11), groups, dtype, "channels_last")
 
 
+@pytest.mark.slow  # 20 s to 2.5 min per case on 2 cores
 @pytest.mark.parametrize("groups,layout", list(itertools.product([None, 8, 2, 1], LAYOUTS)))
 def test_gradcheck_and_gradgradcheck(groups, layout):
     x, _, weight, bias = _data((2, 8, 3, 4, 5), torch.float64, layout)

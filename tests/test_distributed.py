@@ -17,6 +17,8 @@ from torch import nn
 
 import adanorm
 
+pytestmark = pytest.mark.slow  # every case starts a process group of two workers: tens of seconds on 2 cores
+
 WORLD = 2
 TIMEOUT_S = 90
 
