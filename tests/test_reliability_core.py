@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 import adanorm
-from adanorm.functional import adaptive_norm, cpu_fused
+from adanorm.functional import adaptive_norm, cpu_build
+from adanorm.functional._compat import extension_build_directory
 
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
@@ -49,14 +50,14 @@ def test_canary_native_channels_last_group_norm_backward_still_crashes():
     assert result.returncode != 0, (
         "torch fixed the channels-last group_norm backward segfault: remove adanorm's workaround in "
         "adanorm/functional/dispatch.py (_group_norm), adanorm/functional/cpu_fused.py (native_group_norm) "
-        "and adanorm/csrc/norm_cpu.cpp (NativeGroupNorm), and this canary")
+        "and adanorm/csrc/norm_cpu_ops.cpp (NativeGroupNorm), and this canary")
 
 
 _FROZEN_INPUT_SCRIPT = """
     import torch
     import torch.nn.functional as F
     import adanorm
-    from adanorm.functional import cpu_fused, groups_for_mode
+    from adanorm.functional import cpu_fused, dispatch, groups_for_mode
 
     def check(label, layer, x, input_requires_grad, dtype=torch.float32):
         print(label, flush=True)  # the last line printed names the case that crashed
@@ -78,13 +79,13 @@ _FROZEN_INPUT_SCRIPT = """
         assert output.stride() == F.group_norm(x, groups, layer.weight, layer.bias).stride(), label
 
     def use(backend):  # switched as conftest's cpu_backend fixture does
-        cpu_fused.cpu_kernels = (lambda: None) if backend == "native" else cpu_kernels
+        dispatch.cpu_kernels = (lambda: None) if backend == "native" else cpu_kernels
         for name, value in thresholds.items():
-            setattr(cpu_fused, name, 0 if backend == "fused" else value)
+            setattr(dispatch, name, 0 if backend == "fused" else value)
 
-    cpu_kernels = cpu_fused.cpu_kernels
+    cpu_kernels = dispatch.cpu_kernels
     assert cpu_kernels() is not None, "the compiled kernels did not build"
-    thresholds = {name: getattr(cpu_fused, name) for name in dir(cpu_fused) if name.startswith("MIN_NUMEL_")}
+    thresholds = {name: getattr(dispatch, name) for name in dir(dispatch) if name.startswith("MIN_NUMEL_")}
     for backend in ("native", "compiled", "fused"):
         use(backend)
         for shape in [(2, 8, 2, 2, 2), (1, 64, 4, 4, 4), (2, 64, 1, 2, 1), (2, 8, 2, 2), (1, 64, 4, 4), (2, 16, 1, 3)]:
@@ -137,7 +138,7 @@ def test_parameter_gradients_without_input_gradient_do_not_crash():
 _LOAD_SCRIPT = """
     import warnings
     import torch
-    from adanorm.functional.cpu_fused import cpu_kernels
+    from adanorm.functional.dispatch import cpu_kernels
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -153,10 +154,8 @@ _BUILD_TIMEOUT_S = 480  # a build takes about a minute on two cores; CI machines
 
 
 def _build_directory(extensions_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from torch.utils import cpp_extension
-
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions_dir))
-    return Path(cpp_extension._get_build_directory(cpu_fused._EXTENSION, verbose=False))
+    return extension_build_directory(cpu_build.EXTENSION)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +195,7 @@ def test_lock_left_by_a_killed_build_does_not_hang(first_builds, tmp_path, monke
         import fcntl, os, signal
         from torch.utils.file_baton import FileBaton
         # What a build killed by SIGKILL leaves: torch's lock file, and adanorm's lock, which dies with it.
-        descriptor = os.open({str(build_directory / cpu_fused.BUILD_LOCK)!r}, os.O_RDWR | os.O_CREAT)
+        descriptor = os.open({str(build_directory / cpu_build.BUILD_LOCK)!r}, os.O_RDWR | os.O_CREAT)
         fcntl.flock(descriptor, fcntl.LOCK_EX)
         assert FileBaton({str(build_directory / "lock")!r}).try_acquire()
         os.kill(os.getpid(), signal.SIGKILL)
@@ -212,7 +211,7 @@ def test_wait_for_another_build_is_bounded(tmp_path, monkeypatch):
     """A live process holding the build (a hung compiler, a stopped job) is waited for only
     ADANORM_BUILD_WAIT seconds; then the native kernels, with a warning naming the lock."""
     build_directory = _build_directory(tmp_path, monkeypatch)
-    lock = build_directory / cpu_fused.BUILD_LOCK
+    lock = build_directory / cpu_build.BUILD_LOCK
     descriptor = os.open(lock, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
