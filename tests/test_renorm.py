@@ -313,7 +313,8 @@ def test_channels_last_input_keeps_its_layout():
         y_last, _ = train_step(layer, x.contiguous(memory_format=torch.channels_last_3d), upstream)
         y, _ = train_step(twin, x, upstream)
         assert y_last.is_contiguous(memory_format=torch.channels_last_3d)
-        torch.testing.assert_close(y_last, y, rtol=1e-5, atol=1e-6)
+        # the two layouts reduce in different orders; five steps of float32 rounding reach a few 1e-6
+        torch.testing.assert_close(y_last, y, rtol=1e-4, atol=1e-5)
 
 
 def test_convert_turns_renorm_on_for_batchnorm_layers_and_revert_keeps_the_state():
