@@ -91,7 +91,8 @@ def _wheel(tmp_path):
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    shutil.copytree(REPO / "adanorm", source / "adanorm", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for package in ("adanorm", "configs"):  # configs/ installs as adanorm.configs (pyproject.toml's package-dir)
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     isolation = [] if _has("setuptools") else ["--use-pep517"]  # with setuptools here, nothing is downloaded
     command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(tmp_path / "dist")]
     if not isolation:
