@@ -28,39 +28,118 @@ from adanorm.policy import (
     NonFiniteStatsWarning,
     Policy,
     check_num_groups,
-    choose_mode,
-    designed_mode,
     get_policy,
-    is_fallback,
-    mode_is_usable,
 )
 from adanorm.presets import MomentumPreset, get_preset
+from adanorm.rules import (
+    BALANCE_DECAY,
+    StepPlan,
+    balance_target,
+    eval_uses_running_stats,
+    running_stats_factor,
+    step_plan,
+    step_uses_running_stats,
+    update_balance,
+)
 from adanorm.scripting import ScriptableAdaptiveNorm
 from adanorm.warning_site import calling_site, first_report, layer_path
 
 MODE_CHOICES = ("auto",) + MODES
+_RunningStats = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]
+"""``(running_mean, running_var, num_batches_tracked, running_stats_balance)``: ``AdaptiveNorm._running_stats()``."""
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-BALANCE_DECAY = 0.9
-"""Weight of the past in ``running_stats_balance``: about the last ten training steps decide."""
 BALANCE_CHECK_STEPS = 64
 """Steps in one direction between checks of whether the balance has reached its update's fixed point."""
 
 
-def auto_decision(shape: Tuple[int, ...], training: bool, policy: Policy, num_groups: int,
-                  has_running_stats: bool) -> Tuple[str, Optional[str]]:
-    """Auto mode's choice for one input: the mode, and the ``designed_mode`` where that mode is a
-    fallback from it (else ``None``). The policy's pure functions, composed once so that the eager
-    hot path asks one cache per call (``_cached_auto_decision``, keyed on the shape, whose batch size
-    the designed mode depends on); compiled code calls this uncached: dynamo folds it into the graph
-    and would warn about a cache it bypasses."""
-    mode = choose_mode(shape, training, policy, num_groups, has_running_stats)
-    if not is_fallback(mode, shape, training, policy, has_running_stats, num_groups):
-        return mode, None
-    return mode, designed_mode(shape, training, policy, num_groups)
+def plan_step(shape: Tuple[int, ...], training: bool, layer_mode: str, policy: Policy, num_groups: int,
+              track_running_stats: bool, has_running_stats: bool, eval_rule: bool) -> StepPlan:
+    """``rules.step_plan`` for a ``Policy``. A pure function of its arguments, so the eager hot path asks
+    it through one cache per call (``_cached_plan_step``, keyed on the shape, whose batch size the
+    designed mode depends on); compiled code calls it uncached: dynamo folds it into the graph and would
+    warn about a cache it bypasses."""
+    return step_plan(list(shape), training, layer_mode, list(policy.chain), policy.eval_batch_stats, num_groups,
+                     policy.min_batch_size, policy.min_instance_size, policy.min_group_size,
+                     policy.instance_running_stats, track_running_stats, has_running_stats, eval_rule)
 
 
-_cached_auto_decision = lru_cache(maxsize=4096)(auto_decision)
-_cached_mode_is_usable = lru_cache(maxsize=4096)(mode_is_usable)
+_cached_plan_step = lru_cache(maxsize=4096)(plan_step)
+
+
+class _EvalRuleMemo:
+    """The eval rule's last answer (``rules.eval_uses_running_stats``), reused while its inputs stand still.
+
+    Invariant: the rule reads only ``policy.native_eval_rule`` and four tensors (``num_batches_tracked``,
+    ``running_mean``, ``running_var``, ``running_stats_balance``; tracking is checked before the memo is
+    asked). The memo holds the setting, the tensors themselves and each one's version counter, which
+    every in-place write through torch bumps (``copy_``, ``load_state_dict``, ``AveragedModel``, a DDP
+    broadcast, a training step). The same setting, the same tensor objects and the same versions therefore
+    mean unchanged inputs and an unchanged answer; anything else recomputes it (one host sync). Writes
+    that bypass the version counters (through ``.data``, or a NumPy view) are seen at the next
+    ``train()``/``eval()`` or ``load_state_dict``, which recompute always.
+    """
+
+    __slots__ = ("native_eval_rule", "tensors", "versions", "value")
+
+    def __init__(self) -> None:
+        self.native_eval_rule = False
+        self.tensors: Tuple[Optional[Tensor], ...] = (None, None, None, None)
+        self.versions: Tuple[int, ...] = ()
+        self.value = False
+
+    def answer(self, native_eval_rule: bool, steps: Tensor, mean: Tensor, var: Tensor, balance: Tensor,
+               recompute: bool) -> bool:
+        """The rule for these tensors as they are now, recomputed only when an input changed or when told to."""
+        versions = (steps._version, mean._version, var._version, balance._version)
+        tensors = self.tensors
+        if (recompute or versions != self.versions or steps is not tensors[0] or mean is not tensors[1]
+                or var is not tensors[2] or balance is not tensors[3] or native_eval_rule != self.native_eval_rule):
+            self.value = eval_uses_running_stats(True, native_eval_rule, mean, var, steps, balance)
+            self.native_eval_rule, self.tensors, self.versions = native_eval_rule, (steps, mean, var, balance), versions
+        return self.value
+
+
+class _BalanceRun:
+    """Consecutive eager training steps that moved one ``running_stats_balance`` toward one target.
+
+    Invariant: while ``balance._version == version``, every write to the balance since the run began was
+    the run's own ``rules.update_balance`` toward ``target``. Once ``settled``, one more update leaves the
+    balance unchanged (the rounded update toward ±1 has reached its fixed point, and a fixed point of a
+    deterministic update stays one), so skipping later steps in the same direction writes nothing the
+    rule would have changed. Every ``BALANCE_CHECK_STEPS``-th step computes the update out of place to
+    find out. A write from elsewhere (a load, a copy, a reset) or a step in the other direction ends the run.
+    """
+
+    __slots__ = ("balance", "updated_running_stats", "target", "version", "steps", "settled")
+
+    def __init__(self, balance: Tensor, updated_running_stats: bool) -> None:
+        self.balance = balance
+        self.updated_running_stats = updated_running_stats
+        self.target = balance_target(balance, updated_running_stats)
+        self.version = balance._version
+        self.steps = 0
+        self.settled = False
+
+    def step(self, balance: Tensor, updated_running_stats: bool) -> bool:
+        """Take this training step if it extends the run (the same balance, untouched since the run's last
+        step, and the same direction); ``False``, writing nothing, if it starts a new run."""
+        if (balance is not self.balance or balance._version != self.version
+                or updated_running_stats != self.updated_running_stats):
+            return False
+        if self.settled:
+            return True
+        self.steps += 1
+        if self.steps % BALANCE_CHECK_STEPS:
+            update_balance(self.balance, self.target, BALANCE_DECAY)
+        else:
+            moved = self.balance.clone()
+            update_balance(moved, self.target, BALANCE_DECAY)
+            if torch.equal(moved, self.balance):
+                self.settled = True
+            else:
+                self.balance.copy_(moved)
+        self.version = self.balance._version
+        return True
 
 
 _LAYER_DOC = """{summary}
@@ -92,15 +171,20 @@ checkpoints load strictly; with ``track_running_stats=False`` the state dict is 
 (weight, bias).
 
 Args:
-    num_features (int): C, the number of channels of the input.
+    num_features (int, optional): C, the number of channels of the input. ``None`` takes C from the
+        first input, as ``nn.InstanceNorm3d(None)`` accepts any C and torch's lazy modules infer it (MONAI's
+        ``ADN`` passes ``None`` without ``in_channels``); it has nothing per channel to create, so it
+        implies ``affine=False`` and ``track_running_stats=False``, and asking for either raises.
     eps (float): added to the variance for numerical stability. Default: ``1e-5``
     momentum (float, optional): the running statistics' update factor, as in ``nn.BatchNorm``;
         ``None`` for a cumulative average. At batch 2 the default averages about 20 samples, so the
         eval statistics swing with every step: ``preset`` names smaller values. Default: ``0.1``
-    affine (bool): learn a per-channel scale γ and shift β. Default: ``True``
+    affine (bool, optional): learn a per-channel scale γ and shift β. Default: ``True`` (``False``
+        with ``num_features=None``)
     track_running_stats (bool): keep a running mean and variance, updated by batch-mode steps, for
         eval. ``False`` gives ``nn.InstanceNorm3d``'s state dict (its default), so stock InstanceNorm
         checkpoints (nnU-Net's) load strictly in both directions. Default: ``True``, as ``nn.BatchNorm``
+        (``False`` with ``num_features=None``)
     device (torch.device, optional): where the parameters and buffers are created. Default: ``None``
     dtype (torch.dtype, optional): of the parameters and buffers. Default: ``None``
     bias (bool): learn β along with γ when ``affine``; ``False`` keeps the scale only. Default: ``True``
@@ -200,11 +284,11 @@ class AdaptiveNorm(_NormBase):
 
     def __init__(
         self,
-        num_features: int,
+        num_features: Optional[int],
         eps: float = 1e-5,
         momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
+        affine: Optional[bool] = None,
+        track_running_stats: Optional[bool] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         *,
@@ -221,18 +305,22 @@ class AdaptiveNorm(_NormBase):
         renorm_warmup_steps: int = RenormLimits.warmup_steps,
     ) -> None:
         name = type(self).__name__
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"{name}: num_features={num_features!r} is invalid; pass the channel count C as a positive integer.")
+        if num_features is None:
+            affine, track_running_stats = _without_channel_state(name, affine, track_running_stats)
+        elif isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"{name}: num_features={num_features!r} is invalid; pass the channel count C as a positive "
+                             f"integer, or None to take it from the first input.")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"{name}: eps={eps!r} is invalid; pass a small non-negative float such as 1e-5.")
         if mode not in MODE_CHOICES:
             raise ValueError(f"{name}: mode={mode!r} is unknown; choose one of {MODE_CHOICES}.")
         self.momentum_preset = _resolve_momentum(name, momentum, preset)
         super().__init__(
-            num_features, float(eps), self.momentum_preset.momentum, affine, track_running_stats, device, dtype, bias=bias
+            num_features, float(eps), self.momentum_preset.momentum, True if affine is None else affine,
+            True if track_running_stats is None else track_running_stats, device, dtype, bias=bias
         )
         self.mode = mode
-        self.num_groups = check_num_groups(num_groups, num_features)
+        self.num_groups = num_groups if num_features is None else check_num_groups(num_groups, num_features)
         self.policy = Policy() if policy is None else get_policy(policy)
         self.sync = sync
         self.process_group = process_group
@@ -252,9 +340,11 @@ class AdaptiveNorm(_NormBase):
         else:
             self.register_buffer("running_stats_balance", None, persistent=False)
             self.register_buffer("nonfinite_skips", None, persistent=False)
-        self._eval_rule_key: Tuple[int, ...] = ()
+        self._eval_rule_memo = _EvalRuleMemo()
         self._eval_rule = False
-        self._refresh_eval_rule()
+        """The eval rule as the last refresh found it: what compiled code reads (it reads no buffer back)."""
+        self._balance_run: Optional[_BalanceRun] = None
+        self._refresh_eval_rule(self._running_stats(), recompute=True)
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
@@ -265,34 +355,40 @@ class AdaptiveNorm(_NormBase):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if self.running_stats_balance is not None:
             self.running_stats_balance.zero_()  # loaded statistics describe the loaded weights until training says otherwise
-        self._refresh_eval_rule()
+        self._refresh_eval_rule(self._running_stats(), recompute=True)
 
     def train(self, mode: bool = True) -> "AdaptiveNorm":
         super().train(mode)
-        self._refresh_eval_rule()  # eager, outside any compiled region: what a compiled eval forward reads
+        # eager, outside any compiled region: what a compiled eval forward reads
+        self._refresh_eval_rule(self._running_stats(), recompute=True)
         self._warn_nonfinite_skips()
         return self
 
     def has_learned_running_stats(self) -> bool:
-        """Whether eval normalizes with the running statistics (the eval rule; see the README).
+        """Whether eval normalizes with the running statistics (the eval rule; docs/layer.md).
 
         They must be tracked, learned (``num_batches_tracked > 0`` or values other than the initial
         0/1, since old checkpoints carry real statistics with a zero counter; or any values under
         ``policy.native_eval_rule``) and current: ``running_stats_balance >= 0``, i.e. the layer's
-        recent training steps mostly updated them. The rule reads the buffers themselves, so any way
-        they change counts (``copy_``, ``AveragedModel``, ``load_state_dict``, ``.to()``, a DDP
-        broadcast); the answer is cached against the buffers' version counters and recomputed (one
-        host sync) only after a write.
+        recent training steps mostly updated them (``rules.eval_uses_running_stats``). The rule reads
+        the buffers themselves, so any way they change counts (``copy_``, ``AveragedModel``,
+        ``load_state_dict``, ``.to()``, a DDP broadcast); ``_EvalRuleMemo`` says when the answer is reused.
         """
-        if not torch.compiler.is_compiling():
-            self._refresh_eval_rule()
+        return self._current_eval_rule(torch.compiler.is_compiling(), self._running_stats())
+
+    def _current_eval_rule(self, compiling: bool, stats: _RunningStats) -> bool:
+        """The eval rule for the buffers as they are now (``stats``: ``_running_stats()``); compiled code
+        reads the last refresh instead (``train()``/``eval()`` refresh it outside the graph), as it reads no
+        buffer back."""
+        if not compiling:
+            self._refresh_eval_rule(stats)
         return self._eval_rule
 
     def eval_uses_running_stats(self) -> bool:
         """Whether eval normalizes every input with the running statistics, so that its output depends
         neither on batch-mates nor on how a volume is tiled (``adanorm.norm_statistics`` leaves such
         layers alone)."""
-        return self.has_learned_running_stats() if self.mode == "auto" else self._eval_reads_buffers(self.mode)
+        return self._eval_reads_buffers(self.mode if self.mode != "auto" else "batch")
 
     def eval_statistics(self, shape: Sequence[int]) -> str:
         """What an eval forward of input of ``shape`` normalizes with: ``"running"`` (the running
@@ -303,69 +399,47 @@ class AdaptiveNorm(_NormBase):
         (``adanorm.norm_statistics`` gathers them over the tiles of a volume).
 
         Args:
-            shape (Sequence[int]): the input's (N, C, *) shape.
+            shape (Sequence[int]): the input's (N, C, *) shape. A layer built with ``num_features=None`` that
+                has not run yet takes C from it, as its forward would.
         """
-        mode = self.mode if self.mode != "auto" else choose_mode(
-            tuple(shape), False, self.policy, self.num_groups, self.has_learned_running_stats())
-        return "running" if self._eval_reads_buffers(mode) else mode
+        if self.num_features is None:
+            self._infer_num_features(shape[1])
+        plan = plan_step(tuple(shape), False, self.mode, self.policy, self.num_groups, self.track_running_stats,
+                         self.running_mean is not None, self.mode == "auto" and self.has_learned_running_stats())
+        if plan.uses_running_stats:
+            return "running"
+        return self.mode if plan.mode is None else plan.mode  # None: a forced mode that cannot run (forward raises)
 
     def _eval_reads_buffers(self, mode: str) -> bool:
-        if self.mode == "auto":
-            return mode == "batch" and self._eval_rule
-        # Forced modes read the buffers in eval as the native module does, kept even while tracking is off.
-        return self.running_mean is not None and (
-            mode == "batch" or (mode == "instance" and self.policy.instance_running_stats))
+        """Whether an eval step that runs ``mode`` normalizes with the running statistics."""
+        return step_uses_running_stats(mode, self.mode, False, self.track_running_stats, self.policy.instance_running_stats,
+                                       self.running_mean is not None, self.mode == "auto" and self.has_learned_running_stats())
 
-    def _refresh_eval_rule(self) -> None:
-        mean = self._state("running_mean")
+    def _refresh_eval_rule(self, stats: _RunningStats, recompute: bool = False) -> None:
+        """Bring ``_eval_rule`` up to date with the buffers (``stats``: ``_running_stats()``; ``_EvalRuleMemo``
+        says when that costs a host sync). Written into ``__dict__``, as ``nn.Module.__setattr__`` would put
+        it, without its type checks."""
+        mean, var, steps, balance = stats
         if not self.track_running_stats or mean is None:
-            self._eval_rule_key, self._eval_rule = (), False
+            self.__dict__["_eval_rule"] = False  # the rule's first test, without the call: untracked layers ask per call
             return
-        # Read on every eval call, so spelled out: four attribute lookups and a generator cost as much as
-        # a small layer's kernel.
-        steps, var, balance = (self._state("num_batches_tracked"), self._state("running_var"),
-                               self._state("running_stats_balance"))
-        key = (id(steps), steps._version, id(mean), mean._version, id(var), var._version, id(balance), balance._version)
-        if key == self._eval_rule_key:
+        if steps is None or var is None or balance is None:  # buffers set to None by hand: nothing to key on
+            self.__dict__["_eval_rule"] = eval_uses_running_stats(True, self.policy.native_eval_rule, mean, var, steps, balance)
             return
-        current = bool(balance.item() >= 0)
-        learned = self.policy.native_eval_rule or bool(steps.item() > 0 or mean.ne(0).any().item() or var.ne(1).any().item())
-        self._eval_rule_key, self._eval_rule = key, current and learned
+        self.__dict__["_eval_rule"] = self._eval_rule_memo.answer(self.policy.native_eval_rule, steps, mean, var, balance,
+                                                                  recompute)
 
-    def _record_training_step(self, updated_running_stats: bool, captured: bool) -> None:
-        """Move the balance toward +1 for a step that updated the running statistics, −1 for one that
-        left them behind (a per-sample mode), weighting the last ~10 steps (``BALANCE_DECAY``).
-
-        One step decides after a load; a run of about seven steps decides after long training in the
-        other regime. So a smaller last batch per epoch does not switch a batch-trained layer's eval
-        to per-sample statistics, while fine-tuning that really moved to a per-sample mode does.
-
-        In eager mode the update (a few µs, as much as a small layer's kernel) stops once the balance
-        sits at its fixed point: after a long run in one direction the rounded update leaves it
-        unchanged, which a check every ``BALANCE_CHECK_STEPS`` steps finds by computing it. From then
-        on the skipped writes are exactly those a ``lerp_`` would make, until a write from elsewhere
-        (its version counter: a load, a copy, a reset) or a step in the other direction.
-        """
-        balance = self._state("running_stats_balance")
-        target = 1.0 if updated_running_stats else -1.0
-        if captured:  # no cached constant in a graph: the tracer would record its first creation
-            balance.mul_(BALANCE_DECAY).add_((1.0 - BALANCE_DECAY) * target)
+    def _record_training_step(self, balance: Tensor, updated_running_stats: bool, captured: bool) -> None:
+        """Move ``balance`` (``running_stats_balance``) toward +1 for a step that updated the running statistics,
+        −1 for one that left them behind (``rules.update_balance``). Eager steps go through ``_BalanceRun``, which
+        skips the updates that would change nothing; captured code runs the rule as it is."""
+        if captured:
+            update_balance(balance, balance_target(balance, updated_running_stats), BALANCE_DECAY)
             return
-        run = self.__dict__.get("_balance_run")  # (buffer, its version after our last write, target, steps)
-        steps = run[3] if run is not None and run[0] is balance and run[1] == balance._version and run[2] == target else 0
-        if steps < 0:
-            return  # at the fixed point of this direction's update
-        steps += 1
-        end = _balance_target(target, balance.device, balance.dtype)
-        if steps % BALANCE_CHECK_STEPS:
-            balance.lerp_(end, 1.0 - BALANCE_DECAY)
-        else:
-            moved = torch.lerp(balance, end, 1.0 - BALANCE_DECAY)
-            if torch.equal(moved, balance):
-                steps = -1
-            else:
-                balance.copy_(moved)
-        self.__dict__["_balance_run"] = (balance, balance._version, target, steps)
+        run = self._balance_run
+        if run is None or not run.step(balance, updated_running_stats):
+            self.__dict__["_balance_run"] = _BalanceRun(balance, updated_running_stats)
+            self._balance_run.step(balance, updated_running_stats)
 
     def _warn_nonfinite_skips(self) -> None:
         if self.nonfinite_skips is None or torch.compiler.is_compiling():
@@ -409,30 +483,38 @@ class AdaptiveNorm(_NormBase):
                 f"(e.g. model.to({input.dtype}) or input.to({weight.dtype})), or run under torch.autocast."
             )
         if input.shape[1] != self.num_features:
+            if self.num_features is None:
+                self._infer_num_features(input.shape[1])
+                return
             raise ValueError(
                 f"{type(self).__name__}: expected {self.num_features} channels (num_features) at dim 1, got input of "
                 f"shape {tuple(input.shape)}; set num_features to the previous layer's output channels."
             )
 
-    def _select_mode(self, shape: Tuple[int, ...], compiling: bool) -> Tuple[str, Optional[str]]:
-        """The mode for ``shape``, and the designed mode it fell back from (else ``None``)."""
+    def _infer_num_features(self, channels: int) -> None:
+        """``num_features=None``: C (and the group count it allows) from the first input, after which the
+        layer is the one ``num_features=C`` builds; it holds no per-channel tensor to create."""
+        try:
+            self.num_groups = check_num_groups(self.num_groups, channels)
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__}(num_features=None) got {channels} channels: {error}") from None
+        self.num_features = channels
+
+    def _plan(self, shape: Tuple[int, ...], compiling: bool, has_running_stats: bool, eval_rule: bool) -> StepPlan:
+        """This forward's ``rules.step_plan``; raises where a forced mode cannot run, and reports a fallback."""
         training = self.training
-        if self.mode != "auto":
-            usable = (mode_is_usable if compiling else _cached_mode_is_usable)(self.mode, shape, self.num_groups, None)
-            uses_running_stats = self.mode == "batch" and not training and self._state("running_mean") is not None
-            if not (usable or uses_running_stats):
-                raise ValueError(
-                    f"{type(self).__name__}(mode={self.mode!r}) cannot normalize input of shape {tuple(shape)}: it would compute "
-                    f"statistics over a single value. Use mode='auto' to fall back, or a larger batch/patch size."
-                )
-            return self.mode, None
-        has_stats = not training and self.has_learned_running_stats()
-        mode, fallback_from = (auto_decision if compiling else _cached_auto_decision)(
-            shape, training, self.policy, self.num_groups, has_stats)
+        plan = (plan_step if compiling else _cached_plan_step)(
+            shape, training, self.mode, self.policy, self.num_groups, self.track_running_stats, has_running_stats, eval_rule)
+        if plan.mode is None:
+            raise ValueError(
+                f"{type(self).__name__}(mode={self.mode!r}) cannot normalize input of shape {tuple(shape)}: it would compute "
+                f"statistics over a single value. Use mode='auto' to fall back, or a larger batch/patch size."
+            )
+        fallback_from = plan.fallback_from
         if fallback_from is not None and (self.policy.strict or (
-                not compiling and (fallback_from, mode, training) not in self._reported_fallbacks)):
-            self._report_fallback(shape, fallback_from, mode)
-        return mode, fallback_from
+                not compiling and (fallback_from, plan.mode, training) not in self._reported_fallbacks)):
+            self._report_fallback(shape, fallback_from, plan.mode)
+        return plan
 
     def _report_fallback(self, shape: Tuple[int, ...], designed: str, mode: str) -> None:
         """Raise under ``Policy(strict=True)``; otherwise warn once per model and regime (from-mode,
@@ -464,7 +546,7 @@ class AdaptiveNorm(_NormBase):
         """Normalize ``input`` in the mode its shape allows (auto) or the forced one. The choice is
         made per call, since the batch and patch size may change between steps; eager calls record it
         in ``last_mode`` and ``mode_counts``, compiled ones fold it into the graph."""
-        weight, bias = self._state("weight"), self._state("bias")
+        weight, bias = self._affine()
         self._check_input(input, weight)
         training = self.training
         global_batch = None
@@ -472,25 +554,26 @@ class AdaptiveNorm(_NormBase):
             # One gather per forward: every rank decides from the same global shape (see functional.sync).
             global_batch = gather_batch(input, self.process_group)
         compiling, captured = torch.compiler.is_compiling(), capturing()
-        mode, fallback_from = self._select_mode(input.shape if global_batch is None else global_batch.shape, compiling)
+        stats = self._running_stats()
+        running_mean = stats[0]
+        has_running_stats = running_mean is not None
+        eval_rule = not training and self.mode == "auto" and self._current_eval_rule(compiling, stats)
+        mode, fallback_from, use_buffers = self._plan(input.shape if global_batch is None else global_batch.shape,
+                                                      compiling, has_running_stats, eval_rule)
         if not compiling:  # telemetry stays out of graphs: no guards on counters, no breaks
             self.__dict__["last_mode"] = mode  # plain attribute writes: skip nn.Module.__setattr__ on the hot path
             self.__dict__["last_fallback_from"] = fallback_from
             self.mode_counts[mode] += 1
-        running_mean = self._state("running_mean")
-        if training:
-            use_buffers = self.track_running_stats and (
-                mode == "batch" or (mode == "instance" and self.policy.instance_running_stats))
-            if self.track_running_stats and running_mean is not None:
-                self._record_training_step(use_buffers, captured)
-        else:
-            use_buffers = self._eval_reads_buffers(mode)
-        running_mean, running_var = (running_mean, self._state("running_var")) if use_buffers else (None, None)
+        if training and self.track_running_stats and has_running_stats:
+            self._record_training_step(stats[3], use_buffers, captured)
+        running_mean, running_var = (running_mean, stats[1]) if use_buffers else (None, None)
         factor, renorm = 0.0, None
         if training and use_buffers:
+            steps = stats[2]
             if mode == "batch" and self.renorm_limits is not None:  # the limits after the steps learned so far
-                renorm = self.renorm_limits.at(self._state("num_batches_tracked"), running_var.dtype)
-            factor = self._update_factor(input.shape[0], count_step=mode == "batch")
+                renorm = self.renorm_limits.at(steps, running_var.dtype)
+            preset = self.momentum_preset
+            factor = running_stats_factor(input.shape[0], steps, mode == "batch", preset.momentum, preset.window_samples or 0)
         guard = use_buffers and training and self.policy.skip_nonfinite
         nonfinite_skips = self._state("nonfinite_skips") if guard else None
         if global_batch is not None and mode == "batch":
@@ -508,22 +591,38 @@ class AdaptiveNorm(_NormBase):
             self._warn_nonfinite_skips()
         return output
 
-    def _update_factor(self, batch_size: int, count_step: bool) -> Union[float, Tensor]:
-        """This step's running-statistics factor. Batch steps count in ``num_batches_tracked`` as in
-        nn.BatchNorm; instance steps do not, as in nn.InstanceNorm."""
-        num_batches_tracked = self._state("num_batches_tracked")
-        if count_step:
-            num_batches_tracked.add_(1)
-        return self.momentum_preset.factor(batch_size, num_batches_tracked)
-
     def __prepare_scriptable__(self) -> nn.Module:
         """``torch.jit.script`` compiles ``adanorm.scripting.ScriptableAdaptiveNorm`` in place of this layer."""
         return ScriptableAdaptiveNorm(self)
 
+    def _affine(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """``(weight, bias)`` as ``_state`` reads them, with one lookup of ``_parameters`` for both."""
+        parameters = self._parameters
+        try:
+            return parameters["weight"], parameters["bias"]
+        except KeyError:  # moved out by parametrize or weight norm
+            return self._state("weight"), self._state("bias")
+
+    def _running_stats(self) -> _RunningStats:
+        """``(running_mean, running_var, num_batches_tracked, running_stats_balance)`` as ``_state`` reads
+        them, with one lookup of ``_buffers`` for all four (each is ``None`` where it is not tracked)."""
+        buffers = self._buffers
+        try:
+            return (buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"],
+                    buffers["running_stats_balance"])
+        except KeyError:  # moved out by parametrize
+            return (self._state("running_mean"), self._state("running_var"), self._state("num_batches_tracked"),
+                    self._state("running_stats_balance"))
+
     def _state(self, name: str) -> Optional[Tensor]:
-        """A parameter or buffer at the cost of a dict lookup: ``nn.Module.__getattr__`` takes about a
-        microsecond per name, a tenth of a small layer's call. Names moved out of these dicts (weight
-        norm, ``torch.nn.utils.parametrize``) take the normal attribute lookup."""
+        """``getattr(self, name)`` for a parameter or buffer, read from ``_parameters``/``_buffers``
+        directly rather than through ``nn.Module.__getattr__`` (per-call cost: BENCHMARKS.md).
+
+        Invariant: normal attribute lookup would return the same object. ``nn.Module.__setattr__`` keeps a
+        name in at most one of ``__dict__``, ``_parameters`` and ``_buffers``, and whatever replaces a
+        parameter with a computed attribute (``torch.nn.utils.parametrize``, weight norm) removes the name
+        from ``_parameters``; so a name found in these dicts is the attribute, and any other name takes the
+        normal lookup."""
         tensors = self._parameters
         if name not in tensors:
             tensors = self._buffers
@@ -538,9 +637,16 @@ class AdaptiveNorm(_NormBase):
         )
 
 
-@lru_cache(maxsize=None)
-def _balance_target(target: float, device: torch.device, dtype: torch.dtype) -> Tensor:
-    return torch.tensor(target, device=device, dtype=dtype)
+def _without_channel_state(name: str, affine: Optional[bool], track_running_stats: Optional[bool]) -> Tuple[bool, bool]:
+    """``num_features=None`` creates nothing per channel: ``affine`` and ``track_running_stats`` must be unset
+    or ``False``; native norms fail there with a TypeError from ``torch.empty(None)``."""
+    requested = [arg for arg, value in (("affine", affine), ("track_running_stats", track_running_stats)) if value]
+    if requested:
+        raise ValueError(
+            f"{name}(num_features=None, {', '.join(f'{arg}=True' for arg in requested)}): the channel count is needed to "
+            f"create per-channel {' and '.join(requested)} state; pass num_features=C, or leave {' and '.join(requested)} "
+            f"unset (False) to take C from the first input.")
+    return False, False
 
 
 def _resolve_renorm(name: str, renorm: bool, r_max: float, d_max: float, warmup_steps: int) -> Optional[RenormLimits]:

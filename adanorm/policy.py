@@ -193,13 +193,12 @@ def get_policy(policy: Union[Policy, str]) -> Policy:
     return NAMED_POLICIES[name]
 
 
-def default_num_groups(num_channels: int) -> int:
-    """The largest divisor of C that is at most 32 and leaves at least two channels per group.
-
-    Two channels per group keeps group mode distinct from instance mode; 32 is Group Norm's default.
-    Returns 1 (no usable grouping) for C < 4 or prime C.
+def default_num_groups(num_channels: int, max_groups: int = DEFAULT_MAX_GROUPS) -> int:
+    """The largest divisor of C that is at most ``max_groups`` (Group Norm's default, 32) and leaves at
+    least two channels per group, so that group mode stays distinct from instance mode.
+    Returns 1 (no usable grouping) for C < 4 or prime C. TorchScript compiles it too.
     """
-    for groups in range(min(DEFAULT_MAX_GROUPS, num_channels // 2), 1, -1):
+    for groups in range(min(max_groups, num_channels // 2), 1, -1):
         if num_channels % groups == 0:
             return groups
     return 1
@@ -298,9 +297,8 @@ def is_fallback(mode: str, shape: Tuple[int, ...], training: bool, policy: Polic
     """Whether auto mode running ``mode`` for ``shape`` is a fallback: a mode other than the
     ``designed_mode``, which the input's spatial size left too few values per statistic. Never in
     eval with usable running statistics, which are valid at every shape."""
-    if not training and has_running_stats:
-        return False
-    return mode != designed_mode(shape, training, policy, num_groups)
+    walked = candidates(training, list(policy.chain), policy.eval_batch_stats)
+    return fallback_from(mode, training, has_running_stats, walked, shape[0], num_groups, policy.min_batch_size) is not None
 
 
 # The decision itself, over plain values so that TorchScript compiles the same code the eager layers run
@@ -363,6 +361,17 @@ def usable(mode: str, shape: List[int], num_groups: int, forced: bool, min_batch
     if forced:
         return values != 1
     return values >= max(floor, threshold)
+
+
+def fallback_from(mode: str, training: bool, has_running_stats: bool, walked: List[str], batch_size: int,
+                  num_groups: int, min_batch_size: int) -> Optional[str]:
+    """``is_fallback`` over plain values, given the ``candidates`` walked: the ``designed`` mode that
+    ``mode`` fell back from, or ``None`` where ``mode`` is the design (always in eval with usable
+    running statistics, which are valid at every shape)."""
+    if not training and has_running_stats:
+        return None
+    planned = designed(walked, batch_size, num_groups, min_batch_size)
+    return None if mode == planned else planned
 
 
 def choose(shape: List[int], training: bool, chain: List[str], num_groups: int, min_batch_size: int,

@@ -30,6 +30,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from adanorm.functional.running_stats import Moments
 from adanorm.norm import AdaptiveNorm
+from adanorm.rules import running_stats_learned
 
 SOURCES = ("tile", "running", "volume")
 """Where eval statistics come from: each tile's own, the layers' running statistics, or the whole volume's."""
@@ -38,8 +39,9 @@ MISSING = ("error", "volume", "tile")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _eval_uses_running_stats(module: nn.Module) -> bool:
-    """Whether the layer's eval normalizes with its running statistics whatever the input (so tiling cannot change it)."""
+def _tile_independent(module: nn.Module) -> bool:
+    """Whether the layer's eval normalizes with its running statistics whatever the input (so tiling cannot
+    change it): an adaptive layer's eval rule, or a native layer that tracks them."""
     if isinstance(module, AdaptiveNorm):
         return module.eval_uses_running_stats()
     if isinstance(module, (_InstanceNorm, _BatchNorm)):
@@ -50,8 +52,8 @@ def _eval_uses_running_stats(module: nn.Module) -> bool:
 def _may_normalize_per_tile(module: nn.Module) -> bool:
     """Layers whose eval statistics can depend on the tile: the ones this module takes over."""
     if isinstance(module, AdaptiveNorm):
-        return module.mode != "identity" and not _eval_uses_running_stats(module)
-    return isinstance(module, (nn.GroupNorm, _InstanceNorm, _BatchNorm)) and not _eval_uses_running_stats(module)
+        return module.mode != "identity" and not _tile_independent(module)
+    return isinstance(module, (nn.GroupNorm, _InstanceNorm, _BatchNorm)) and not _tile_independent(module)
 
 
 def _tile_groups(module: nn.Module, input: Tensor) -> Optional[int]:
@@ -61,19 +63,20 @@ def _tile_groups(module: nn.Module, input: Tensor) -> Optional[int]:
     fallback on too small a tile), which has no statistics to share."""
     if isinstance(module, nn.GroupNorm):
         return module.num_groups
+    channels = input.shape[1]  # not num_features, which nn.InstanceNorm3d(None) leaves None
     if not isinstance(module, AdaptiveNorm):
-        return module.num_features
-    return {"batch": module.num_features, "instance": module.num_features, "group": module.num_groups,
-            "layer": 1}.get(module.eval_statistics(input.shape))
+        return channels
+    statistics = module.eval_statistics(input.shape)  # first: it resolves num_features=None, as forward would
+    return {"batch": channels, "instance": channels, "group": module.num_groups, "layer": 1}.get(statistics)
 
 
 def _learned_running_stats(module: nn.Module) -> Optional[Tuple[Tensor, Tensor]]:
     """Running statistics that describe training data (not the initial 0/1 of a layer that never
     updated them, which are no normalization), or None."""
-    if not isinstance(module, AdaptiveNorm) or module.running_mean is None:
+    if not isinstance(module, AdaptiveNorm) or module.running_mean is None or module.running_var is None:
         return None  # GroupNorm has none; untracked InstanceNorm/BatchNorm have none; tracked ones already use theirs
-    learned = module.policy.native_eval_rule or bool(
-        module.num_batches_tracked.item() > 0 or module.running_mean.ne(0).any() or module.running_var.ne(1).any())
+    learned = running_stats_learned(module.policy.native_eval_rule, module.running_mean, module.running_var,
+                                    module.num_batches_tracked)
     return (module.running_mean, module.running_var) if learned else None
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from adanorm.functional import dispatch
 from adanorm.functional.renorm import RenormClip, renormalize_batch_mode
-from adanorm.functional.running_stats import scratch_statistics
+from adanorm.functional.running_stats import blend, scratch_statistics
 
 
 def adaptive_norm(
@@ -99,31 +99,56 @@ def adaptive_norm(
 def normalize(input: Tensor, mode: str, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
               running_var: Optional[Tensor], training: bool, momentum: Union[float, Tensor], eps: float, num_groups: int,
               nonfinite_skips: Optional[Tensor], renorm: Optional[RenormClip], captured: bool) -> Tensor:
-    """``adaptive_norm`` given ``captured`` (``dispatch.capturing()``), which a layer asks once per call
-    for everything it does: on a small input each such check is a visible part of the call."""
+    """``adaptive_norm`` given ``captured``: the normalize call of the adaptive layers, eager and scripted.
+
+    ``captured`` must be what ``dispatch.capturing()`` returns during this call. Whether a compiler,
+    tracer or exporter is recording cannot change within one call, so a layer asks once per forward and
+    passes the answer to every step that picks a kernel; ``True`` keeps them to native ops and off
+    branches on the input's size, which a trace would fix. TorchScript compiles this function too
+    (``adanorm.scripting``, with ``captured=False``): wherever a kernel is picked, the branch under
+    ``torch.jit.is_scripting()`` runs the native op, so a scripted layer holds native ops only."""
     if mode == "identity" or (not captured and input.numel() == 0):
         return affine_only(input, weight, bias)  # an empty batch keeps its layout and leaves the statistics alone
     if mode == "batch" and not training and running_mean is not None:
         return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps,
                                 torch.backends.cudnn.enabled)
-    if mode == "instance" and running_mean is not None:
+    if mode == "instance" and running_mean is not None and running_var is not None:
         return _instance_norm_with_running_stats(input, weight, bias, running_mean, running_var, training,
                                                  momentum, eps, nonfinite_skips, captured)
     if mode == "batch":
         spatial = _spatial_size(input)
         _require_several_values(input.shape[0] * spatial, input, "batch", "the batch size or the patch size")
-        kernel = dispatch.batch_kernel(input, captured)
         if running_mean is None or running_var is None:
-            return kernel(input, weight, bias, None, None, 0.0, eps)
+            return _batch_statistics_norm(input, weight, bias, None, None, 0.0, eps, captured)
         batch_mean, batch_var = scratch_statistics(running_mean, running_var)
-        output = kernel(input, weight, bias, batch_mean, batch_var, 1.0, eps)  # scratch := batch statistics
+        # momentum 1: the scratch pair becomes the batch statistics
+        output = _batch_statistics_norm(input, weight, bias, batch_mean, batch_var, 1.0, eps, captured)
         if renorm is not None:  # r and d read the running statistics before this step's update
             output = renormalize_batch_mode(output, renorm, batch_mean, batch_var, input.shape[0] * spatial,
                                             running_mean, running_var, weight, bias, eps)
-        dispatch.blend_kernel(running_mean, running_var, captured)(running_mean, running_var, batch_mean, batch_var,
-                                                                  momentum, nonfinite_skips)
+        _blend(running_mean, running_var, batch_mean, batch_var, momentum, nonfinite_skips, captured)
         return output
     return _grouped_norm(input, groups_for_mode(mode, input.shape[1], num_groups), weight, bias, eps, captured)
+
+
+def _batch_statistics_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                           running_var: Optional[Tensor], momentum: float, eps: float, captured: bool) -> Tensor:
+    """Batch statistics on ``dispatch.batch_kernel``'s kernel, updating the given running statistics with
+    ``momentum`` as ``F.batch_norm`` does; in TorchScript the native op."""
+    if torch.jit.is_scripting():
+        return torch.batch_norm(input, weight, bias, running_mean, running_var, True, momentum, eps,
+                                torch.backends.cudnn.enabled)
+    return dispatch.batch_kernel(input, captured)(input, weight, bias, running_mean, running_var, momentum, eps)
+
+
+def _blend(running_mean: Tensor, running_var: Tensor, batch_mean: Tensor, batch_var: Tensor, momentum: Union[float, Tensor],
+           nonfinite_skips: Optional[Tensor], captured: bool) -> None:
+    """``running_stats.blend`` on ``dispatch.blend_kernel``'s kernel; in TorchScript as written."""
+    if torch.jit.is_scripting():
+        blend(running_mean, running_var, batch_mean, batch_var, momentum, nonfinite_skips)
+    else:
+        dispatch.blend_kernel(running_mean, running_var, captured)(running_mean, running_var, batch_mean, batch_var,
+                                                                  momentum, nonfinite_skips)
 
 
 def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
@@ -167,11 +192,13 @@ def _grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias
     """``grouped_norm`` on non-empty input (or captured code), once the caller has asked ``capturing()``."""
     _require_several_values(input.shape[1] // num_groups * _spatial_size(input), input, "per-sample",
                             "the patch size or num_groups")
+    if torch.jit.is_scripting():  # contiguous: native group norm's channels-last backward can crash (dispatch._group_norm)
+        return torch.group_norm(input.contiguous(), num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
     return dispatch.grouped_kernel(input, num_groups, captured)(input, num_groups, weight, bias, eps)
 
 
 def _instance_norm_with_running_stats(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                                      running_mean: Tensor, running_var: Optional[Tensor], training: bool,
+                                      running_mean: Tensor, running_var: Tensor, training: bool,
                                       momentum: Union[float, Tensor], eps: float,
                                       nonfinite_skips: Optional[Tensor], captured: bool) -> Tensor:
     """``F.instance_norm`` with running statistics: what a converted InstanceNorm(track_running_stats=True) runs."""
@@ -181,8 +208,7 @@ def _instance_norm_with_running_stats(input: Tensor, weight: Optional[Tensor], b
     _require_several_values(_spatial_size(input), input, "instance", "the patch size")
     batch_mean, batch_var = scratch_statistics(running_mean, running_var)
     output = torch.instance_norm(input, weight, bias, batch_mean, batch_var, True, 1.0, eps, torch.backends.cudnn.enabled)
-    dispatch.blend_kernel(running_mean, running_var, captured)(running_mean, running_var, batch_mean, batch_var,
-                                                              momentum, nonfinite_skips)
+    _blend(running_mean, running_var, batch_mean, batch_var, momentum, nonfinite_skips, captured)
     return output
 
 
@@ -200,8 +226,9 @@ def _require_several_values(values_per_statistic: int, input: Tensor, kind: str,
     tracing with a dynamic batch dimension needs no guard on it. Empty input passes, as natively.
     """
     if values_per_statistic == 1 and input.numel() > 0:
+        shape = input.shape if torch.jit.is_scripting() else tuple(input.shape)  # TorchScript has no tuple(list)
         raise ValueError(
-            f"{kind} statistics of input of shape {tuple(input.shape)} would each be over a single value; "
+            f"{kind} statistics of input of shape {shape} would each be over a single value; "
             f"increase {remedy}, or use an AdaptiveNorm layer in mode='auto', which falls back instead."
         )
 
