@@ -230,7 +230,7 @@ def _group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: 
     segfaults when γ or β wants a gradient and the input does not: a frozen input, or
     ``torch.autograd.grad`` over parameters only. Where the compiled kernels are built, their
     ``native_group_norm`` runs the same native kernels but always asks for the input gradient.
-    ``tests/test_reliability_core.py`` has a canary that fails once torch fixes the kernel.
+    ``tests/module/test_reliability_core.py`` has a canary that fails once torch fixes the kernel.
     """
     if not input.is_contiguous() and input.is_cpu and cpu_kernels() is not None:
         return cpu_fused.native_group_norm(input, num_groups, _scale_beside_shift(weight, bias), bias, eps)

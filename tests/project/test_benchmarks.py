@@ -9,7 +9,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # each case runs a benchmark script in its own process
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def _run(*args: str) -> str:

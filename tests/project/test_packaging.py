@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from test_recipes import REPO, one_epoch, tiny
+from recipe_runs import REPO, one_epoch, tiny
 
 try:
     import tomllib
@@ -79,7 +79,7 @@ def test_triton_tests_skip_with_a_reason_without_triton(tmp_path):
     (tmp_path / "triton.py").write_text("raise ModuleNotFoundError(\"No module named 'triton'\", name='triton')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                             str(REPO / "tests" / "test_triton.py")], capture_output=True, text=True, cwd=REPO,
+                             str(REPO / "tests" / "functional" / "test_triton.py")], capture_output=True, text=True, cwd=REPO,
                             env=env, timeout=300)
     assert result.returncode in (0, 5), result.stdout[-3000:]  # 5: the module skipped, so nothing was collected
     assert re.search(r"SKIPPED.*test_triton\.py.*triton", result.stdout), result.stdout[-3000:]

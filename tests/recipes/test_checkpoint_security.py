@@ -12,8 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_predict_cli import predict_script, write_scan
-from test_recipes import compose_config, one_epoch, tiny
+from recipe_runs import compose_config, one_epoch, predict_script, tiny, write_scan
 
 from adanorm.recipes.checkpoint import CheckpointError, load_recipe_module
 from adanorm.recipes.module import CLASS_PATH_KEY

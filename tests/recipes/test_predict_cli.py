@@ -2,7 +2,6 @@
 import contextlib
 import csv
 import hashlib
-import importlib.util
 import io
 import re
 import warnings
@@ -12,33 +11,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_recipes import REPO, compose_config, one_epoch, tiny
+from recipe_runs import predict_script, trained_checkpoint, write_scan
 
 from adanorm.recipes.inference import OutputConflictError, atomic_output, planned_outputs, refuse_conflicts
-from adanorm.recipes.run import train
-
-spec = importlib.util.spec_from_file_location("predict_script", REPO / "predict.py")
-predict_script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(predict_script)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny recipe runs: threads only add overhead
-
-
-def trained_checkpoint(tmp_path, model):
-    output = tmp_path / model
-    train(compose_config(*tiny(tmp_path / "data", output, model), *one_epoch()))
-    return output / "checkpoints" / "last.ckpt"
-
-
-def write_scan(path, shape, affine):
-    """An int16 scan with scaling, an oblique affine and a description: all must survive prediction."""
-    data = (np.random.RandomState(1).rand(*shape) * 1000).astype(np.int16)
-    image = nib.Nifti1Image(data, affine)
-    image.header["descrip"] = b"scanner X"
-    image.header.set_slope_inter(0.5, 10.0)
-    nib.save(image, path)
-    return path
 
 
 def test_segmentation_prediction_keeps_the_input_grid(tmp_path, capsys):

@@ -6,7 +6,7 @@ against a float64 evaluation of the native module, since native float32 has bugs
 raise a clear error where it does not; running statistics stay finite.
 
 CI runs a fixed set of examples (derandomized, so a red run reproduces);
-``ADANORM_FUZZ_EXAMPLES=20000 HYPOTHESIS_PROFILE=explore python -m pytest tests/test_fuzz.py``
+``ADANORM_FUZZ_EXAMPLES=20000 HYPOTHESIS_PROFILE=explore python -m pytest tests/module/test_fuzz.py``
 explores new ones.
 """
 import contextlib

@@ -1,5 +1,5 @@
 """A 2-process Lightning DDP fit of the UNet recipe on the CPU with the AdaptiveNormSync plugin; each rank
-saves its parameters and buffers. Run by tests/test_distributed.py (Lightning's ddp strategy starts rank 1 by
+saves its parameters and buffers. Run by tests/module/test_distributed.py (Lightning's ddp strategy starts rank 1 by
 running this script again)."""
 import sys
 import warnings
@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_recipes import compose_config, one_epoch, tiny  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from recipe_runs import compose_config, one_epoch, tiny  # noqa: E402
 
 import adanorm  # noqa: E402
 from adanorm.integrations.lightning import AdaptiveNormSync  # noqa: E402

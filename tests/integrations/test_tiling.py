@@ -13,8 +13,7 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
 from monai.networks.nets import BasicUNet, DynUNet, UNet
-from test_predict_cli import trained_checkpoint, write_scan
-from test_recipes import REPO
+from recipe_runs import REPO, trained_checkpoint, write_scan
 from torch import nn
 
 import adanorm

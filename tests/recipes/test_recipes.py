@@ -12,11 +12,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
+from recipe_runs import REPO, compose_config, one_epoch, tiny
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
@@ -28,7 +28,6 @@ from adanorm.recipes.quiet import quiet_third_party
 from adanorm.recipes.resume import FirstRun, with_first_run_overrides
 from adanorm.recipes.run import train
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = Path(adanorm.configs.__file__).parent  # shipped inside the package: pkg://adanorm.configs
 GROUPS = ("model", "norm", "data", "trainer")
 SEGMENTATION_MODELS = ("unet", "basic_unet", "dynunet", "segresnet")
@@ -39,27 +38,6 @@ NOISE = ("LeafSpec", "litlogger")  # third-party messages every run printed befo
 
 def options(group):
     return sorted(path.stem for path in (CONFIGS / group).glob("*.yaml"))
-
-
-def compose_config(*overrides, return_hydra_config=False):
-    with initialize_config_module(config_module="adanorm.configs", version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
-
-
-def tiny(data_root, output_dir=None, model="unet"):
-    """Overrides for a seconds-long run: 4 volumes of 24^3, 16^3 patches, batch 2 (label checks cached in data_root)."""
-    overrides = [f"model={model}", f"data.root={data_root}", "data.num_volumes=4", "data.volume_size=24",
-                 "data.patch_size=[16,16,16]", "data.samples_per_volume=1", f"data.label_cache={data_root}/label_checks.json"]
-    if output_dir is not None:
-        overrides.append(f"output_dir={output_dir}")
-    if model == "resnet":
-        overrides.append("model.net.widen_factor=0.25")
-    return overrides
-
-
-def one_epoch():
-    return ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
-            "trainer.log_every_n_steps=1"]
 
 
 def norm_layers(model):

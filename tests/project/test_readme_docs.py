@@ -22,7 +22,7 @@ from typing import FrozenSet, Iterator, List, Optional, Sequence, Tuple
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 PAGES = (README, *sorted((REPO / "docs").glob("*.md")))
 README_MAX_BYTES = 12 * 1024
