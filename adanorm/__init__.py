@@ -1,6 +1,7 @@
 """adanorm: normalization layers for small-batch 3D networks that never break on any shape."""
 from adanorm.convert import convert, revert
 from adanorm.norm import AdaptiveNorm, AdaptiveNorm1d, AdaptiveNorm2d, AdaptiveNorm3d
+from adanorm.norm_act import AdaptiveNormAct, AdaptiveNormAct1d, AdaptiveNormAct2d, AdaptiveNormAct3d
 from adanorm.policy import (
     MODES,
     NAMED_POLICIES,
@@ -17,6 +18,7 @@ from adanorm.tiling import NormStatistics, TileReport, norm_statistics, tile_rep
 
 __all__ = [
     "AdaptiveNorm", "AdaptiveNorm1d", "AdaptiveNorm2d", "AdaptiveNorm3d",
+    "AdaptiveNormAct", "AdaptiveNormAct1d", "AdaptiveNormAct2d", "AdaptiveNormAct3d",
     "Policy", "NAMED_POLICIES", "get_policy", "choose_mode", "MODES", "FallbackError", "FallbackWarning",
     "NonFiniteStatsWarning",
     "PRESETS", "MomentumPreset", "get_preset", "convert", "revert", "update_bn",

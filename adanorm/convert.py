@@ -7,12 +7,15 @@ rebuilds the very configuration it came from.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any, Callable, Dict, Tuple, Type, Union
 
 from torch import nn
 
+from adanorm.fusion import NORM_BY_FUSED, fuse_activations, unfuse_activations
 from adanorm.norm import AdaptiveNorm, AdaptiveNorm1d, AdaptiveNorm2d, AdaptiveNorm3d
+from adanorm.norm_act import AdaptiveNormAct
 from adanorm.policy import Policy, get_policy, native_first
 
 _ADAPTIVE_BY_NATIVE: Dict[Type[nn.Module], Type[AdaptiveNorm]] = {
@@ -106,6 +109,8 @@ def _adaptive_from_native(module: nn.Module, kwargs: Dict[str, Any]) -> Adaptive
 
 
 def _native_from_adaptive(module: AdaptiveNorm) -> nn.Module:
+    if isinstance(module, AdaptiveNormAct):  # built fused, not by a fusion: the native pair, in that order
+        return nn.Sequential(_native_from_adaptive(_unfused_copy(module)), module.activation)
     native_cls, config = module._native_spec or _native_for_first_mode(module)
     native = native_cls(**config, **_factory_kwargs(module))
     state = module.state_dict()
@@ -114,6 +119,14 @@ def _native_from_adaptive(module: AdaptiveNorm) -> nn.Module:
     native.load_state_dict(state, strict=True)
     native.train(module.training)
     return native
+
+
+def _unfused_copy(layer: AdaptiveNormAct) -> AdaptiveNorm:
+    """The norm of a fused layer built as such, as the ``AdaptiveNorm`` class of its dimension (its state shared)."""
+    norm = copy.copy(layer)
+    norm.__dict__["_modules"] = {name: child for name, child in layer._modules.items() if name != "activation"}
+    norm.__class__ = NORM_BY_FUSED.get(type(layer), AdaptiveNorm)
+    return norm
 
 
 def _native_for_first_mode(module: AdaptiveNorm) -> Tuple[Type[nn.Module], Dict[str, Any]]:
@@ -164,7 +177,7 @@ def replace_modules(
     return model
 
 
-def convert(model: nn.Module, **kwargs: Any) -> nn.Module:
+def convert(model: nn.Module, fuse_activation: bool = False, **kwargs: Any) -> nn.Module:
     """Replace every BatchNorm, InstanceNorm and GroupNorm layer in ``model`` by an adaptive one.
 
     Networks come with native norm layers (MONAI's, torchvision's, pretrained checkpoints), and those
@@ -183,6 +196,11 @@ def convert(model: nn.Module, **kwargs: Any) -> nn.Module:
 
     Args:
         model (nn.Module): the network, changed in place. A bare norm layer is converted too.
+        fuse_activation (bool): also fuse every converted layer that the network's structure shows is
+            followed by a leaky ReLU, ELU or PReLU into an :class:`~adanorm.AdaptiveNormAct`, which keeps
+            only the activation's output for backward; the activation's place gets an ``nn.Identity``
+            (``adanorm.fusion`` says which structures are read; ReLU pairs stay, with one warning).
+            Default: ``False``
         **kwargs: arguments for every adaptive layer's constructor, such as ``preset="small_batch"``
             (instead of the native ``momentum``), ``policy=`` (a :class:`~adanorm.Policy` or a
             ``NAMED_POLICIES`` name, still given the native eval rule), ``mode="instance"`` (a fixed
@@ -204,7 +222,8 @@ def convert(model: nn.Module, **kwargs: Any) -> nn.Module:
         >>> model(torch.randn(1, 1, 3, 3, 3)).shape  # one value per channel: BatchNorm3d raises here
         torch.Size([1, 8, 1, 1, 1])
     """
-    return replace_modules(model, lambda m: type(m) in _ADAPTIVE_BY_NATIVE, lambda m: _adaptive_from_native(m, kwargs))
+    model = replace_modules(model, lambda m: type(m) in _ADAPTIVE_BY_NATIVE, lambda m: _adaptive_from_native(m, kwargs))
+    return fuse_activations(model) if fuse_activation else model
 
 
 def revert(model: nn.Module) -> nn.Module:
@@ -236,4 +255,4 @@ def revert(model: nn.Module) -> nn.Module:
         >>> type(native).__name__, native.momentum
         ('BatchNorm3d', 0.01)
     """
-    return replace_modules(model, lambda m: isinstance(m, AdaptiveNorm), _native_from_adaptive)
+    return replace_modules(unfuse_activations(model), lambda m: isinstance(m, AdaptiveNorm), _native_from_adaptive)

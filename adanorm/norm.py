@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from adanorm.functional.api import normalize
 from adanorm.functional.dispatch import capturing
-from adanorm.functional.renorm import RenormLimits, renorm_factors, renormalize
+from adanorm.functional.renorm import RenormClip, RenormLimits, renorm_factors, renormalize
 from adanorm.functional.sync import gather_batch, is_synced, synced_batch_norm
 from adanorm.policy import (
     MODES,
@@ -581,14 +581,26 @@ class AdaptiveNorm(_NormBase):
                 global_batch.mean, global_batch.variance, running_mean, running_var, renorm, self.eps)
             output = synced_batch_norm(input, global_batch, weight, bias, running_mean, running_var, factor, self.eps,
                                        nonfinite_skips, self.process_group)
-            return output if factors is None else renormalize(output, factors, weight, bias)
-        output = normalize(input, mode, weight, bias, running_mean, running_var, training, factor, self.eps,
-                           self.num_groups, nonfinite_skips, renorm, captured)
+            return self._activate(output if factors is None else renormalize(output, factors, weight, bias))
+        output = self._normalize(input, mode, weight, bias, running_mean, running_var, factor, nonfinite_skips, renorm,
+                                 captured)
         if nonfinite_skips is not None and input.is_cpu and not compiling and \
                 nonfinite_skips._version != self._nonfinite_skips_version:
             # Read only after the counter was written (the compiled CPU blend writes it only on a skip);
             # on GPUs the check waits for train()/eval(), to avoid a sync per step.
             self._warn_nonfinite_skips()
+        return output
+
+    def _normalize(self, input: Tensor, mode: str, weight: Optional[Tensor], bias: Optional[Tensor],
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor], factor: Union[float, Tensor],
+                   nonfinite_skips: Optional[Tensor], renorm: Optional[RenormClip], captured: bool) -> Tensor:
+        """The step's last call, given what ``forward`` decided: ``functional.api.normalize``, which a subclass
+        that fuses a following operation (``AdaptiveNormAct``) replaces."""
+        return normalize(input, mode, weight, bias, running_mean, running_var, self.training, factor, self.eps,
+                         self.num_groups, nonfinite_skips, renorm, captured)
+
+    def _activate(self, output: Tensor) -> Tensor:
+        """What follows a step that ``_normalize`` does not run (synced batch statistics): nothing here."""
         return output
 
     def __prepare_scriptable__(self) -> nn.Module:

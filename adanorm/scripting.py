@@ -62,6 +62,7 @@ class ScriptableAdaptiveNorm(nn.Module):
         # these must stay out of it (BatchNorm's keys, in both directions).
         self.running_stats_balance: Optional[Tensor] = layer.running_stats_balance
         self.nonfinite_skips: Optional[Tensor] = layer.nonfinite_skips
+        self.activation = _scriptable_activation(getattr(layer, "activation", None))
         self.train(layer.training)
         # Held in a tuple: not a submodule (TorchScript neither compiles nor saves it), and out of reach of
         # torch.jit.script's rewrite of module attributes, which would put this module in its place.
@@ -103,8 +104,8 @@ class ScriptableAdaptiveNorm(nn.Module):
             if use_buffers:
                 factor = running_stats_factor(shape[0], steps, mode == "batch", self.momentum, self.window_samples)
         skips = self.nonfinite_skips if use_buffers and self.training and self.skip_nonfinite else None
-        return normalize(input, mode, self.weight, self.bias, running_mean, running_var, self.training, factor, self.eps,
-                         self.num_groups, skips, renorm, False)
+        return self.activation(normalize(input, mode, self.weight, self.bias, running_mean, running_var, self.training,
+                                         factor, self.eps, self.num_groups, skips, renorm, False))
 
     @torch.jit.unused
     def run_eager_layer(self, input: Tensor) -> Tensor:
@@ -124,3 +125,17 @@ class ScriptableAdaptiveNorm(nn.Module):
             self.num_features = channels
         if channels != self.num_features:
             raise ValueError(f"{self.layer_name}: expected {self.num_features} channels at dim 1")
+
+
+def _scriptable_activation(activation: Optional[nn.Module]) -> nn.Module:
+    """The activation a fused layer (``AdaptiveNormAct``) applies after its norm, as the native module the
+    scripted form calls: the layer's own PReLU (its slopes are the layer's parameters, under the same
+    state-dict key), a leaky ReLU or ELU never in place (the norm's output may be its input: identity mode
+    without an affine map), and ``nn.Identity`` for a plain adaptive layer."""
+    if isinstance(activation, nn.LeakyReLU):
+        return nn.LeakyReLU(activation.negative_slope)
+    if isinstance(activation, nn.ELU):
+        return nn.ELU(activation.alpha)
+    if isinstance(activation, nn.PReLU):
+        return activation
+    return nn.Identity()

@@ -13,7 +13,14 @@ import importlib.machinery
 import sys
 import threading
 from types import ModuleType
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
+
+from torch import nn
+
+from adanorm.fusion import BLOCK_RULES, BlockRule, FusedActivationSlot, unfuse
+
+if TYPE_CHECKING:
+    from adanorm.fusion import Fusions
 
 FACTORIES_MODULE = "monai.networks.layers.factories"
 _SPATIAL_DIMS = (1, 2, 3)
@@ -127,3 +134,40 @@ def register_when_imported() -> None:
     with _lock:
         if not any(isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
             sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+def _fuse_basic_block(block: nn.Module, fusions: "Fusions") -> bool:
+    """``UnetBasicBlock``: conv1 → norm1 → lrelu → conv2 → norm2 → lrelu; both norms take the activation."""
+    if not (fusions.fusable(block.norm1, block.lrelu) and fusions.fusable(block.norm2, block.lrelu)):
+        return False
+    fusions.fuse(block.norm1, block.lrelu, inplace=True)  # their inputs are conv1's and conv2's fresh outputs
+    fusions.fuse(block.norm2, block.lrelu, inplace=True)
+    block.lrelu = FusedActivationSlot()
+    return True
+
+
+def _unfuse_basic_block(block: nn.Module) -> None:
+    block.lrelu = unfuse(block.norm1)
+    unfuse(block.norm2)
+
+
+def _fuse_res_block(block: nn.Module, fusions: "Fusions") -> bool:
+    """``UnetResBlock``: norm1 takes the activation; norm2 is followed by the residual sum, so the block's
+    last ``lrelu`` stays, and the block becomes ``FusedUnetResBlock``, whose forward skips the first one."""
+    if not fusions.fusable(block.norm1, block.lrelu):
+        return False
+    from adanorm.integrations.monai_blocks import FusedUnetResBlock
+
+    fusions.fuse(block.norm1, block.lrelu, inplace=True)
+    block.__class__ = FusedUnetResBlock
+    return True
+
+
+def _unfuse_res_block(block: nn.Module) -> None:
+    unfuse(block.norm1)
+    block.__class__ = block.__class__.__bases__[0]
+
+
+_DYNUNET_BLOCKS = "monai.networks.blocks.dynunet_block."
+BLOCK_RULES[_DYNUNET_BLOCKS + "UnetBasicBlock"] = BlockRule(_fuse_basic_block, _unfuse_basic_block)
+BLOCK_RULES[_DYNUNET_BLOCKS + "UnetResBlock"] = BlockRule(_fuse_res_block, _unfuse_res_block)

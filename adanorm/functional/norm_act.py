@@ -1,0 +1,201 @@
+"""A norm and an invertible activation in one step that keeps only its output for backward.
+
+An unfused conv → norm → activation block keeps three full-size tensors alive for backward: the conv
+output (saved by the norm), the pre-activation (saved by the activation) and the activation output
+(saved by the next conv). The fused step keeps the last one and per-statistic vectors: backward recovers
+the pre-activation z from the output by inverting the activation (``functional.activation``) and the
+normalized input from z by inverting the affine map, x̂ = (z − β)/γ, the algebra of In-Place Activated
+BatchNorm (Rota Bulò et al., CVPR 2018), here for batch, instance, group and layer statistics.
+
+With ŷ = γ·x̂ + β = z, the gradient needs x̂ only where it multiplies a sum: per statistic's set S of M values,
+
+    dx = rstd·(γ·dz − mean_S(γ·dz) − x̂·mean_S(dz·(z − β))),   dγ = Σ dz·(z − β)/γ,   dβ = Σ dz,
+
+so γ divides one coefficient per channel, never an element. Where a channel's |γ| is small against |β|,
+(z − β)/γ would amplify the rounding of z: such a step is not fused (``fusable``), and saves what the
+native ops save. Captured code (compile, export, tracing) and TorchScript run the unfused native ops.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from adanorm.functional.activation import activate, invertible, pre_activation
+from adanorm.functional.api import _blend, _require_several_values, _spatial_size, groups_for_mode, normalize
+from adanorm.functional.renorm import RenormClip
+
+FUSED_DTYPES = (torch.float32, torch.float64)
+"""Input dtypes the fused step takes: in half precision the saved output's rounding, amplified by the
+inversion, would exceed the native ops' error; such inputs keep the unfused path."""
+MAX_SHIFT_PER_SCALE = 8.0
+"""A channel is inverted from its output where |β| ≤ 8·|γ|: then (z − β)/γ adds at most about 9 ulps of
+x̂'s scale to the normalized value's own rounding."""
+
+
+def normalize_activate(input: Tensor, mode: str, weight: Optional[Tensor], bias: Optional[Tensor],
+                       running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+                       momentum: Union[float, Tensor], eps: float, num_groups: int, nonfinite_skips: Optional[Tensor],
+                       renorm: Optional[RenormClip], captured: bool, activation: str, negative_slope: float, alpha: float,
+                       prelu_weight: Optional[Tensor], inplace: bool) -> Tensor:
+    """``normalize`` followed by the activation: fused where ``fusable`` says so, otherwise the two steps as
+    they are. ``inplace``: the fused step may write its output into ``input``'s storage (the caller promises
+    nothing else reads ``input`` afterwards, as ``nn.LeakyReLU(inplace=True)`` does for its input); the
+    unfused step applies the activation in place on the norm's own output either way."""
+    if fusable(input, mode, weight, bias, running_mean, training, renorm, captured, activation, negative_slope, alpha,
+               prelu_weight):
+        groups = 0 if mode == "batch" else groups_for_mode(mode, input.shape[1], num_groups)
+        values = input.shape[0] * _spatial_size(input) if groups == 0 else input.shape[1] // groups * _spatial_size(input)
+        _require_several_values(values, input, mode, "the batch size or the patch size")
+        write_into_input = inplace and _may_write_into(input)
+        output, batch_mean, batch_var = _FusedNormActivation.apply(
+            input, weight, bias, prelu_weight, groups, eps, activation, negative_slope, alpha, write_into_input)
+        if running_mean is not None and running_var is not None and groups == 0:
+            _blend(running_mean, running_var, batch_mean, batch_var, momentum, nonfinite_skips, captured)
+        return output
+    output = normalize(input, mode, weight, bias, running_mean, running_var, training, momentum, eps, num_groups,
+                       nonfinite_skips, renorm, captured)
+    return activate(output, activation, negative_slope, alpha, prelu_weight, inplace=output is not input)
+
+
+def fusable(input: Tensor, mode: str, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+            training: bool, renorm: Optional[RenormClip], captured: bool, activation: str, negative_slope: float,
+            alpha: float, prelu_weight: Optional[Tensor]) -> bool:
+    """Whether the fused step runs: a training step with the input's own statistics that autograd will
+    differentiate, in eager code, on float32/float64 input, with an invertible activation and affine map.
+
+    Everything else (eval, no grad, identity mode, renorm, instance statistics with running statistics,
+    captured code, TorchScript, half precision) saves nothing a fused step would spare, or is rare enough
+    to keep the native ops and their numbers."""
+    if torch.jit.is_scripting() or captured or not training or renorm is not None or mode == "identity":
+        return False
+    if mode == "instance" and running_mean is not None:
+        return False
+    if not torch.is_grad_enabled() or input.numel() == 0 or input.dim() < 3 or input.dtype not in FUSED_DTYPES:
+        return False
+    if not (input.requires_grad or _requires_grad(weight) or _requires_grad(bias) or _requires_grad(prelu_weight)):
+        return False
+    return invertible(activation, negative_slope, alpha, prelu_weight) and _affine_invertible(weight, bias)
+
+
+def _requires_grad(tensor: Optional[Tensor]) -> bool:
+    return tensor is not None and tensor.requires_grad
+
+
+def _affine_invertible(weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """Every channel's γ is a normal float and |β| ≤ ``MAX_SHIFT_PER_SCALE``·|γ| (one host sync on a GPU)."""
+    if weight is None:
+        return True
+    scale = weight.detach().abs()
+    ok = scale >= torch.finfo(scale.dtype).tiny
+    if bias is not None:
+        ok = ok & (bias.detach().abs() <= MAX_SHIFT_PER_SCALE * scale)
+    return bool(ok.all())
+
+
+def _may_write_into(input: Tensor) -> bool:
+    """Whether autograd lets the fused step overwrite ``input``: not a leaf that wants a gradient, not a view
+    (whose base others may read), and not saved by the node that produced it (its version would then fail
+    that node's backward): the producers that save their own output are the few nodes with ``_saved_result``."""
+    if input.is_leaf and input.requires_grad:
+        return False
+    if input._base is not None:
+        return False
+    node = input.grad_fn
+    return node is None or not hasattr(node, "_saved_result")
+
+
+def _tables(input: Tensor, groups: int) -> List[int]:
+    """The dimensions a statistic of ``groups`` reduces in the (N, G, C/G, *) view (groups > 0) or in
+    the input itself (batch statistics, groups == 0)."""
+    if groups == 0:
+        return [0] + list(range(2, input.dim()))
+    return list(range(2, input.dim() + 1))
+
+
+def _grouped_view(tensor: Tensor, groups: int) -> Tensor:
+    """(N, C, *) as (N, G, C/G, *): a view in either memory layout (one dimension split)."""
+    return tensor.view([tensor.shape[0], groups, tensor.shape[1] // groups] + list(tensor.shape[2:]))
+
+
+def _per_channel(values: Tensor, input: Tensor, groups: int) -> Tensor:
+    """Per-statistic values, (C,) for batch statistics or (N, G) per sample, as a tensor that broadcasts
+    against (N, C, *) input."""
+    trailing = [1] * (input.dim() - 2)
+    if groups == 0:
+        return values.view([1, -1] + trailing)
+    return values.repeat_interleave(input.shape[1] // groups, dim=1).view([input.shape[0], input.shape[1]] + trailing)
+
+
+class _FusedNormActivation(torch.autograd.Function):
+    """y = act(γ·(x − μ)·rstd + β), saving y, γ, β, the PReLU slopes and rstd; ``groups`` 0 for batch
+    statistics. Also returns the batch mean and unbiased variance (batch statistics) for the running
+    statistics, as non-differentiable outputs."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], prelu_weight: Optional[Tensor],
+                groups: int, eps: float, activation: str, negative_slope: float, alpha: float,
+                write_into_input: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        source = input if groups == 0 else _grouped_view(input, groups)
+        var, mean = torch.var_mean(source, _tables(input, groups), correction=0)
+        rstd = torch.rsqrt(var + eps)
+        scale = _per_channel(rstd, input, groups)
+        shift = -_per_channel(mean, input, groups) * scale
+        if weight is not None:
+            gamma = weight.view([1, -1] + [1] * (input.dim() - 2))
+            scale, shift = scale * gamma, shift * gamma
+        if bias is not None:
+            shift = shift + bias.view([1, -1] + [1] * (input.dim() - 2))
+        if write_into_input:
+            output = input.mul_(scale.to(input.dtype)).add_(shift.to(input.dtype))
+            ctx.mark_dirty(input)
+        else:
+            output = torch.addcmul(shift.to(input.dtype), input, scale.to(input.dtype))
+        output = activate(output, activation, negative_slope, alpha, prelu_weight, inplace=activation != "prelu")
+        if activation == "prelu" and write_into_input:
+            input.copy_(output)
+            output = input
+        count = source.numel() // var.numel()
+        unbiased_var = var * (count / max(count - 1, 1))
+        ctx.mark_non_differentiable(mean, unbiased_var)
+        ctx.save_for_backward(output, weight, bias, prelu_weight, rstd)
+        ctx.groups, ctx.activation, ctx.negative_slope, ctx.alpha = groups, activation, negative_slope, alpha
+        return output, mean, unbiased_var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor, _grad_mean: Tensor, _grad_var: Tensor):
+        output, weight, bias, prelu_weight, rstd = ctx.saved_tensors
+        groups = ctx.groups
+        z, grad_z, grad_prelu = pre_activation(output, grad_output, ctx.activation, ctx.negative_slope, ctx.alpha,
+                                               prelu_weight)
+        channel_view = [1, -1] + [1] * (output.dim() - 2)
+        centered = z if bias is None else z - bias.view(channel_view)  # γ·x̂
+        spatial = list(range(2, output.dim()))
+        # Per (n, c) sums over the positions: Σdz and Σdz·(z − β).
+        sum_dz = grad_z.sum(spatial) if spatial else grad_z
+        sum_dz_centered = (grad_z * centered).sum(spatial) if spatial else grad_z * centered
+        gamma = None if weight is None else weight.to(sum_dz.dtype)
+        grad_weight = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = (sum_dz_centered.sum(0) / gamma).to(weight.dtype)
+        grad_bias = sum_dz.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            gamma_dz = sum_dz if gamma is None else sum_dz * gamma
+            if groups == 0:
+                count = output.numel() // output.shape[1]
+                mean_gamma_dz, mean_dz_centered = gamma_dz.sum(0) / count, sum_dz_centered.sum(0) / count
+            else:
+                count = output.numel() // (output.shape[0] * groups)
+                mean_gamma_dz = gamma_dz.view(output.shape[0], groups, -1).sum(2) / count
+                mean_dz_centered = sum_dz_centered.view(output.shape[0], groups, -1).sum(2) / count
+            rstd_view = _per_channel(rstd, output, groups)
+            inverse_gamma = 1.0 if gamma is None else 1.0 / gamma.view(channel_view)
+            dz_scale = rstd_view if gamma is None else rstd_view * gamma.view(channel_view)
+            centered_scale = -rstd_view * _per_channel(mean_dz_centered, output, groups) * inverse_gamma
+            offset = -rstd_view * _per_channel(mean_gamma_dz, output, groups)
+            grad_input = torch.addcmul(offset.to(output.dtype), grad_z, dz_scale.to(output.dtype))
+            grad_input.addcmul_(centered, centered_scale.to(output.dtype))
+        return grad_input, grad_weight, grad_bias, grad_prelu, None, None, None, None, None, None
