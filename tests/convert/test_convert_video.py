@@ -16,6 +16,8 @@ from video_resnet import r2plus1d_resnet
 
 import adanorm
 
+pytestmark = pytest.mark.slow  # recipe runs, subprocesses or builds: the full suite's part
+
 CLIP = (3, 8, 32, 32)  # channels, frames, height, width
 STEPS = 5
 

@@ -14,7 +14,7 @@ import adanorm
 onnx = pytest.importorskip("onnx", reason="ONNX export tests need onnx (pip install -e '.[test]')")
 ort = pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime (pip install -e '.[test]')")
 
-pytestmark = [pytest.mark.filterwarnings("ignore::adanorm.FallbackWarning"),
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::adanorm.FallbackWarning"),
               pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 

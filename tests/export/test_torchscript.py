@@ -110,6 +110,7 @@ NETWORKS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NETWORKS))
 def test_scripted_monai_networks_equal_eager(name, monkeypatch):
     from adanorm.functional import dispatch

@@ -248,6 +248,7 @@ def test_layer_uses_the_fused_kernels_on_channels_last_input(monkeypatch):
     assert calls == [32, None]
 
 
+@pytest.mark.slow
 def test_disabled_by_environment_variable():
     code = "from adanorm.functional.dispatch import cpu_kernels; print(cpu_kernels() is None)"
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ADANORM_CPU_KERNEL": "0"},
@@ -255,6 +256,7 @@ def test_disabled_by_environment_variable():
     assert result.stdout.strip() == "True"
 
 
+@pytest.mark.slow
 def test_calls_before_the_operators_are_loaded_say_how_to_load_them():
     code = ("import torch; from adanorm.functional import cpu_fused\n"
             "try:\n    cpu_fused.fused_norm(torch.randn(2, 4, 3), 2, None, None, 1e-5)\n"
@@ -263,6 +265,7 @@ def test_calls_before_the_operators_are_loaded_say_how_to_load_them():
     assert "not loaded in this process: adanorm.functional.dispatch.cpu_kernels() loads them" in result.stdout
 
 
+@pytest.mark.slow
 def test_missing_toolchain_warns_and_falls_back(monkeypatch):
     from torch.utils import cpp_extension
 

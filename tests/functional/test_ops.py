@@ -71,6 +71,7 @@ FUSED_PARAMETERS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,dtype,case", FUSED_PARAMETERS, ids=str)
 def test_opcheck_fused_norm(layout, dtype, case):
     groups, running, affine, grad = case
@@ -85,6 +86,7 @@ def test_opcheck_fused_norm(layout, dtype, case):
     torch.library.opcheck(torch.ops.adanorm.fused_norm.default, args, test_utils=OPCHECK_TESTS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,dtype", list(itertools.product(LAYOUTS, DTYPES)), ids=str)
 @pytest.mark.parametrize("grad", ["parameters", "all", "none"])
 def test_opcheck_native_group_norm(layout, dtype, grad):
@@ -96,6 +98,7 @@ def test_opcheck_native_group_norm(layout, dtype, grad):
                           test_utils=OPCHECK_TESTS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_opcheck_internal_operators(layout):
     """What the autograd kernel of fused_norm runs: the forward (which mutates running statistics)
@@ -155,6 +158,7 @@ def test_blend_operator_equals_the_tensor_operations(dtype, factor, nonfinite, g
         assert not torch.isfinite(actual[1]).all()
 
 
+@pytest.mark.slow
 def test_opcheck_blend_operator():
     running = (torch.zeros(4), torch.ones(4))
     batch = (torch.randn(4), torch.rand(4))

@@ -145,6 +145,7 @@ def test_a_loaded_checkpoint_continues_the_warm_up_from_its_counter():
     assert reference.clipped["r"] and reference.clipped["d"]
 
 
+@pytest.mark.slow
 def test_r_and_d_are_constants_in_backward_gradcheck():
     """Where every r and d is clipped they are locally constant, so the stop-gradient backward is the
     true derivative and gradcheck passes; where they are not, the true derivative also flows
@@ -208,6 +209,7 @@ def test_bfloat16_autocast_keeps_float32_statistics_and_the_native_output_dtype(
     assert reference.clipped["r"] and reference.clipped["d"]
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_equals_eager_without_recompiling_through_the_warm_up():
     eager = nn.Sequential(nn.Conv3d(2, 4, 1), renorm_layer(5))
     compiled_model = copy.deepcopy(eager)

@@ -293,6 +293,7 @@ def test_a_smaller_last_batch_per_epoch_keeps_eval_on_running_statistics():
         assert_evaluates_like_batchnorm(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_balance_equals_its_update_every_step_although_writes_stop_at_the_fixed_point(dtype):
     """The balance skips its update once the update would leave it unchanged (a small layer's call
@@ -328,6 +329,7 @@ def test_balance_equals_its_update_every_step_although_writes_stop_at_the_fixed_
     steps(small, 300)
 
 
+@pytest.mark.slow
 def test_functional_call_and_vmap_update_the_buffers_they_are_given():
     """torch.func users (functional training, vmap ensembles) pass their own buffers: every update,
     balance included, lands in those, bit-equal to a module trained eagerly, and none in the module."""

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from adanorm.functional import dispatch
 
+pytestmark = pytest.mark.slow  # recipe runs, subprocesses or builds: the full suite's part
+
 _NO_TRITON = "triton is not installed (optional: pip install triton); the Triton backend tests need it"
 _previous_interpret = os.environ.get("TRITON_INTERPRET")
 _INTERPRETER_USABLE = "triton" not in sys.modules or _previous_interpret == "1"

@@ -59,6 +59,7 @@ def test_unet_trains_at_batch_1_and_2_then_evaluates(norm):
     assert y.shape == (1, 2, 16, 16, 16) and torch.isfinite(y).all()
 
 
+@pytest.mark.slow
 def test_converted_resnet18_trains_and_evaluates_at_batch_1():
     model = adanorm.convert(resnet18(spatial_dims=3, n_input_channels=1, num_classes=2))
     assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())

@@ -20,7 +20,7 @@ import adanorm
 from adanorm.recipes.module import SegmentationModule
 from adanorm.tiling import downsampling_factors, norm_statistics, tile_report, whole_volume_prediction, window_starts
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 spec = importlib.util.spec_from_file_location("predict_script", REPO / "predict.py")
 predict_script = importlib.util.module_from_spec(spec)

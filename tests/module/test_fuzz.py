@@ -111,6 +111,7 @@ def run(layer, x, steps):
     return y
 
 
+@pytest.mark.slow
 @given(cases(modes=("auto",)))
 def test_auto_never_raises_and_keeps_shape_dtype_layout_and_finiteness(case):
     x = make_input(case)
@@ -171,6 +172,7 @@ def assert_accurate(ours, truth, native, dtype, tolerance):
     assert error <= 2 * native_error + tolerance * (1 + truth.abs().max().item()), (error, native_error)
 
 
+@pytest.mark.slow
 @given(cases(modes=adanorm.MODES))
 def test_forced_modes_equal_the_native_module_where_it_runs(case):
     if case["preset"] == "auto":

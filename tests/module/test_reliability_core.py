@@ -38,6 +38,7 @@ def _report(result: subprocess.CompletedProcess) -> str:
 
 # Point 6 -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_canary_native_channels_last_group_norm_backward_still_crashes():
     """adanorm routes around this crash of torch 2.13; once torch stops crashing the workaround can go."""
     result = _python("""
@@ -119,6 +120,7 @@ _FROZEN_INPUT_SCRIPT = """
 """
 
 
+@pytest.mark.slow
 def test_parameter_gradients_without_input_gradient_do_not_crash():
     """Parameters that want gradients while the input does not (a frozen encoder in front, or
     ``autograd.grad`` over parameters), every per-sample mode, 4-D and 5-D channels-last, under
@@ -207,6 +209,7 @@ def test_lock_left_by_a_killed_build_does_not_hang(first_builds, tmp_path, monke
     assert not (build_directory / "lock").exists()
 
 
+@pytest.mark.slow
 def test_wait_for_another_build_is_bounded(tmp_path, monkeypatch):
     """A live process holding the build (a hung compiler, a stopped job) is waited for only
     ADANORM_BUILD_WAIT seconds; then the native kernels, with a warning naming the lock."""

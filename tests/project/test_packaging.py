@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from recipe_runs import REPO, one_epoch, tiny
 
+pytestmark = pytest.mark.slow  # recipe runs, subprocesses or builds: the full suite's part
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python < 3.11

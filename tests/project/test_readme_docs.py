@@ -22,6 +22,8 @@ from typing import FrozenSet, Iterator, List, Optional, Sequence, Tuple
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # recipe runs, subprocesses or builds: the full suite's part
+
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 PAGES = (README, *sorted((REPO / "docs").glob("*.md")))

@@ -18,7 +18,7 @@ from adanorm.recipes.checkpoint import CheckpointError, load_recipe_module
 from adanorm.recipes.module import CLASS_PATH_KEY
 from adanorm.recipes.run import train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 CUSTOM_NETWORK_MODULE = '''
 import torch

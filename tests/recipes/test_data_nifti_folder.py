@@ -13,6 +13,8 @@ from adanorm.recipes import checks
 from adanorm.recipes import data as data_module
 from adanorm.recipes.data import MNI152Tissue, NiftiFolder, VolumeDataError
 
+pytestmark = pytest.mark.slow  # recipe runs, subprocesses or builds: the full suite's part
+
 SHAPE = (12, 12, 12)
 
 

@@ -21,6 +21,8 @@ from adanorm.recipes.errors import ReportedError, describe, exit_on_user_error, 
 from adanorm.recipes.layouts import VolumeDataError
 from adanorm.recipes.sweep import best_epoch
 
+pytestmark = pytest.mark.slow  # recipe runs, subprocesses or builds: the full suite's part
+
 
 @pytest.mark.parametrize(
     "kwargs,error,pattern",

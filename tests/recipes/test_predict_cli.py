@@ -15,7 +15,7 @@ from recipe_runs import predict_script, trained_checkpoint, write_scan
 
 from adanorm.recipes.inference import OutputConflictError, atomic_output, planned_outputs, refuse_conflicts
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny recipe runs: threads only add overhead
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # tiny recipe runs: threads only add overhead
 
 
 def test_segmentation_prediction_keeps_the_input_grid(tmp_path, capsys):

@@ -85,7 +85,7 @@ def data_root(tmp_path_factory):
     return tmp_path_factory.mktemp("synthetic")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny recipe runs: threads only add overhead
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # tiny recipe runs: threads only add overhead
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])

@@ -12,6 +12,8 @@ import adanorm
 from adanorm.integrations.lightning import NormMetric, NormModeMonitor
 from adanorm.recipes.plots import FELL_BACK, norm_modes_figure, plot_norm_modes, stage_modes
 
+pytestmark = pytest.mark.slow  # recipe runs, subprocesses or builds: the full suite's part
+
 LONG_LAYER = "net.model.1.submodule.1.submodule.1.submodule.1.submodule.1.submodule.adn.N"
 LAYERS = ("net.model.0.adn.N", LONG_LAYER)
 
