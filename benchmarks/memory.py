@@ -1,0 +1,204 @@
+"""Activation memory of one training step: native norms, adaptive norms, and adaptive norms fused with their
+activation (``convert(fuse_activation=True)``), on four 3D segmentation networks in both memory layouts.
+
+    python -m benchmarks.memory                 # batch 2, 64³ patches, both layouts (about 10 minutes on 2 cores)
+    python -m benchmarks.memory --quick         # 32³, contiguous only (a few minutes)
+    python -m benchmarks.memory --budget-gib 8  # the largest cubic patch whose saved activations fit 8 GiB
+
+Two measures per network, variant and layout, each case in a fresh process:
+
+* saved for backward: the bytes of every distinct storage that autograd keeps during one train-mode forward
+  (``torch.autograd.graph.saved_tensors_hooks``), which is what sets the patch size a GPU can train;
+* peak process memory of one forward+backward above the resident size before it (``VmHWM``, reset through
+  ``/proc/self/clear_refs``; large blocks go back to the system on free), which also counts temporaries.
+
+The largest patch: saved bytes are linear in the patch's voxels at a fixed network depth (every saved tensor is
+a feature map), so two sizes give the line, solved for the budget and rounded down to the network's
+downsampling factor.
+
+Targets (issue #22): fused saves at most 2/3 of native on every network and layout; the fused step's peak is not
+above native's; the largest patch under the budget grows.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+import adanorm
+from benchmarks.norms import _status_kib, machine_info
+
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
+VARIANTS = ("native", "adaptive", "fused")
+MIB = 1 << 20
+
+
+def dynunet() -> nn.Module:
+    from monai.networks.nets import DynUNet
+
+    return DynUNet(3, 1, 2, kernel_size=[3] * 5, strides=[1, 2, 2, 2, 2], upsample_kernel_size=[2] * 4,
+                   norm_name="instance", act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}))
+
+
+def monai_unet() -> nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(3, 1, 2, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2, norm="instance")
+
+
+def _nnunet(name: str) -> nn.Module:
+    from dynamic_network_architectures.architectures import unet
+
+    stages, features = 5, (32, 64, 128, 256, 320)
+    kwargs = dict(input_channels=1, n_stages=stages, features_per_stage=features, conv_op=nn.Conv3d, kernel_sizes=3,
+                  strides=(1, 2, 2, 2, 2), num_classes=2, n_conv_per_stage_decoder=(2,) * (stages - 1), conv_bias=True,
+                  norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+                  nonlin_kwargs={"inplace": True})
+    if name == "PlainConvUNet":
+        return unet.PlainConvUNet(n_conv_per_stage=(2,) * stages, **kwargs)
+    return unet.ResidualEncoderUNet(n_blocks_per_stage=(1, 3, 4, 6, 6), **kwargs)
+
+
+NETWORKS: Dict[str, Tuple[Callable[[], nn.Module], int]] = {
+    "MONAI DynUNet (LeakyReLU)": (dynunet, 16),
+    "MONAI UNet (PReLU)": (monai_unet, 16),
+    "nnU-Net PlainConvUNet (LeakyReLU)": (lambda: _nnunet("PlainConvUNet"), 16),
+    "nnU-Net ResidualEncoderUNet (LeakyReLU)": (lambda: _nnunet("ResidualEncoderUNet"), 16),
+}
+
+
+def build(network: str, variant: str, layout: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = NETWORKS[network][0]()
+    if variant != "native":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ReLU pairs left unfused: none in these networks
+            model = adanorm.convert(model, fuse_activation=variant == "fused")
+    return model.to(memory_format=LAYOUTS[layout]).train()
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd keeps for backward during one forward of ``model``."""
+    storages: Dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        output = model(x)
+    del output
+    return sum(storages.values())
+
+
+def peak_step_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Process high-water mark above the resident size before one forward+backward."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    base = _status_kib("VmRSS")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model(x).float().mean().backward()
+    return (_status_kib("VmHWM") - base) * 1024
+
+
+def measure(case: dict) -> dict:
+    model = build(case["network"], case["variant"], case["layout"])
+    x = torch.randn(2, 1, *(3 * [case["size"]])).contiguous(memory_format=LAYOUTS[case["layout"]])
+    result = dict(case, saved=saved_bytes(model, x))
+    if case["peak"]:
+        peak_step_bytes(model, x)  # warm-up: the first step allocates once-only state
+        model.zero_grad(set_to_none=True)
+        result["peak"] = peak_step_bytes(model, x)
+    del model, x
+    gc.collect()
+    return result
+
+
+def run_network(cases: List[dict]) -> List[dict]:
+    """One network's cases in a child process whose allocator gives every large block back on free, so that
+    one case's memory is not reused by the next one's peak."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    process = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--_worker", json.dumps(cases)], env=env,
+                             capture_output=True, text=True, cwd=str(Path(__file__).resolve().parent.parent))
+    if process.returncode != 0:
+        raise RuntimeError(f"{cases[0]['network']}: {process.stderr[-2000:]}")
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def largest_patch(saved_small: int, saved_large: int, small: int, large: int, factor: int, budget: int) -> int:
+    """The largest multiple of ``factor`` whose saved bytes, on the line through the two measurements (linear
+    in voxels), fit ``budget``."""
+    per_voxel = (saved_large - saved_small) / (large ** 3 - small ** 3)
+    fixed = saved_small - per_voxel * small ** 3
+    side = ((budget - fixed) / per_voxel) ** (1 / 3)
+    return int(side // factor) * factor
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="32³ patches, contiguous only")
+    parser.add_argument("--size", type=int, default=None, help="patch side of the step measured (default 64, quick 32)")
+    parser.add_argument("--budget-gib", type=float, default=8.0, help="saved-activation budget for the largest patch")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output directory")
+    parser.add_argument("--_worker", dest="worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        torch.set_num_threads(2)
+        print(json.dumps([measure(case) for case in json.loads(args.worker)]))
+        return 0
+    size = args.size or (32 if args.quick else 64)
+    layouts = ["contiguous"] if args.quick else list(LAYOUTS)
+    from tqdm import tqdm
+
+    cases = [dict(network=n, variant=v, layout=layout, size=size, peak=True) for n in NETWORKS for layout in layouts
+             for v in VARIANTS]
+    fit_sizes = (32, 48)  # two bottlenecks above 1×1×1, where native instance norm raises
+    cases += [dict(network=n, variant=v, layout="contiguous", size=s, peak=False) for n in NETWORKS
+              for v in ("native", "fused") for s in fit_sizes]
+    results = [result for network in tqdm(NETWORKS, desc="networks", unit="network")
+               for result in run_network([case for case in cases if case["network"] == network])]
+
+    step = {(r["network"], r["layout"], r["variant"]): r for r in results if r["peak"]}
+    lines = [f"Batch 2, {size}³ patches, one training step; {machine_info()}.", "",
+             "| network | layout | saved: native | adaptive | fused | fused / native | peak: native | adaptive | fused |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    verdicts: List[bool] = []
+    for network in NETWORKS:
+        for layout in layouts:
+            row = {v: step[(network, layout, v)] for v in VARIANTS}
+            ratio = row["fused"]["saved"] / row["native"]["saved"]
+            verdicts += [ratio <= 2 / 3, row["fused"]["peak"] <= row["native"]["peak"] * 1.02]
+            lines.append(f"| {network} | {layout} | " + " | ".join(f"{row[v]['saved'] / MIB:.0f} MiB" for v in VARIANTS)
+                         + f" | {ratio:.2f} | " + " | ".join(f"{row[v]['peak'] / MIB:.0f} MiB" for v in VARIANTS) + " |")
+    budget = int(args.budget_gib * (1 << 30))
+    lines += ["", f"Largest cubic patch at batch 2 whose saved activations fit {args.budget_gib:g} GiB "
+              f"(line through {fit_sizes[0]}³ and {fit_sizes[1]}³):", "", "| network | native | fused |", "|---|---|---|"]
+    fit = {(r["network"], r["variant"], r["size"]): r["saved"] for r in results if not r["peak"]}
+    for network, (_, factor) in NETWORKS.items():
+        patches = {v: largest_patch(fit[(network, v, fit_sizes[0])], fit[(network, v, fit_sizes[1])], *fit_sizes,
+                                    factor, budget) for v in ("native", "fused")}
+        verdicts.append(patches["fused"] > patches["native"])
+        lines.append(f"| {network} | {patches['native']}³ | {patches['fused']}³ |")
+    lines += ["", f"Targets: {'all met' if all(verdicts) else 'NOT all met'} ({sum(verdicts)}/{len(verdicts)})."]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory.md").write_text("\n".join(lines) + "\n")
+    (out / "memory.json").write_text(json.dumps(results, indent=1) + "\n")
+    print("\n".join(lines))
+    return 0 if all(verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
