@@ -12,9 +12,9 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from video_resnet import r2plus1d_resnet
 
 import adanorm
+from adanorm.recipes.models import r2plus1d_resnet
 
 CLIP = (3, 8, 32, 32)  # channels, frames, height, width
 STEPS = 5
