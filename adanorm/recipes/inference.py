@@ -29,7 +29,7 @@ from adanorm.recipes.checkpoint import load_recipe_module, read_checkpoint, reci
 from adanorm.recipes.data import CLASSIFICATION, case_name, volume_transforms
 from adanorm.recipes.module import INPUTS_KEY, RecipeModule
 from adanorm.recipes.quiet import quiet_third_party
-from adanorm.recipes.video import VIDEO_INPUTS, VideoClips, video_inputs
+from adanorm.recipes.video import VIDEO_INPUTS, VIDEO_SUFFIXES, VideoClips, VideoDataError, video_inputs
 from adanorm.tiling import SOURCES, TileReport
 
 PROBABILITIES_CSV = "probabilities.csv"
@@ -51,6 +51,19 @@ def nifti_inputs(path: Union[Path, Sequence[Path]]) -> List[Path]:
         if files:
             return files
     raise FileNotFoundError(f"{path} is neither a .nii/.nii.gz file nor a folder holding some; pass a NIfTI file or folder.")
+
+
+def prediction_inputs(paths: Sequence[Path]) -> Tuple[List[Path], bool]:
+    """The files ``paths`` name and whether they are video clips: NIfTI volumes (files, or every one in a folder),
+    else video files (``adanorm.recipes.video.video_inputs``)."""
+    try:
+        return nifti_inputs(paths), False
+    except FileNotFoundError as not_nifti:
+        try:
+            return video_inputs(paths), True
+        except VideoDataError:
+            raise FileNotFoundError(f"{not_nifti} A checkpoint trained on video clips takes video files "
+                                    f"({', '.join(VIDEO_SUFFIXES)}) or folders of them.") from None
 
 
 class OutputConflictError(ValueError):
@@ -201,12 +214,14 @@ def predict(checkpoint: Path, inputs: Union[Path, Sequence[Path]], output_dir: P
     """
     if norm_stats not in SOURCES:
         raise ValueError(f"norm_stats={norm_stats!r} is unknown; choose one of {SOURCES}.")
+    files, clips = prediction_inputs([Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(path) for path in inputs])
     saved = read_checkpoint(checkpoint)
     task = recipe_module_class(saved, checkpoint).task  # which files it writes, without building it
     spec = saved.get(INPUTS_KEY) if isinstance(saved.get(INPUTS_KEY), dict) else {}
-    clips = spec.get("format") == VIDEO_INPUTS
-    paths = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(path) for path in inputs]
-    files = video_inputs(paths) if clips else nifti_inputs(paths)
+    if clips != (spec.get("format") == VIDEO_INPUTS):
+        trained, given = ("NIfTI volumes", "video clips") if clips else ("video clips", "NIfTI volumes")
+        raise VideoDataError(f"{checkpoint} was trained on {trained}, but the inputs are {given} ({files[0]}, ...); "
+                             f"pass {trained} to this checkpoint.")
     output_dir = Path(output_dir)
     refuse_conflicts(files, output_dir, planned_outputs(files, output_dir, task, report_tiles), overwrite)
     module: RecipeModule = load_recipe_module(checkpoint, trust_checkpoint=trust_checkpoint)

@@ -54,10 +54,14 @@ class RecipeModule(pl.LightningModule):
     def forward(self, image: Tensor) -> Tensor:
         return self.net(image)
 
-    @staticmethod
-    def tensors(batch: Dict[str, Any], *keys: str) -> Tuple[Tensor, ...]:
-        """The batch's tensors without MONAI metadata, which would otherwise flow into logged metrics and checkpoints."""
-        return tuple(convert_to_tensor(batch[key], track_meta=False) for key in keys)
+    def tensors(self, batch: Dict[str, Any], *keys: str) -> Tuple[Tensor, ...]:
+        """The batch's tensors without MONAI metadata, which would otherwise flow into logged metrics and checkpoints;
+        5-D images in ``torch.channels_last_3d`` after ``use_channels_last``."""
+        tensors = [convert_to_tensor(batch[key], track_meta=False) for key in keys]
+        if self.channels_last:
+            tensors = [t.contiguous(memory_format=torch.channels_last_3d) if key == "image" and t.ndim == 5 else t
+                       for key, t in zip(keys, tensors)]
+        return tuple(tensors)
 
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         image, label = self.tensors(batch, "image", "label")
@@ -67,11 +71,6 @@ class RecipeModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.channels_last and isinstance(batch, dict) and getattr(batch.get("image"), "ndim", 0) == 5:
-            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last_3d)
-        return batch
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint[CLASS_PATH_KEY] = type(self).__name__

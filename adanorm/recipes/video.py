@@ -28,7 +28,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from adanorm.recipes.layouts import CLASSIFICATION, Record, VolumeDataError
 
@@ -63,7 +63,7 @@ def video_inputs(paths: Sequence[Path]) -> List[Path]:
             found = []
         if not found:
             raise VideoDataError(f"{path} is neither a video file ({', '.join(VIDEO_SUFFIXES)}) nor a folder holding some; "
-                                 f"this checkpoint was trained on video clips: pass clips or folders of them.")
+                                 f"pass clips or folders of them.")
         files += [file for file in found if file not in files]
     return files
 
@@ -216,14 +216,16 @@ class VideoFolder(pl.LightningDataModule):
 
     Validation is the rows whose ``split`` is ``val``; without a split column, ``val_fraction`` of the clips
     (drawn with ``seed``). Training batches are shuffled and all of ``batch_size`` clips (the last, smaller
-    batch is dropped), so that every step normalizes over the same number of samples.
+    batch is dropped), so that every step normalizes over the same number of samples. ``clips_per_epoch``
+    makes an epoch that many training clips, drawn afresh each epoch (all of them once when null).
     """
 
     inputs = VIDEO_INPUTS
 
     def __init__(self, root: str, task: str = CLASSIFICATION, patch_size: Sequence[int] = (16, 32, 32), batch_size: int = 16,
                  val_fraction: float = 0.2, num_workers: int = 0, cache_rate: float = 1.0, in_channels: int = 1,
-                 num_classes: int = 2, labels_csv: str = "labels.csv", seed: int = 0) -> None:
+                 num_classes: int = 2, labels_csv: str = "labels.csv", clips_per_epoch: Optional[int] = None,
+                 seed: int = 0) -> None:
         super().__init__()
         if task != CLASSIFICATION:
             raise VideoDataError(f"video clips carry one class each, but the model selects task={task}; "
@@ -240,6 +242,7 @@ class VideoFolder(pl.LightningDataModule):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.labels_csv = labels_csv
+        self.clips_per_epoch = clips_per_epoch
         self.seed = seed
 
     @property
@@ -278,8 +281,10 @@ class VideoFolder(pl.LightningDataModule):
                 dataset.load(index)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          drop_last=len(self.train_set) >= self.batch_size, persistent_workers=self.num_workers > 0)
+        count = len(self.train_set) if self.clips_per_epoch is None else self.clips_per_epoch
+        sampler = RandomSampler(self.train_set, replacement=count > len(self.train_set), num_samples=count)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          drop_last=count >= self.batch_size, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers,
