@@ -142,6 +142,8 @@ def test_video_folder_reads_a_users_clips_resampled_to_the_clip_size(tmp_path):
     channel = int(Path(item["file"]).stem[-1]) % 3
     assert item["image"][channel].mean() > 0.9, "RGB channels keep their order"
     assert data.input_spec() == {"format": "video", "in_channels": 3}
+    data.clips_per_epoch = 9  # more than the 5 training clips: drawn with replacement, 4 full batches of 2
+    assert len(data.train_dataloader()) == 4 and len(list(data.train_dataloader())) == 4
 
 
 @pytest.mark.parametrize("case, message", [

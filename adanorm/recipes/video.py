@@ -28,7 +28,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from adanorm.recipes.layouts import CLASSIFICATION, Record, VolumeDataError
 
@@ -81,7 +81,7 @@ def _encoder() -> str:
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 8, crf: int = 10) -> Path:
-    """Writes ``frames`` (uint8, T×H×W grayscale or T×H×W×3 RGB; H and W even) as an MP4 file at ``path``.
+    """Writes ``frames`` (uint8, T×H×W or T×H×W×1 grayscale, or T×H×W×3 RGB; H and W even) as an MP4 file at ``path``.
 
     H.264 (libx264, ``crf`` 0–51: lower is closer to the frames; 10 is visually lossless) in yuv420p, which every
     player decodes; MPEG-4 part 2 where PyAV's FFmpeg has no libx264. The file is written under a hidden temporary
@@ -90,6 +90,8 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 8, crf: int = 10) -> 
     import av
 
     frames = np.asarray(frames)
+    if frames.ndim == 4 and frames.shape[-1] == 1:
+        frames = frames[..., 0]
     if frames.dtype != np.uint8 or frames.ndim not in (3, 4) or (frames.ndim == 4 and frames.shape[-1] != 3):
         raise ValueError(f"frames must be uint8 T×H×W or T×H×W×3, got {frames.dtype} {frames.shape}.")
     height, width = frames.shape[1:3]
@@ -211,6 +213,23 @@ class VideoClips(Dataset):
         return item
 
 
+class EpochSampler(Sampler):
+    """``count`` indices of ``size`` in a fresh random order each epoch: without replacement up to ``size``, with it
+    beyond. Not a ``RandomSampler``, so that under DDP Lightning wraps it (``DistributedSamplerWrapper``) and every
+    rank draws its share of ``count``, instead of replacing it by a sampler over the whole data set."""
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size, self.count = size, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        if self.count <= self.size:
+            return iter(torch.randperm(self.size)[:self.count].tolist())
+        return iter(torch.randint(self.size, (self.count,)).tolist())
+
+
 class VideoFolder(pl.LightningDataModule):
     """A folder of video clips listed in a labels CSV (``data=video_folder``), for the classification task.
 
@@ -282,7 +301,7 @@ class VideoFolder(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         count = len(self.train_set) if self.clips_per_epoch is None else self.clips_per_epoch
-        sampler = RandomSampler(self.train_set, replacement=count > len(self.train_set), num_samples=count)
+        sampler = EpochSampler(len(self.train_set), count)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           drop_last=count >= self.batch_size, persistent_workers=self.num_workers > 0)
 
