@@ -31,14 +31,16 @@ def read_metrics(path):
         return list(csv.DictReader(handle))
 
 
-TINY_DIGITS = {"num_clips": 24, "frames": 8, "size": 16, "digit_size": 6.0, "speeds": (0.3, 1.0), "batch_size": 4}
+TINY_DIGITS = {"num_clips": 24, "frames": 8, "size": 16, "digit_size": 6.0, "speeds": (0.3, 1.0), "batch_size": 4,
+               "clips_per_epoch": None, "val_fraction": 0.15}
 """Moving digits small enough for seconds-long runs: 8 classes, 8×16×16 clips, 8 for validation (one per class)
 and 16 for training."""
 
 
 def tiny_video_run(root, output_dir, *overrides, model="r2plus1d"):
     """Overrides for a seconds-long adanorm-train run on TINY_DIGITS with a narrow network, one epoch."""
-    settings = [f"data.{key}={list(value) if isinstance(value, tuple) else value}" for key, value in TINY_DIGITS.items()]
+    settings = [f"data.{key}={'null' if value is None else list(value) if isinstance(value, tuple) else value}"
+                for key, value in TINY_DIGITS.items()]
     narrow = ["model.net.widths=[8,8,8,8]"] if model == "r2plus1d" else ["model.net.depth=10", "model.net.widen_factor=0.25"]
     return ["data=moving_digits", f"model={model}", f"data.root={root}", *settings, *narrow,
             f"output_dir={output_dir}", "trainer.max_epochs=1", "trainer.log_every_n_steps=1", *overrides]

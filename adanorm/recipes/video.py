@@ -144,14 +144,14 @@ def read_video(path: Path, in_channels: int = 1) -> np.ndarray:
 
 
 def fit_clip(clip: np.ndarray, size: Sequence[int]) -> Tensor:
-    """A uint8 (T, H, W, C) clip as float (C, frames, height, width) in [0, 1], ``size`` = (frames, height, width):
-    frames picked evenly over the clip (the nearest frame, no blending, so motion stays sharp), each resized bilinearly."""
+    """A uint8 (T, H, W, C) clip as uint8 (C, frames, height, width), ``size`` = (frames, height, width): frames
+    picked evenly over the clip (the nearest frame, no blending, so motion stays sharp), each resized bilinearly."""
     frames, height, width = (int(s) for s in size)
     picked = np.linspace(0, clip.shape[0] - 1, frames).round().astype(int)
-    video = torch.from_numpy(np.ascontiguousarray(clip[picked])).permute(0, 3, 1, 2).float().div_(255.0)  # T, C, H, W
+    video = torch.from_numpy(np.ascontiguousarray(clip[picked])).permute(0, 3, 1, 2)  # T, C, H, W
     if video.shape[-2:] != (height, width):
-        video = torch.nn.functional.interpolate(video, size=(height, width), mode="bilinear", align_corners=False,
-                                                antialias=True).clamp_(0.0, 1.0)
+        video = torch.nn.functional.interpolate(video.float(), size=(height, width), mode="bilinear", align_corners=False,
+                                                antialias=True).round_().clamp_(0, 255).to(torch.uint8)
     return video.permute(1, 0, 2, 3).contiguous()
 
 
@@ -199,12 +199,13 @@ class VideoClips(Dataset):
         return len(self.records)
 
     def load(self, index: int) -> Tensor:
-        if index in self.cached:
-            return self.cached[index].float().div_(255.0)
-        video = fit_clip(read_video(Path(self.records[index]["image"]), self.in_channels), self.size)
-        if index < self.cache_count:
-            self.cached[index] = video.mul(255.0).round_().to(torch.uint8)
-        return video
+        """Clip ``index`` as float (C, T, H, W) in [0, 1]."""
+        video = self.cached.get(index)
+        if video is None:
+            video = fit_clip(read_video(Path(self.records[index]["image"]), self.in_channels), self.size)
+            if index < self.cache_count:
+                self.cached[index] = video
+        return video.float().div_(255.0)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         item = {"image": self.load(index), "file": self.records[index]["image"]}
