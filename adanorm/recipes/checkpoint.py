@@ -26,7 +26,7 @@ TRUST_HINT = (
     "If you wrote this checkpoint yourself, pass --trust-checkpoint to predict.py "
     "(trust_checkpoint=True to adanorm.recipes.checkpoint.load_recipe_module)."
 )
-ADANORM_BUILDERS = frozenset({"adanorm.recipes.models.resnet_classifier"})
+ADANORM_BUILDERS = frozenset({"adanorm.recipes.models.resnet_classifier", "adanorm.recipes.models.r2plus1d_resnet"})
 MONAI_NETS = "monai.networks.nets."
 _LEGACY_CLASS_PREFIX = "adanorm.recipes.module."  # checkpoints before the table stored the class path
 _SHOWN_KEYS = 3

@@ -5,6 +5,8 @@
     adanorm-train -m norm=adaptive,batch,instance      # one run per norm (multirun/<date>/<time>/<n>), then a summary
     adanorm-train ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt trainer.max_epochs=60   # resume, same config
     adanorm-predict outputs/<date>/<time>/checkpoints/last.ckpt scans/ --output predictions/
+    adanorm-train data=moving_digits model=r2plus1d    # video: moving digits as MP4 clips, an R(2+1)D ResNet
+    adanorm-predict outputs/<date>/<time>/checkpoints/last.ckpt clip.mp4 clips/ --output predictions/
 
 The Hydra configs live in ``configs/`` and install as the package ``adanorm.configs`` (Hydra's search path
 ``pkg://adanorm.configs``), so both commands work from any directory and from a wheel; a run writes into
@@ -63,25 +65,28 @@ def train_main() -> None:
         sys.argv = command_line
 
 
-PREDICT_DESCRIPTION = "Run a checkpoint from adanorm-train (train.py) over whole NIfTI volumes."
+PREDICT_DESCRIPTION = "Run a checkpoint from adanorm-train (train.py) over whole NIfTI volumes or video clips."
 PREDICT_EPILOG = """\
 Segmentation checkpoints write one label NIfTI per input (same file name, same affine and header), by
 sliding-window inference with Gaussian blending. Classification checkpoints print each volume's class
-probabilities and write them to probabilities.csv.
+probabilities and write them to probabilities.csv. A checkpoint trained on video clips (data=moving_digits,
+data=video_folder) reads video files (.mp4 and what else PyAV decodes), resampled to its training clip size.
 
 --norm-stats volume gives InstanceNorm/GroupNorm/adaptive per-sample layers the statistics of the whole
 volume instead of each window's (no per-window exposure shifts or seams where the intensity drifts); it
 gathers them in extra passes over non-overlapping windows, at most one per norm layer.
 
 example: adanorm-predict outputs/<date>/<time>/checkpoints/last.ckpt scans/ --output predictions/
-         adanorm-predict last.ckpt scan.nii.gz --norm-stats volume --tile-report"""
+         adanorm-predict last.ckpt scan.nii.gz --norm-stats volume --tile-report
+         adanorm-predict last.ckpt clip.mp4 more_clips/ --output predictions/"""
 
 
 def predict_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=PREDICT_DESCRIPTION, epilog=PREDICT_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a .ckpt written by adanorm-train (train.py)")
-    parser.add_argument("inputs", type=Path, help="a .nii/.nii.gz file or a folder of them")
+    parser.add_argument("inputs", type=Path, nargs="+",
+                        help=".nii/.nii.gz files or folders of them; for a video checkpoint, video files (.mp4, ...) or folders")
     parser.add_argument("--output", type=Path, default=Path("predictions"),
                         help="output folder (default: predictions/); it may not hold the inputs")
     parser.add_argument("--overwrite", action="store_true",
@@ -108,7 +113,7 @@ def predict_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def predict_main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> None:
-    """``adanorm-predict CHECKPOINT INPUTS [--output DIR] [--overlap F] [--accelerator A] [--norm-stats S]
+    """``adanorm-predict CHECKPOINT INPUT [INPUT ...] [--output DIR] [--overlap F] [--accelerator A] [--norm-stats S]
     [--tile-report] [--trust-checkpoint] [--overwrite] [--verbose]``."""
     parser = predict_parser(prog)
     args = parser.parse_args(argv)

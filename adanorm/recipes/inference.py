@@ -1,4 +1,4 @@
-"""Whole-volume inference with a recipe checkpoint through ``Trainer.predict``.
+"""Whole-volume (and whole-clip) inference with a recipe checkpoint through ``Trainer.predict``.
 
 Lightning supplies the device placement and the progress bar; a prediction writer saves each
 result as soon as its volume is done, so memory does not grow with the number of volumes.
@@ -15,7 +15,7 @@ import csv
 import os
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import lightning.pytorch as pl
 import nibabel as nib
@@ -23,19 +23,27 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from monai.data import DataLoader, Dataset
 from torch import Tensor
+from torch.utils.data import DataLoader as ClipLoader
 
 from adanorm.recipes.checkpoint import load_recipe_module, read_checkpoint, recipe_module_class
 from adanorm.recipes.data import CLASSIFICATION, case_name, volume_transforms
-from adanorm.recipes.module import RecipeModule
+from adanorm.recipes.module import INPUTS_KEY, RecipeModule
 from adanorm.recipes.quiet import quiet_third_party
+from adanorm.recipes.video import VIDEO_INPUTS, VIDEO_SUFFIXES, VideoClips, VideoDataError, video_inputs
 from adanorm.tiling import SOURCES, TileReport
 
 PROBABILITIES_CSV = "probabilities.csv"
 TILE_REPORT_CSV = "tile_report.csv"
 
 
-def nifti_inputs(path: Path) -> List[Path]:
-    """One NIfTI file, or every NIfTI file directly inside a folder."""
+def nifti_inputs(path: Union[Path, Sequence[Path]]) -> List[Path]:
+    """One NIfTI file, or every NIfTI file directly inside a folder; for several paths, each one's, in order."""
+    if not isinstance(path, (str, Path)):
+        files: List[Path] = []
+        for each in path:
+            files += [file for file in nifti_inputs(Path(each)) if file not in files]
+        return files
+    path = Path(path)
     if path.is_file() and case_name(path) is not None:
         return [path]
     if path.is_dir():
@@ -43,6 +51,19 @@ def nifti_inputs(path: Path) -> List[Path]:
         if files:
             return files
     raise FileNotFoundError(f"{path} is neither a .nii/.nii.gz file nor a folder holding some; pass a NIfTI file or folder.")
+
+
+def prediction_inputs(paths: Sequence[Path]) -> Tuple[List[Path], bool]:
+    """The files ``paths`` name and whether they are video clips: NIfTI volumes (files, or every one in a folder),
+    else video files (``adanorm.recipes.video.video_inputs``)."""
+    try:
+        return nifti_inputs(paths), False
+    except FileNotFoundError as not_nifti:
+        try:
+            return video_inputs(paths), True
+        except VideoDataError:
+            raise FileNotFoundError(f"{not_nifti} A checkpoint trained on video clips takes video files "
+                                    f"({', '.join(VIDEO_SUFFIXES)}) or folders of them.") from None
 
 
 class OutputConflictError(ValueError):
@@ -114,23 +135,25 @@ def write_csv(path: Path, fieldnames: Sequence[str], rows: Sequence[Dict[str, An
 class NiftiPredictionWriter(BasePredictionWriter):
     """Segmentations as NIfTI on the input's grid (affine and header kept); class probabilities as CSV rows."""
 
-    def __init__(self, output_dir: Path, task: str) -> None:
+    def __init__(self, output_dir: Path, task: str, name_column: str = "image") -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.task = task
+        self.name_column = name_column
         self.rows: List[Dict[str, Any]] = []
         self.csv_path: Optional[Path] = None
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Tensor,
                            batch_indices: Optional[Sequence[int]], batch: Dict[str, Any], batch_idx: int,
                            dataloader_idx: int = 0) -> None:
-        source = Path(batch["image"].meta["filename_or_obj"][0])
+        sources = batch["file"] if "file" in batch else batch["image"].meta["filename_or_obj"]  # clips carry "file"
         if self.task == CLASSIFICATION:
-            probabilities = prediction[0].float().cpu().numpy()
-            row = {"image": str(source), "predicted": int(probabilities.argmax())}
-            row.update({f"p_{index}": round(float(p), 6) for index, p in enumerate(probabilities)})
-            self.rows.append(row)
+            for source, probabilities in zip(sources, prediction.float().cpu().numpy()):
+                row = {self.name_column: str(source), "predicted": int(probabilities.argmax())}
+                row.update({f"p_{index}": round(float(p), 6) for index, p in enumerate(probabilities)})
+                self.rows.append(row)
             return
+        source = Path(sources[0])
         original = nib.load(source)
         header = original.header.copy()
         header.set_data_dtype(np.uint8)
@@ -168,10 +191,14 @@ def write_tile_reports(reports: List[Tuple[str, TileReport]], output_dir: Path) 
     return path
 
 
-def predict(checkpoint: Path, inputs: Path, output_dir: Path, overlap: float = 0.5, accelerator: str = "auto",
-            num_workers: int = 0, trust_checkpoint: bool = False, norm_stats: str = "tile",
+def predict(checkpoint: Path, inputs: Union[Path, Sequence[Path]], output_dir: Path, overlap: float = 0.5,
+            accelerator: str = "auto", num_workers: int = 0, trust_checkpoint: bool = False, norm_stats: str = "tile",
             report_tiles: bool = False, overwrite: bool = False) -> Path:
     """Predicts every input volume at batch 1 and returns the folder the results were written to.
+
+    ``inputs`` are files or folders (every file of the kind directly inside): NIfTI volumes, or for a checkpoint
+    trained on video clips (``data=moving_digits``, ``data=video_folder``) video files, each resampled to the
+    training clip size as in training.
 
     ``trust_checkpoint`` lets the checkpoint build a network outside MONAI and adanorm
     (see ``adanorm.recipes.checkpoint``): only for checkpoints you wrote yourself. ``norm_stats`` is
@@ -187,9 +214,15 @@ def predict(checkpoint: Path, inputs: Path, output_dir: Path, overlap: float = 0
     """
     if norm_stats not in SOURCES:
         raise ValueError(f"norm_stats={norm_stats!r} is unknown; choose one of {SOURCES}.")
-    files = nifti_inputs(Path(inputs))
+    files, clips = prediction_inputs([Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(path) for path in inputs])
+    saved = read_checkpoint(checkpoint)
+    task = recipe_module_class(saved, checkpoint).task  # which files it writes, without building it
+    spec = saved.get(INPUTS_KEY) if isinstance(saved.get(INPUTS_KEY), dict) else {}
+    if clips != (spec.get("format") == VIDEO_INPUTS):
+        trained, given = ("NIfTI volumes", "video clips") if clips else ("video clips", "NIfTI volumes")
+        raise VideoDataError(f"{checkpoint} was trained on {trained}, but the inputs are {given} ({files[0]}, ...); "
+                             f"pass {trained} to this checkpoint.")
     output_dir = Path(output_dir)
-    task = recipe_module_class(read_checkpoint(checkpoint), checkpoint).task  # which files it writes, without building it
     refuse_conflicts(files, output_dir, planned_outputs(files, output_dir, task, report_tiles), overwrite)
     module: RecipeModule = load_recipe_module(checkpoint, trust_checkpoint=trust_checkpoint)
     if module.task == CLASSIFICATION:
@@ -201,13 +234,19 @@ def predict(checkpoint: Path, inputs: Path, output_dir: Path, overlap: float = 0
         module.predict_norm_stats = norm_stats
         module.tile_reports = [] if report_tiles else None
     output_dir.mkdir(parents=True, exist_ok=True)
-    dataset = Dataset([{"image": str(path)} for path in files],
-                      volume_transforms(module.task, module.patch_size, train=False, with_label=False))
-    writer = NiftiPredictionWriter(output_dir, module.task)
+    if clips:  # decoded and resampled as in training (adanorm.recipes.video.VideoClips)
+        dataset = VideoClips([{"image": str(path)} for path in files], module.patch_size, int(spec.get("in_channels", 1)),
+                             cache_rate=0.0)
+        loader = ClipLoader(dataset, batch_size=1, num_workers=num_workers)
+    else:
+        dataset = Dataset([{"image": str(path)} for path in files],
+                          volume_transforms(module.task, module.patch_size, train=False, with_label=False))
+        loader = DataLoader(dataset, batch_size=1, num_workers=num_workers)
+    writer = NiftiPredictionWriter(output_dir, module.task, name_column="file" if clips else "image")
     with quiet_third_party():  # Lightning's LeafSpec deprecation warning and cloud-logger tip
         trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                              callbacks=[writer])
-        trainer.predict(module, DataLoader(dataset, batch_size=1, num_workers=num_workers), return_predictions=False)
+        trainer.predict(module, loader, return_predictions=False)
     writer.print_summary()  # after trainer.predict: the progress bar has finished its line
     if report_tiles:
         write_tile_reports(module.tile_reports, output_dir)

@@ -21,6 +21,9 @@ from adanorm.tiling import TileReport, downsampling_factors, norm_statistics, ti
 
 CLASS_PATH_KEY = "adanorm_module_class"
 """Checkpoint key naming the recipe module that wrote it, as a key of ``RECIPE_MODULES``."""
+INPUTS_KEY = "adanorm_inputs"
+"""Checkpoint key describing what the model read in training, from the data module's ``input_spec()``, e.g.
+``{"format": "video", "in_channels": 1}`` (``adanorm.recipes.video``); absent for NIfTI volumes."""
 
 
 class RecipeModule(pl.LightningModule):
@@ -38,14 +41,27 @@ class RecipeModule(pl.LightningModule):
         self.save_hyperparameters()
         self.net: nn.Module = instantiate(net, _convert_="all")
         self.patch_size = tuple(patch_size)
+        self.channels_last = False
+        """Whether the network's weights and every batch's images are in ``torch.channels_last_3d``
+        (``use_channels_last``); how the run executes, not part of the checkpoint's model."""
+
+    def use_channels_last(self) -> None:
+        """Keeps the weights, and from now on every batch's 5-D images, in ``torch.channels_last_3d`` memory format
+        (``adanorm-train channels_last=true``)."""
+        self.net = self.net.to(memory_format=torch.channels_last_3d)
+        self.channels_last = True
 
     def forward(self, image: Tensor) -> Tensor:
         return self.net(image)
 
-    @staticmethod
-    def tensors(batch: Dict[str, Any], *keys: str) -> Tuple[Tensor, ...]:
-        """The batch's tensors without MONAI metadata, which would otherwise flow into logged metrics and checkpoints."""
-        return tuple(convert_to_tensor(batch[key], track_meta=False) for key in keys)
+    def tensors(self, batch: Dict[str, Any], *keys: str) -> Tuple[Tensor, ...]:
+        """The batch's tensors without MONAI metadata, which would otherwise flow into logged metrics and checkpoints;
+        5-D images in ``torch.channels_last_3d`` after ``use_channels_last``."""
+        tensors = [convert_to_tensor(batch[key], track_meta=False) for key in keys]
+        if self.channels_last:
+            tensors = [t.contiguous(memory_format=torch.channels_last_3d) if key == "image" and t.ndim == 5 else t
+                       for key, t in zip(keys, tensors)]
+        return tuple(tensors)
 
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         image, label = self.tensors(batch, "image", "label")
@@ -58,6 +74,9 @@ class RecipeModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint[CLASS_PATH_KEY] = type(self).__name__
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if hasattr(datamodule, "input_spec"):
+            checkpoint[INPUTS_KEY] = datamodule.input_spec()
 
 
 class SegmentationModule(RecipeModule):

@@ -25,7 +25,7 @@ from adanorm.recipes.resolvers import CONFIG_FOLDER, resumed_run_dir
 
 RESUMABLE_KEYS = (
     "trainer",              # epochs, devices, accelerator, strategy, logging cadence: how the run executes
-    "ckpt_path", "verbose",
+    "ckpt_path", "verbose", "channels_last",
     "recalibrate", "recalibrate_batches",
     "data.num_workers", "data.cache_rate",        # how the volumes are loaded,
     "data.check_labels", "data.label_cache",      # and checked, not which volumes: every other data key is

@@ -146,6 +146,8 @@ def train(cfg: DictConfig) -> Optional[float]:
             warnings.simplefilter("ignore", FallbackWarning)
             datamodule = instantiate(cfg.data)
             module = instantiate(cfg.module)
+            if cfg.get("channels_last"):
+                module.use_channels_last()
             trainer = instantiate(cfg.trainer)
             if cfg.recalibrate:
                 trainer.callbacks.append(RecalibrateNorms(num_batches=cfg.recalibrate_batches))

@@ -12,9 +12,9 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from video_resnet import r2plus1d_resnet
 
 import adanorm
+from adanorm.recipes.models import r2plus1d_resnet
 
 pytestmark = pytest.mark.slow  # recipe runs, subprocesses or builds: the full suite's part
 

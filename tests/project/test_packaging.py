@@ -47,7 +47,8 @@ def test_the_layer_depends_on_torch_only_and_the_recipes_are_an_extra():
     torch_requirement, = [r for r in project["dependencies"] if r.startswith("torch")]
     assert "<2.14" in torch_requirement, "an unbounded torch pulls a multi-GB CUDA build"
     extras = project["optional-dependencies"]
-    assert names(extras["recipes"]) == {"monai", "lightning", "hydra-core", "nibabel", "matplotlib", "tqdm"}
+    assert names(extras["recipes"]) == {"monai", "lightning", "hydra-core", "nibabel", "matplotlib", "tqdm",
+                                         "av", "scikit-learn"}
     assert "triton" not in names(extras["test"]), "CPU-only installs must not download triton"
     assert names(extras["triton"]) == {"triton"}
     assert project["scripts"] == {"adanorm-train": "adanorm.recipes.cli:train_main",

@@ -31,6 +31,7 @@ from adanorm.recipes.run import train
 CONFIGS = Path(adanorm.configs.__file__).parent  # shipped inside the package: pkg://adanorm.configs
 GROUPS = ("model", "norm", "data", "trainer")
 SEGMENTATION_MODELS = ("unet", "basic_unet", "dynunet", "segresnet")
+CLASSIFICATION_MODELS = ("resnet", "r2plus1d")
 NATIVE_NORMS = {"batch": nn.BatchNorm3d, "instance": nn.InstanceNorm3d, "group": nn.GroupNorm}
 FIXED_PRESETS = {"default": 0.1, "small_batch": 0.05, "tiny_batch": 0.01, "cumulative": None}
 NOISE = ("LeafSpec", "litlogger")  # third-party messages every run printed before train.py silenced them
@@ -100,9 +101,9 @@ def test_every_config_group_option_composes_and_resolves(group, option, tmp_path
 
 
 def test_config_groups_offer_what_the_recipes_promise():
-    assert set(options("model")) == {*SEGMENTATION_MODELS, "resnet"}
+    assert set(options("model")) == {*SEGMENTATION_MODELS, *CLASSIFICATION_MODELS}
     assert set(options("norm")) == {"adaptive", *NATIVE_NORMS}
-    assert set(options("data")) >= {"synthetic", "nifti_folder", "mni152"}
+    assert set(options("data")) >= {"synthetic", "nifti_folder", "mni152", "video_folder", "moving_digits"}
     assert set(options("trainer")) >= {"cpu", "gpu", "ddp"}
     assert set(options("task")) == {"segmentation", "classification"}
     defaults = compose_config("data.root=/data")
@@ -114,7 +115,7 @@ def test_config_groups_offer_what_the_recipes_promise():
 
 @pytest.mark.parametrize("model, task, module", [
     *[(m, "segmentation", "SegmentationModule") for m in SEGMENTATION_MODELS],
-    ("resnet", "classification", "ClassificationModule"),
+    *[(m, "classification", "ClassificationModule") for m in CLASSIFICATION_MODELS],
 ])
 def test_model_selects_its_task_config(model, task, module, tmp_path):
     cfg = compose_config(f"model={model}", "data.root=/data", f"output_dir={tmp_path}")
@@ -122,7 +123,7 @@ def test_model_selects_its_task_config(model, task, module, tmp_path):
     assert type(instantiate(cfg.module)).__name__ == module
 
 
-@pytest.mark.parametrize("model", [*SEGMENTATION_MODELS, "resnet"])
+@pytest.mark.parametrize("model", [*SEGMENTATION_MODELS, *CLASSIFICATION_MODELS])
 @pytest.mark.parametrize("norm", ["adaptive", *NATIVE_NORMS])
 def test_selected_norm_reaches_every_layer(model, norm, tmp_path):
     cfg = compose_config(*tiny(tmp_path, tmp_path, model), f"norm={norm}")
