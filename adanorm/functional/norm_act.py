@@ -96,11 +96,13 @@ def _affine_invertible(weight: Optional[Tensor], bias: Optional[Tensor]) -> bool
 
 def _may_write_into(input: Tensor) -> bool:
     """Whether autograd lets the fused step overwrite ``input``: not a leaf that wants a gradient, not a view
-    (whose base others may read), and not saved by the node that produced it (its version would then fail
-    that node's backward): the producers that save their own output are the few nodes with ``_saved_result``."""
+    (whose base others may read), not saved for backward by another op (a saved input holds a second reference
+    to the tensor, ``_use_count() > 1``: a ``x * w`` that needs ``x`` for ``w``'s gradient), and not saved by
+    the node that produced it (nodes that save their own output, such as ``exp`` or ``relu``, hold it without
+    that reference, but carry ``_saved_result``). Overwriting any of these would fail that node's backward."""
     if input.is_leaf and input.requires_grad:
         return False
-    if input._base is not None:
+    if input._base is not None or input._use_count() > 1:
         return False
     node = input.grad_fn
     return node is None or not hasattr(node, "_saved_result")

@@ -145,7 +145,7 @@ def test_fused_step_saves_its_output_and_per_statistic_vectors_only(mode, activa
     assert native_total >= 2 * output.nbytes, "the native pair keeps its input and its pre-activation"
 
 
-def test_inplace_step_writes_into_a_fresh_input_and_never_into_a_leaf_a_view_or_a_saved_output():
+def test_inplace_step_writes_into_a_fresh_input_and_never_into_a_leaf_a_view_or_a_saved_tensor():
     x = torch.randn(2, 8, 4, 4, 4, requires_grad=True)
     fresh = x * 2.0
     output = fused_step(fresh, "group", None, None, None, "leaky_relu", inplace=True)
@@ -160,6 +160,15 @@ def test_inplace_step_writes_into_a_fresh_input_and_never_into_a_leaf_a_view_or_
     base = x * 1.0
     view = base[:, :8]
     assert fused_step(view, "group", None, None, None, "leaky_relu", inplace=True).data_ptr() != view.data_ptr()
+    weight = torch.randn(8, 1, 1, 1, requires_grad=True)
+    needed_elsewhere = x * 3.0
+    product = needed_elsewhere * weight  # saves needed_elsewhere for weight's gradient
+    output = fused_step(needed_elsewhere, "group", None, None, None, "leaky_relu", inplace=True)
+    assert output.data_ptr() != needed_elsewhere.data_ptr()
+    got = torch.autograd.grad(output.sum() + product.sum(), [x, weight])
+    reference = torch.autograd.grad(F.leaky_relu(F.group_norm(x * 3.0, GROUPS)).sum() + (x * 3.0 * weight).sum(), [x, weight])
+    for a, b in zip(got, reference):
+        torch.testing.assert_close(a, b)
     saved_by_its_producer = torch.exp(x)  # exp's backward reads its own output
     output = fused_step(saved_by_its_producer, "group", None, None, None, "leaky_relu", inplace=True)
     assert output.data_ptr() != saved_by_its_producer.data_ptr()
@@ -240,8 +249,42 @@ def test_prelu_slopes_that_turn_non_positive_keep_the_native_ops():
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last_3d"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck(mode, activation, channels_last):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 3, 3, 3, dtype=torch.float64, generator=generator)
+    x = (x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x).requires_grad_()
+    weight = (torch.rand(8, dtype=torch.float64, generator=generator) + 0.5).requires_grad_()
+    bias = (torch.randn(8, dtype=torch.float64, generator=generator) * 0.3).requires_grad_()
+    prelu = (torch.rand(8, dtype=torch.float64, generator=generator) * 0.3 + 0.05).requires_grad_()
+    inputs = (x, weight, bias) + ((prelu,) if activation == "prelu" else ())
+
+    def step(x, weight, bias, *prelu_weight):
+        return fused_step(x * 1.0, mode, weight, bias, prelu_weight[0] if prelu_weight else None, activation)
+
+    assert torch.autograd.gradcheck(step, inputs)
+
+
 @pytest.mark.slow
-def test_compiled_scripted_and_exported_forms_are_the_unfused_native_pair():
+def test_onnx_export_of_the_fused_layer_runs_in_onnxruntime_like_eager(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    layer = adanorm.AdaptiveNormAct3d(8, activation="prelu", num_parameters=8)
+    layer(torch.randn(40, 8, 4, 4, 4))  # learned running statistics: eval reads them
+    layer.eval()
+    x = torch.randn(2, 8, 4, 4, 4)
+    for dynamo in (False, True):
+        path = tmp_path / f"fused-{dynamo}.onnx"
+        torch.onnx.export(layer, (x,), str(path), input_names=["x"], output_names=["y"], dynamo=dynamo)
+        session = ort.InferenceSession(str(path))
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_scripted_traced_and_exported_forms_are_the_unfused_native_pair():
     torch.manual_seed(0)
     layer = adanorm.AdaptiveNormAct3d(8, activation="leaky_relu", negative_slope=0.2)
     x = torch.randn(2, 8, 4, 4, 4)
@@ -250,6 +293,9 @@ def test_compiled_scripted_and_exported_forms_are_the_unfused_native_pair():
     torch.testing.assert_close(compiled(x), eager)
     scripted = torch.jit.script(copy.deepcopy(layer))
     torch.testing.assert_close(scripted(x), eager)
+    traced = torch.jit.trace(copy.deepcopy(layer), (x,), check_trace=False)
+    assert "adanorm::" not in str(traced.graph)
+    torch.testing.assert_close(traced(x), eager)
     exported = torch.export.export(copy.deepcopy(layer), (x,))
     targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
     assert not any("adanorm" in target for target in targets), targets
