@@ -55,8 +55,34 @@ def adaptive_norm_factory(dim: int) -> type:
     return by_spatial_dims[dim]
 
 
+def adaptive_norm_act_factory(dim: int) -> type:
+    """The fused layer class for ``dim`` spatial dimensions: what ``norm=("adaptive_act", {...})`` builds in
+    MONAI, e.g. in an ``ADN`` whose own ``act`` is ``None``, since the layer applies the activation itself.
+
+    Args:
+        dim (int): the network's ``spatial_dims``: 1, 2 or 3.
+
+    Returns:
+        type: ``AdaptiveNormAct1d``, ``AdaptiveNormAct2d`` or ``AdaptiveNormAct3d``.
+
+    Raises:
+        ValueError: for any other ``dim``.
+
+    Example:
+        >>> from adanorm.integrations.monai import adaptive_norm_act_factory
+        >>> adaptive_norm_act_factory(3).__name__
+        'AdaptiveNormAct3d'
+    """
+    from adanorm.norm_act import AdaptiveNormAct1d, AdaptiveNormAct2d, AdaptiveNormAct3d
+
+    by_spatial_dims = {1: AdaptiveNormAct1d, 2: AdaptiveNormAct2d, 3: AdaptiveNormAct3d}
+    if dim not in by_spatial_dims:
+        raise ValueError(f"norm='adaptive_act' supports spatial_dims {', '.join(map(str, _SPATIAL_DIMS))}, got {dim}.")
+    return by_spatial_dims[dim]
+
+
 def register() -> None:
-    """Add ``"adaptive"`` to MONAI's norm factory (``monai.networks.layers.factories.Norm``) now.
+    """Add ``"adaptive"`` and ``"adaptive_act"`` to MONAI's norm factory (``monai.networks.layers.factories.Norm``) now.
 
     ``import adanorm`` already arranges this through :func:`register_when_imported`; call it
     directly only where that hook cannot run, e.g. after MONAI's factory module was reloaded.
@@ -74,6 +100,7 @@ def register() -> None:
     from monai.networks.layers.factories import Norm
 
     Norm.add_factory_callable("adaptive", adaptive_norm_factory)
+    Norm.add_factory_callable("adaptive_act", adaptive_norm_act_factory)
 
 
 class _RegisteringLoader(importlib.abc.Loader):

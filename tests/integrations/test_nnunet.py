@@ -121,3 +121,24 @@ def test_tracked_running_stats_break_the_stock_checkpoint_layout():
     tracked = build_like_nnunet(ARCHITECTURE, norm_op_kwargs={"eps": 1e-05, "affine": True, "policy": "instance_first"})
     with pytest.raises(RuntimeError, match="Unexpected key.*running_mean"):
         build_like_nnunet(ARCHITECTURE, **STOCK_NORM).load_state_dict(tracked.state_dict(), strict=True)
+
+
+FUSED = {"norm_op": "adanorm.AdaptiveNormAct3d",
+         "norm_op_kwargs": {"eps": 1e-05, "affine": True, "track_running_stats": False, "policy": "instance_first",
+                            "activation": "leaky_relu", "negative_slope": 0.01, "inplace": True},
+         "nonlin": "torch.nn.Identity"}
+
+
+def test_plans_can_name_the_fused_layer_with_an_identity_nonlin():
+    """docs/nnunet.md: ``norm_op`` AdaptiveNormAct3d, ``nonlin`` Identity (its ``inplace`` kwarg is ignored). The
+    network is stock nnU-Net's (InstanceNorm3d + LeakyReLU) in numbers and in checkpoint layout."""
+    torch.manual_seed(0)
+    architecture = copy.deepcopy(ARCHITECTURE)
+    architecture["arch_kwargs"]["nonlin"] = FUSED["nonlin"]
+    fused = build_like_nnunet(architecture, norm_op=FUSED["norm_op"], norm_op_kwargs=FUSED["norm_op_kwargs"])
+    stock = build_like_nnunet(ARCHITECTURE, **STOCK_NORM)
+    assert sum(isinstance(m, adanorm.AdaptiveNormAct3d) for m in fused.modules()) == 10
+    fused.load_state_dict(stock.state_dict(), strict=True)
+    x = torch.randn(LARGE_PATCH)
+    torch.testing.assert_close(fused(x), stock(x))
+    fused(torch.randn(PATCH)).sum().backward()  # the 1×1×1 bottleneck trains, fused
