@@ -158,7 +158,9 @@ def replace_modules(
 
     The one module walk behind :func:`convert`, :func:`revert` and the recipes' model builders. A
     replaced module's own children are not visited (its replacement is final), and ``model`` itself
-    is tested first, so a bare layer comes back as its replacement.
+    is tested first, so a bare layer comes back as its replacement. A module reachable under several
+    names (nnU-Net's blocks hold their norm both as ``.norm`` and inside ``.all_modules``) is built
+    once and stays shared: two copies would train one and checkpoint both.
 
     Args:
         model: the module to walk; changed in place.
@@ -168,10 +170,20 @@ def replace_modules(
     Returns:
         ``model``, or ``build(model)`` when ``model`` itself is replaced.
     """
+    return _replace_shared(model, should_replace, build, {})
+
+
+def _replace_shared(model: nn.Module, should_replace: Callable[[nn.Module], bool], build: Callable[[nn.Module], nn.Module],
+                    replacements: Dict[int, nn.Module]) -> nn.Module:
+    """``replace_modules`` with ``replacements`` (by ``id`` of the original) shared across the walk."""
+    if id(model) in replacements:
+        return replacements[id(model)]
     if should_replace(model):
-        return build(model)
+        replacements[id(model)] = build(model)
+        return replacements[id(model)]
+    replacements[id(model)] = model
     for name, child in model.named_children():
-        replacement = replace_modules(child, should_replace, build)
+        replacement = _replace_shared(child, should_replace, build, replacements)
         if replacement is not child:
             setattr(model, name, replacement)
     return model

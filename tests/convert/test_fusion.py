@@ -22,18 +22,23 @@ def dynunet(res_block):
                    res_block=res_block)
 
 
-def plain_conv_unet():
+def nnunet(name):
     architectures = pytest.importorskip("dynamic_network_architectures.architectures.unet")
-    return architectures.PlainConvUNet(
-        1, 3, (4, 8, 16), nn.Conv3d, 3, (1, 2, 2), (2, 2, 2), 2, (2, 2), True, nn.InstanceNorm3d,
-        {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True})
+    kwargs = dict(input_channels=1, n_stages=3, features_per_stage=(4, 8, 16), conv_op=nn.Conv3d, kernel_sizes=3,
+                  strides=(1, 2, 2), num_classes=2, n_conv_per_stage_decoder=(2, 2), conv_bias=True,
+                  norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+                  nonlin_kwargs={"inplace": True})
+    if name == "PlainConvUNet":
+        return architectures.PlainConvUNet(n_conv_per_stage=(2, 2, 2), **kwargs)
+    return architectures.ResidualEncoderUNet(n_blocks_per_stage=(1, 2, 2), **kwargs)
 
 
 NETWORKS = {
     "DynUNet": (lambda: dynunet(False), 10),
     "DynUNet-res": (lambda: dynunet(True), 7),  # a residual block fuses norm1 only: norm2 meets the sum
     "UNet-PReLU": (lambda: UNet(3, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=2, norm="batch"), 9),
-    "PlainConvUNet": (plain_conv_unet, 10),
+    "PlainConvUNet": (lambda: nnunet("PlainConvUNet"), 10),
+    "ResidualEncoderUNet": (lambda: nnunet("ResidualEncoderUNet"), 10),  # conv2 of a residual block meets the sum
 }
 
 
@@ -112,3 +117,21 @@ def test_fusing_is_optional_and_revert_restores_each_activation_in_its_place():
     assert not any(isinstance(m, adanorm.AdaptiveNormAct) for m in adanorm.convert(copy.deepcopy(model)).modules())
     reverted = adanorm.revert(adanorm.convert(copy.deepcopy(model), fuse_activation=True))
     assert str(reverted) == str(model)
+
+
+@pytest.mark.parametrize("fuse_activation", [False, True], ids=["converted", "fused"])
+def test_a_norm_held_under_two_names_stays_one_layer(fuse_activation):
+    """nnU-Net's blocks hold their norm as ``.norm`` and inside ``.all_modules``: one layer, whose state dict
+    entries under both names stay equal after training, through convert and revert."""
+    model = adanorm.convert(nnunet("PlainConvUNet"), fuse_activation=fuse_activation)
+    block = model.encoder.stages[0][0].convs[0]
+    assert block.norm is block.all_modules[1]
+    with torch.no_grad():
+        block.norm.weight.add_(0.5)
+    state = model.state_dict()
+    prefix = "encoder.stages.0.0.convs.0."
+    torch.testing.assert_close(state[prefix + "norm.weight"], state[prefix + "all_modules.1.weight"])
+    reverted = adanorm.revert(model)
+    block = reverted.encoder.stages[0][0].convs[0]
+    assert block.norm is block.all_modules[1] and isinstance(block.norm, nn.InstanceNorm3d)
+    torch.testing.assert_close(block.norm.weight, state[prefix + "norm.weight"])
