@@ -111,10 +111,9 @@ def _wheel(tmp_path):
         shutil.copy(REPO / name, source / name)
     for package in ("adanorm", "configs"):  # configs/ installs as adanorm.configs (pyproject.toml's package-dir)
         shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    isolation = [] if _has("setuptools") else ["--use-pep517"]  # with setuptools here, nothing is downloaded
     command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(tmp_path / "dist")]
-    if not isolation:
-        command.append("--no-build-isolation")
+    if _setuptools_builds_wheels():
+        command.append("--no-build-isolation")  # nothing is downloaded
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     wheel, = (tmp_path / "dist").glob("adanorm-*.whl")
     return wheel
@@ -124,6 +123,18 @@ def _has(module):
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def _setuptools_builds_wheels():
+    """This environment's setuptools builds a wheel by itself: from 70.1 it has ``bdist_wheel``, before that
+    it needs the ``wheel`` package. A fresh venv of Python 3.11 holds setuptools 65 without ``wheel``, and
+    torch 2.12 keeps it there (later torch requires setuptools 77 or later); pip's build isolation then
+    installs a current setuptools."""
+    if not _has("setuptools"):
+        return False
+    from importlib.metadata import version
+
+    return tuple(int(part) for part in re.findall(r"\d+", version("setuptools"))[:2]) >= (70, 1) or _has("wheel")
 
 
 @pytest.mark.slow
