@@ -75,4 +75,4 @@ the process when γ or β wants a gradient and the input does not, and it raises
 a device" for a shift without a scale. adanorm's workarounds (``dispatch._group_norm``,
 ``dispatch._scale_beside_shift``, the ``adanorm::native_group_norm`` operator) give the same numbers
 on every release, so they run on all of them while pyproject.toml admits a torch before 2.14;
-``tests/test_reliability_core.py``'s canaries check this flag against the torch they run on."""
+the canaries in ``test_reliability_core.py`` check this flag against the torch they run on."""
