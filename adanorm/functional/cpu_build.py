@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from adanorm.functional._compat import extension_build_directory
+from adanorm.functional._compat import extension_build_directory, extension_lock_outlives_a_killed_build
 
 try:
     import fcntl
@@ -72,14 +72,16 @@ def build_and_load(wait_s: float) -> None:
 @contextmanager
 def _build_lock(build_directory: Path, wait_s: float) -> Iterator[None]:
     """Hold adanorm's lock on the build directory while ``cpp_extension.load`` builds or loads there,
-    after removing any ``lock`` file torch left behind.
+    after removing any stale ``lock`` file torch left behind.
 
-    torch serializes builds with a ``lock`` file that only a build that ends normally removes: after
-    one killed part-way (Ctrl-C, SIGKILL, a preempted job) every later process waits for it forever.
-    The kernel releases an flock when its holder dies, however it dies, and adanorm holds this one
-    whenever torch's lock file can exist, so a lock file found while holding it is stale. A live
-    holder (a process building right now) is waited for, up to ``wait_s`` seconds. Without flock
-    (not POSIX, some network file systems) only torch's own lock file serializes builds.
+    Up to torch 2.13 torch serializes builds with a ``lock`` file that only a build that ends normally
+    removes: after one killed part-way (Ctrl-C, SIGKILL, a preempted job) every later process waits
+    for it forever. The kernel releases an flock when its holder dies, however it dies, and adanorm
+    holds this one whenever torch's lock file can exist, so a lock file found while holding it is
+    stale (``_compat.extension_lock_outlives_a_killed_build``). From torch 2.14 torch's own lock is an
+    flock too, and its file is left alone. A live holder (a process building right now) is waited for,
+    up to ``wait_s`` seconds, where torch alone would wait without end. Without flock (not POSIX, some
+    network file systems) only torch's own lock serializes builds.
     """
     if fcntl is None:
         yield
@@ -90,7 +92,7 @@ def _build_lock(build_directory: Path, wait_s: float) -> Iterator[None]:
         yield
         return
     try:
-        if _flock(descriptor, build_directory, wait_s):
+        if _flock(descriptor, build_directory, wait_s) and extension_lock_outlives_a_killed_build():
             try:
                 (build_directory / "lock").unlink()
             except FileNotFoundError:

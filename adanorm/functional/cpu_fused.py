@@ -60,6 +60,6 @@ def blend_running_stats(running_mean: Tensor, running_var: Tensor, batch_mean: T
 def native_group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                       eps: float) -> Tensor:
     """``torch.group_norm`` (its kernels and numbers) with a backward that always computes the input
-    gradient, so that torch 2.13's channels-last backward cannot crash. Under ``torch.compile`` call
+    gradient, so that the channels-last backward of torch before 2.14 cannot crash. Under ``torch.compile`` call
     ``torch.ops.adanorm.native_group_norm``."""
     return operators().native_group_norm(input, weight, bias, num_groups, eps)

@@ -57,7 +57,7 @@ def load(build_wait_s: float) -> Optional[ModuleType]:
 def operators() -> ModuleType:
     """The registered operators as one module: ``fused_norm``, ``native_group_norm`` and
     ``blend_running_stats`` are ``torch.ops.adanorm.<name>.default``, ``__file__`` the shared library.
-    The first call registers the fake kernels (once per process: torch 2.4 raises on a second
+    The first call registers the fake kernels (once per process: torch 2.12 raises on a second
     registration)."""
     if not registered():
         raise RuntimeError("adanorm's compiled CPU operators are not loaded in this process: "

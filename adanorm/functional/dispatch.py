@@ -9,8 +9,8 @@ Kernels, in order of preference:
 * CPU: the compiled kernels (``cpu_fused``) where ``prefer_fused_cpu`` says they repay their fixed
   cost; channels-last instance mode without them: a per-sample batch-norm kernel that keeps the
   layout (``instance_channels_last``);
-* otherwise native group norm, kept away from torch 2.13's crashing CPU backward (``_group_norm``,
-  and ``_captured_group_norm`` where only native ops may run).
+* otherwise native group norm, kept away from the CPU backward that crashes before torch 2.14
+  (``_group_norm``, and ``_captured_group_norm`` where only native ops may run).
 
 Running statistics are blended (``blend_kernel``) by one compiled operator on the CPU in eager
 mode, by tensor operations elsewhere.
@@ -212,8 +212,8 @@ def _native_group_norm(input, num_groups, weight, bias, eps):
 
 
 def _scale_beside_shift(weight: Optional[Tensor], bias: Optional[Tensor]) -> Optional[Tensor]:
-    """A scale of ones where only a shift is given: torch 2.13's group norm backward raises "tensor does
-    not have a device" for a shift without a scale. Multiplying by one changes no bit of either direction."""
+    """A scale of ones where only a shift is given: before torch 2.14 group norm's backward raises "tensor
+    does not have a device" for a shift without a scale. Multiplying by one changes no bit of either direction."""
     if weight is None and bias is not None:
         return torch.ones_like(bias)
     return weight
@@ -224,13 +224,14 @@ def _channels_last_instance_norm(input, num_groups, weight, bias, eps):
 
 
 def _group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
-    """``torch.group_norm``, kept away from the backward that crashes the process in torch 2.13.
+    """``torch.group_norm``, kept away from the backward that crashes the process before torch 2.14.
 
     Its CPU channels-last backward kernel (also reached by strided views of channels-last tensors)
     segfaults when γ or β wants a gradient and the input does not: a frozen input, or
     ``torch.autograd.grad`` over parameters only. Where the compiled kernels are built, their
     ``native_group_norm`` runs the same native kernels but always asks for the input gradient.
-    ``tests/module/test_reliability_core.py`` has a canary that fails once torch fixes the kernel.
+    ``_compat.NATIVE_GROUP_NORM_BACKWARD_FIXED`` says which torch has the fix; the detour gives the same
+    numbers there, so it runs on every torch pyproject.toml admits.
     """
     if not input.is_contiguous() and input.is_cpu and cpu_kernels() is not None:
         return cpu_fused.native_group_norm(input, num_groups, _scale_beside_shift(weight, bias), bias, eps)

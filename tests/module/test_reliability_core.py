@@ -22,7 +22,11 @@ from torch import nn
 
 import adanorm
 from adanorm.functional import adaptive_norm, cpu_build
-from adanorm.functional._compat import extension_build_directory
+from adanorm.functional._compat import (
+    NATIVE_GROUP_NORM_BACKWARD_FIXED,
+    extension_build_directory,
+    extension_lock_outlives_a_killed_build,
+)
 
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
@@ -39,8 +43,9 @@ def _report(result: subprocess.CompletedProcess) -> str:
 # Point 6 -------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_canary_native_channels_last_group_norm_backward_still_crashes():
-    """adanorm routes around this crash of torch 2.13; once torch stops crashing the workaround can go."""
+def test_canary_native_channels_last_group_norm_backward_crashes_before_torch_2_14():
+    """adanorm routes around this crash (``_compat.NATIVE_GROUP_NORM_BACKWARD_FIXED``), which torch 2.14
+    fixed; the flag must say what the torch that runs here does."""
     result = _python("""
         import torch, torch.nn.functional as F
         x = torch.randn(2, 8, 2, 2, 2).contiguous(memory_format=torch.channels_last_3d)
@@ -48,10 +53,12 @@ def test_canary_native_channels_last_group_norm_backward_still_crashes():
         b = torch.zeros(8, requires_grad=True)
         F.group_norm(x, 4, w, b).sum().backward()
     """, timeout=120)
-    assert result.returncode != 0, (
-        "torch fixed the channels-last group_norm backward segfault: remove adanorm's workaround in "
-        "adanorm/functional/dispatch.py (_group_norm), adanorm/functional/cpu_fused.py (native_group_norm) "
-        "and adanorm/csrc/norm_cpu_ops.cpp (NativeGroupNorm), and this canary")
+    if NATIVE_GROUP_NORM_BACKWARD_FIXED:
+        assert result.returncode == 0, _report(result)
+    else:
+        assert result.returncode != 0, (
+            f"torch {torch.__version__} fixed the channels-last group_norm backward segfault: correct "
+            "NATIVE_GROUP_NORM_BACKWARD_FIXED in adanorm/functional/_compat.py")
 
 
 _FROZEN_INPUT_SCRIPT = """
@@ -188,25 +195,32 @@ def test_concurrent_first_builds_both_get_the_kernels(first_builds):
 
 @pytest.mark.slow
 def test_lock_left_by_a_killed_build_does_not_hang(first_builds, tmp_path, monkeypatch):
-    """A build killed part-way leaves torch's ``lock`` file: the next process must not wait for it."""
+    """A build killed part-way leaves torch's ``lock`` file: the next process must not wait for it. Up to
+    torch 2.13 that file is the lock itself (``FileBaton``), which adanorm removes as stale; from 2.14 torch
+    holds an flock on it (``FileLock``), which dies with the build, and the file stays."""
     built_dir, _ = first_builds
     extensions_dir = tmp_path / "torch_extensions"
     shutil.copytree(built_dir, extensions_dir)  # the build is done: loading it again is quick
     build_directory = _build_directory(extensions_dir, monkeypatch)
+    lock_outlives_its_holder = extension_lock_outlives_a_killed_build()
     killed = _python(f"""
         import fcntl, os, signal
-        from torch.utils.file_baton import FileBaton
+        from torch.utils import cpp_extension
         # What a build killed by SIGKILL leaves: torch's lock file, and adanorm's lock, which dies with it.
         descriptor = os.open({str(build_directory / cpu_build.BUILD_LOCK)!r}, os.O_RDWR | os.O_CREAT)
         fcntl.flock(descriptor, fcntl.LOCK_EX)
-        assert FileBaton({str(build_directory / "lock")!r}).try_acquire()
+        if {lock_outlives_its_holder!r}:
+            assert cpp_extension.FileBaton({str(build_directory / "lock")!r}).try_acquire()
+        else:
+            cpp_extension.FileLock({str(build_directory / "lock")!r}).acquire()
         os.kill(os.getpid(), signal.SIGKILL)
     """, timeout=60)
     assert killed.returncode == -9 and (build_directory / "lock").exists(), _report(killed)
     result = _python(_LOAD_SCRIPT, timeout=_BUILD_TIMEOUT_S, TORCH_EXTENSIONS_DIR=str(extensions_dir))
     assert result.returncode == 0 and "kernels: True" in result.stdout and "WARNING" not in result.stdout, \
         _report(result)
-    assert not (build_directory / "lock").exists()
+    if lock_outlives_its_holder:
+        assert not (build_directory / "lock").exists()
 
 
 @pytest.mark.slow
@@ -272,12 +286,20 @@ def test_empty_batch_in_instance_mode_with_running_statistics(training):
     assert torch.equal(running_mean, torch.zeros(8)) and torch.equal(running_var, torch.ones(8))
 
 
-def test_canary_native_group_norm_backward_still_fails_on_a_shift_without_a_scale():
-    """adanorm passes a scale of ones beside a lone shift (``dispatch._scale_beside_shift``); once torch
-    stops raising here, that workaround can go."""
+def test_canary_native_group_norm_backward_fails_on_a_shift_without_a_scale_before_torch_2_14():
+    """adanorm passes a scale of ones beside a lone shift (``dispatch._scale_beside_shift``), because torch
+    before 2.14 raises here (``_compat.NATIVE_GROUP_NORM_BACKWARD_FIXED``); from 2.14 torch gives the
+    gradients that a scale of ones gives."""
     x, bias = torch.randn(2, 8, 3, 3, 3, requires_grad=True), torch.randn(8, requires_grad=True)
-    with pytest.raises(RuntimeError, match="does not have a device"):
-        torch.autograd.grad(torch.group_norm(x, 4, None, bias, 1e-5, False), [x, bias], torch.randn(2, 8, 3, 3, 3))
+    dy = torch.randn(2, 8, 3, 3, 3)
+    if not NATIVE_GROUP_NORM_BACKWARD_FIXED:
+        with pytest.raises(RuntimeError, match="does not have a device"):
+            torch.autograd.grad(torch.group_norm(x, 4, None, bias, 1e-5, False), [x, bias], dy)
+        return
+    grads = torch.autograd.grad(torch.group_norm(x, 4, None, bias, 1e-5, False), [x, bias], dy)
+    expected = torch.autograd.grad(torch.group_norm(x, 4, torch.ones(8), bias, 1e-5, False), [x, bias], dy)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
 
 
 def _shift_only_reference(x: torch.Tensor, mode: str, bias: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
@@ -300,7 +322,7 @@ def _shift_only_reference(x: torch.Tensor, mode: str, bias: torch.Tensor, groups
 @pytest.mark.parametrize("mode", ["batch", "instance", "group", "layer"])
 def test_a_shift_without_a_scale_trains_in_every_mode(mode, layout, compiled):
     """The functional API takes ``weight=None`` with a bias (a layer whose scale lives elsewhere). Native
-    group norm's backward raises there in torch 2.13; every mode must give the float64 reference's output
+    group norm's backward raises there before torch 2.14; every mode must give the float64 reference's output
     and gradients instead, eagerly and under torch.compile."""
     x = torch.randn(2, 8, 3, 4, 5, dtype=torch.float64)
     if layout == "channels_last":
