@@ -151,6 +151,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="32³ patches, contiguous only")
     parser.add_argument("--size", type=int, default=None, help="patch side of the step measured (default 64, quick 32)")
     parser.add_argument("--budget-gib", type=float, default=8.0, help="saved-activation budget for the largest patch")
+    parser.add_argument("--networks", default="", help="comma-separated parts of network names to run (default: all)")
+    parser.add_argument("--layouts", default="", help="comma-separated layouts (default: both; contiguous with --quick)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output directory")
     parser.add_argument("--_worker", dest="worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -159,15 +161,16 @@ def main(argv=None) -> int:
         print(json.dumps([measure(case) for case in json.loads(args.worker)]))
         return 0
     size = args.size or (32 if args.quick else 64)
-    layouts = ["contiguous"] if args.quick else list(LAYOUTS)
+    layouts = args.layouts.split(",") if args.layouts else ["contiguous"] if args.quick else list(LAYOUTS)
+    networks = [n for n in NETWORKS if not args.networks or any(part in n for part in args.networks.split(","))]
     from tqdm import tqdm
 
-    cases = [dict(network=n, variant=v, layout=layout, size=size, peak=True) for n in NETWORKS for layout in layouts
+    cases = [dict(network=n, variant=v, layout=layout, size=size, peak=True) for n in networks for layout in layouts
              for v in VARIANTS]
     fit_sizes = (32, 48)  # two bottlenecks above 1×1×1, where native instance norm raises
-    cases += [dict(network=n, variant=v, layout="contiguous", size=s, peak=False) for n in NETWORKS
+    cases += [dict(network=n, variant=v, layout="contiguous", size=s, peak=False) for n in networks
               for v in ("native", "fused") for s in fit_sizes]
-    results = [result for network in tqdm(NETWORKS, desc="networks", unit="network")
+    results = [result for network in tqdm(networks, desc="networks", unit="network")
                for result in run_network([case for case in cases if case["network"] == network])]
 
     step = {(r["network"], r["layout"], r["variant"]): r for r in results if r["peak"]}
@@ -175,7 +178,7 @@ def main(argv=None) -> int:
              "| network | layout | saved: native | adaptive | fused | fused / native | peak: native | adaptive | fused |",
              "|---|---|---|---|---|---|---|---|---|"]
     verdicts: List[bool] = []
-    for network in NETWORKS:
+    for network in networks:
         for layout in layouts:
             row = {v: step[(network, layout, v)] for v in VARIANTS}
             ratio = row["fused"]["saved"] / row["native"]["saved"]
@@ -186,7 +189,8 @@ def main(argv=None) -> int:
     lines += ["", f"Largest cubic patch at batch 2 whose saved activations fit {args.budget_gib:g} GiB "
               f"(line through {fit_sizes[0]}³ and {fit_sizes[1]}³):", "", "| network | native | fused |", "|---|---|---|"]
     fit = {(r["network"], r["variant"], r["size"]): r["saved"] for r in results if not r["peak"]}
-    for network, (_, factor) in NETWORKS.items():
+    for network in networks:
+        factor = NETWORKS[network][1]
         patches = {v: largest_patch(fit[(network, v, fit_sizes[0])], fit[(network, v, fit_sizes[1])], *fit_sizes,
                                     factor, budget) for v in ("native", "fused")}
         verdicts.append(patches["fused"] > patches["native"])
