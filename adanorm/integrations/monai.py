@@ -49,10 +49,7 @@ def adaptive_norm_factory(dim: int) -> type:
     """
     from adanorm.norm import AdaptiveNorm1d, AdaptiveNorm2d, AdaptiveNorm3d
 
-    by_spatial_dims = {1: AdaptiveNorm1d, 2: AdaptiveNorm2d, 3: AdaptiveNorm3d}
-    if dim not in by_spatial_dims:
-        raise ValueError(f"norm='adaptive' supports spatial_dims {', '.join(map(str, _SPATIAL_DIMS))}, got {dim}.")
-    return by_spatial_dims[dim]
+    return _by_spatial_dims("adaptive", (AdaptiveNorm1d, AdaptiveNorm2d, AdaptiveNorm3d), dim)
 
 
 def adaptive_norm_act_factory(dim: int) -> type:
@@ -75,10 +72,14 @@ def adaptive_norm_act_factory(dim: int) -> type:
     """
     from adanorm.norm_act import AdaptiveNormAct1d, AdaptiveNormAct2d, AdaptiveNormAct3d
 
-    by_spatial_dims = {1: AdaptiveNormAct1d, 2: AdaptiveNormAct2d, 3: AdaptiveNormAct3d}
-    if dim not in by_spatial_dims:
-        raise ValueError(f"norm='adaptive_act' supports spatial_dims {', '.join(map(str, _SPATIAL_DIMS))}, got {dim}.")
-    return by_spatial_dims[dim]
+    return _by_spatial_dims("adaptive_act", (AdaptiveNormAct1d, AdaptiveNormAct2d, AdaptiveNormAct3d), dim)
+
+
+def _by_spatial_dims(name: str, classes: Sequence[type], dim: int) -> type:
+    """The class of ``classes`` (for 1, 2 and 3 spatial dimensions) that factory ``name`` builds for ``dim``."""
+    if dim not in _SPATIAL_DIMS:
+        raise ValueError(f"norm={name!r} supports spatial_dims {', '.join(map(str, _SPATIAL_DIMS))}, got {dim}.")
+    return classes[_SPATIAL_DIMS.index(dim)]
 
 
 def register() -> None:
