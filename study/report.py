@@ -9,8 +9,9 @@ then shown as LABEL. That keeps runs of the adaptive layer under different defau
 ``runs-new-default.csv`` (the rerun of the adaptive cells under the default of commit 4ffbdfc: batch -> group ->
 instance, batch mode from 32 samples).
 
-For every (data, protocol, batch, norm): the mean and sd over seeds of the final validation Dice (eval mode),
-the best-epoch Dice, the train-mode Dice and the train/eval gap (train mode minus eval mode), and the tile
+For every (data, protocol, batch, norm): the mean and sd over seeds of the final validation score (eval mode;
+Dice for segmentation, accuracy for the video task: the ``metric`` column), the best-epoch score, the
+train-mode score and the train/eval gap (train mode minus eval mode), and the tile
 mismatch of each ``--norm-stats`` choice where measured. The comparison the study answers, "at my batch size,
 is adaptive at least as good as the best fixed norm?", is made per seed (the same seed means the same data
 and crops): adaptive minus the fixed norm (batch, instance, group) with the best mean at that batch size,
@@ -25,6 +26,8 @@ from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 
+from study.run import RENAMED
+
 RESULTS = Path(__file__).resolve().parent / "results"
 FIXED = ("batch", "instance", "group")
 OLD_DEFAULT = "adaptive (old default, min_batch_size 8)"
@@ -33,7 +36,7 @@ ADAPTIVE = ("adaptive", OLD_DEFAULT, NEW_DEFAULT, "adaptive+renorm", "adaptive:g
 DEFAULT_RUNS = [f"{RESULTS / 'runs.csv'}={OLD_DEFAULT}", f"{RESULTS / 'runs-new-default.csv'}={NEW_DEFAULT}"]
 NORM_ORDER = FIXED + ADAPTIVE
 TILE_MODES = ("tile", "running", "volume")
-METRICS = ("val_dice", "val_dice_best", "train_mode_dice", "train_eval_gap",
+METRICS = ("val_score", "val_score_best", "train_mode_score", "train_eval_gap",
            *[f"tile_mismatch_{mode}" for mode in TILE_MODES], "fit_s", "total_s")
 
 
@@ -45,7 +48,9 @@ def read_runs(specs: Sequence[str]) -> pd.DataFrame:
         path, _, label = str(spec).partition("=")
         if not Path(path).is_file():
             continue
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path).rename(columns=RENAMED)  # an older runner's Dice columns
+        if "metric" not in frame:
+            frame["metric"] = "dice"
         if label:
             frame.loc[frame["norm"] == "adaptive", "norm"] = label
         frames.append(frame)
@@ -70,7 +75,8 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (data, protocol, batch, norm): n seeds, and mean/sd of each metric."""
     rows = []
     for (data, protocol, batch, norm), group in runs.groupby(["data", "protocol", "batch", "norm"]):
-        row: Dict[str, object] = {"data": data, "protocol": protocol, "batch": int(batch), "norm": norm, "seeds": len(group)}
+        row: Dict[str, object] = {"data": data, "protocol": protocol, "batch": int(batch), "norm": norm, "seeds": len(group),
+                                  "metric": group["metric"].iloc[0]}
         for column in METRICS:
             values = group[column].dropna()
             row[f"{column}_mean"] = round(values.mean(), 5) if len(values) else None
@@ -87,7 +93,7 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
     """Per (data, protocol, batch): adaptive (and adaptive+renorm) minus the best fixed norm, paired by seed."""
     rows = []
     for (data, protocol, batch), group in runs.groupby(["data", "protocol", "batch"]):
-        by_norm = group.pivot_table(index="seed", columns="norm", values="val_dice")
+        by_norm = group.pivot_table(index="seed", columns="norm", values="val_score")
         fixed = [norm for norm in FIXED if norm in by_norm]
         if not fixed:
             continue
@@ -103,8 +109,8 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
             mean = difference["mean"]
             verdict = ("behind" if mean < -noise else "ahead" if mean > noise else "within noise") if noise == noise else "n/a"
             rows.append({"data": data, "protocol": protocol, "batch": int(batch), "candidate": candidate,
-                         "best_fixed": best, "best_fixed_dice": by_norm[best].mean(),
-                         "candidate_dice": by_norm[candidate].mean(), "diff_mean": mean, "diff_sd": difference["sd"],
+                         "best_fixed": best, "best_fixed_score": by_norm[best].mean(),
+                         "candidate_score": by_norm[candidate].mean(), "diff_mean": mean, "diff_sd": difference["sd"],
                          "diff_ci95": difference["ci"], "seeds": difference["n"], "seed_noise": noise, "verdict": verdict})
     return pd.DataFrame(rows)
 
@@ -114,7 +120,7 @@ def crossing(runs: pd.DataFrame) -> pd.DataFrame:
     where batch statistics start to pay, i.e. where Policy.min_batch_size should sit."""
     rows = []
     for (data, protocol, batch), group in runs.groupby(["data", "protocol", "batch"]):
-        by_norm = group.pivot_table(index="seed", columns="norm", values="val_dice")
+        by_norm = group.pivot_table(index="seed", columns="norm", values="val_score")
         if "batch" not in by_norm:
             continue
         for other in ("instance", "group"):
@@ -160,7 +166,7 @@ def grid_table(summary: pd.DataFrame, metric: str, digits: int = 3) -> List[str]
             cells.append(pm(None if pd.isna(mean) else float(mean), None if pd.isna(sd) else float(sd), digits))
         best = max((norm for norm in FIXED if norm in norms), default=None,
                    key=lambda norm: float(group[group["norm"] == norm][f"{metric}_mean"].fillna(-1).max()))
-        if metric == "val_dice" and best is not None:
+        if metric == "val_score" and best is not None:
             index = norms.index(best)
             cells[index] = f"**{cells[index]}**"
         lines.append(f"| {batch} | " + " | ".join(cells) + " |")
@@ -172,31 +178,33 @@ def markdown(summary: pd.DataFrame, comparison: pd.DataFrame, crossing_table: pd
     for (data, protocol), part in summary.groupby(["data", "protocol"]):
         seeds = sorted(runs[(runs["data"] == data) & (runs["protocol"] == protocol)]["seed"].unique())
         out += [f"## {data} (protocol {protocol}, seeds {', '.join(map(str, seeds))})", ""]
-        out += ["Validation Dice (final epoch, eval mode, foreground classes), mean ± sd over seeds; bold: best fixed norm.", ""]
-        out += grid_table(part, "val_dice") + [""]
-        out += ["Best-epoch validation Dice (what the recipe's checkpoint keeps), mean ± sd:", ""]
-        out += grid_table(part, "val_dice_best") + [""]
-        out += ["Train/eval gap: Dice with the model in train mode (batch statistics over `batch` windows at a time) "
-                "minus eval mode, mean ± sd:", ""]
+        score = score_name(runs[(runs["data"] == data) & (runs["protocol"] == protocol)])
+        what = "foreground classes" if score == "Dice" else "share of clips classified right"
+        out += [f"Validation {score} (final epoch, eval mode, {what}), mean ± sd over seeds; bold: best fixed norm.", ""]
+        out += grid_table(part, "val_score") + [""]
+        out += [f"Best-epoch validation {score} (what the recipe's checkpoint keeps), mean ± sd:", ""]
+        out += grid_table(part, "val_score_best") + [""]
+        out += [f"Train/eval gap: {score} with the model in train mode (batch statistics over `batch` windows or clips at "
+                "a time) minus eval mode, mean ± sd:", ""]
         out += grid_table(part, "train_eval_gap") + [""]
         tile_columns = [mode for mode in TILE_MODES if part[f"tile_mismatch_{mode}_mean"].notna().any()]
         if tile_columns:
             for mode in tile_columns:
                 out += [f"Tile mismatch with `--norm-stats {mode}`, mean ± sd:", ""]
                 out += grid_table(part, f"tile_mismatch_{mode}", digits=4) + [""]
-        else:
+        elif score == "Dice":
             out += ["Tile mismatch: not measured (`adanorm.tiling` was not available when these runs ran).", ""]
         cmp = comparison[(comparison["data"] == data) & (comparison["protocol"] == protocol)]
         if not cmp.empty:
-            out += ["Adaptive vs the best fixed norm at each batch size, paired by seed (difference of validation Dice, "
+            out += [f"Adaptive vs the best fixed norm at each batch size, paired by seed (difference of validation {score}, "
                     "mean ± sd and 95% t-interval; seed noise = sd over seeds pooled over the norms at that batch size; "
                     "'behind' = the mean difference is below minus the seed noise):", "",
-                    "| batch | candidate | best fixed | best fixed Dice | candidate Dice | "
+                    f"| batch | candidate | best fixed | best fixed {score} | candidate {score} | "
                     "difference (mean ± sd) | 95% CI | seed noise | verdict |",
                     "|---:|---|---|---:|---:|---:|---:|---:|---|"]
             for row in cmp.itertuples():
-                out.append(f"| {row.batch} | {row.candidate} | {row.best_fixed} | {row.best_fixed_dice:.3f} | "
-                           f"{row.candidate_dice:.3f} | {pm(row.diff_mean, row.diff_sd, 3)} | "
+                out.append(f"| {row.batch} | {row.candidate} | {row.best_fixed} | {row.best_fixed_score:.3f} | "
+                           f"{row.candidate_score:.3f} | {pm(row.diff_mean, row.diff_sd, 3)} | "
                            f"[{row.diff_mean - row.diff_ci95:+.3f}, {row.diff_mean + row.diff_ci95:+.3f}] | "
                            f"{row.seed_noise:.3f} | {row.verdict} |")
             out.append("")
@@ -223,6 +231,11 @@ def markdown(summary: pd.DataFrame, comparison: pd.DataFrame, crossing_table: pd
     return "\n".join(out)
 
 
+def score_name(runs: pd.DataFrame) -> str:
+    """Dice or accuracy: one data set's score (its rows share the recipe's task)."""
+    return "accuracy" if set(runs["metric"]) == {"accuracy"} else "Dice"
+
+
 def plot(summary: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
@@ -231,14 +244,15 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
 
     groups = list(summary.groupby(["data", "protocol"]))
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4.2 * len(groups)), squeeze=False)
-    for (key, part), (dice_axis, gap_axis) in zip(groups, axes):
+    for (key, part), (score_axis, gap_axis) in zip(groups, axes):
+        score = score_name(part)
         for norm in [norm for norm in NORM_ORDER if norm in set(part["norm"])]:
             rows = part[part["norm"] == norm].sort_values("batch")
             style = {"linestyle": "-" if norm in ADAPTIVE else "--", "marker": "o", "capsize": 3}
-            dice_axis.errorbar(rows["batch"], rows["val_dice_mean"], yerr=rows["val_dice_sd"].fillna(0), label=norm, **style)
+            score_axis.errorbar(rows["batch"], rows["val_score_mean"], yerr=rows["val_score_sd"].fillna(0), label=norm, **style)
             gap_axis.errorbar(rows["batch"], rows["train_eval_gap_mean"], yerr=rows["train_eval_gap_sd"].fillna(0),
                               label=norm, **style)
-        for axis, label in ((dice_axis, "validation Dice (eval mode)"), (gap_axis, "train-mode minus eval-mode Dice")):
+        for axis, label in ((score_axis, f"validation {score} (eval mode)"), (gap_axis, f"train-mode minus eval-mode {score}")):
             axis.set_xscale("log", base=2)
             batches = sorted(part["batch"].unique())
             axis.set_xticks(batches, [str(batch) for batch in batches])
@@ -247,9 +261,9 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
             axis.grid(alpha=0.3)
             axis.axvline(8, color="grey", linewidth=0.8, linestyle=":")  # the old default's min_batch_size (8)
         gap_axis.axhline(0, color="black", linewidth=0.6)
-        dice_axis.set_title(f"{key[0]} ({key[1]}): mean ± sd over seeds")
+        score_axis.set_title(f"{key[0]} ({key[1]}): mean ± sd over seeds")
         gap_axis.set_title("train/eval gap")
-        dice_axis.legend(fontsize=8)
+        score_axis.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

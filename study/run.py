@@ -80,6 +80,11 @@ def mni152_batch(batch: int, steps_per_epoch: int) -> List[str]:
     return ["data.batch_size=1", f"data.samples_per_volume={batch}", f"data.repeats={steps_per_epoch}"]
 
 
+def video_batch(batch: int, steps_per_epoch: int) -> List[str]:
+    """Fresh clips each epoch: ``steps_per_epoch`` full batches of ``batch`` clips (the video data module drops none)."""
+    return [f"data.batch_size={batch}", f"data.clips_per_epoch={steps_per_epoch * batch}"]
+
+
 DATA: Dict[str, Dict[str, Any]] = {
     "synthetic_hard": {"overrides": ["data=synthetic_hard"], "batch": synthetic_hard_batch,
                        "epochs": 6, "steps_per_epoch": 32},
@@ -89,12 +94,28 @@ DATA: Dict[str, Dict[str, Any]] = {
                   "batch": lambda batch, steps: [f"data.batch_size={batch}", "data.samples_per_volume=1",
                                                  f"data.repeats={max(1, steps * batch // 26)}"],
                   "epochs": 4, "steps_per_epoch": 26},
+    # The video task (issue #21): the recipe's R(2+1)D ResNet classifying moving-digit clips (MP4) by motion.
+    "moving_digits": {"model": "r2plus1d", "overrides": ["data=moving_digits"], "batch": video_batch,
+                      "epochs": 8, "steps_per_epoch": 16, "batches": (8, 16, 32, 64)},
 }
+"""Each data set's recipe overrides (``model`` defaults to ``unet``, ``batches`` to BATCHES); the score is the recipe module's own
+monitor: Dice for segmentation, accuracy for classification (the ``metric`` column)."""
 
-FIELDS = ["data", "protocol", "batch", "norm", "seed", "status", "val_dice", "val_dice_best", "best_epoch",
-          "train_mode_dice", "train_eval_gap", "val_dice_per_epoch",
+RENAMED = {"val_dice": "val_score", "val_dice_best": "val_score_best", "train_mode_dice": "train_mode_score",
+           "val_dice_per_epoch": "val_score_per_epoch"}
+"""Columns of runners before the video task, when every score was a Dice; their rows read as ``metric=dice``."""
+
+FIELDS = ["data", "protocol", "batch", "norm", "seed", "status", "metric", "val_score", "val_score_best", "best_epoch",
+          "train_mode_score", "train_eval_gap", "val_score_per_epoch",
           *[f"tile_mismatch_{mode}" for mode in TILE_MODES], *[f"tile_seam_{mode}" for mode in TILE_MODES], "tile_note",
           "steps", "patches_seen", "fit_s", "eval_s", "total_s", "cpu_s", "load_avg", "threads", "torch", "note"]
+
+
+def upgrade_row(row: Dict[str, Any]) -> Dict[str, Any]:
+    """A row of an older runner under today's column names."""
+    if "metric" in row:
+        return row
+    return {"metric": "dice", **{RENAMED.get(key, key): value for key, value in row.items()}}
 
 
 def renorm_available() -> bool:
@@ -115,12 +136,16 @@ def protocol_tag(data: str, epochs: int, steps_per_epoch: int, extra: Sequence[s
     """
     from omegaconf import OmegaConf
 
-    cfg = compose_config(["model=unet", *DATA[data]["overrides"], "output_dir=/tmp/adanorm-study", *extra])
+    cfg = compose_config([model_override(data), *DATA[data]["overrides"], "output_dir=/tmp/adanorm-study", *extra])
     settings = {key: value for key, value in OmegaConf.to_container(cfg.data, resolve=False).items()
                 if key not in ("batch_size", "samples_per_volume", "repeats", "seed")}
     model = OmegaConf.to_container(cfg.model, resolve=False)
     text = json.dumps([settings, model, epochs, steps_per_epoch, list(extra)], sort_keys=True, default=str)
     return f"e{epochs}x{steps_per_epoch}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def model_override(data: str) -> str:
+    return f"model={DATA[data].get('model', 'unet')}"
 
 
 def done_cells(path: Path) -> set:
@@ -154,7 +179,7 @@ def _append_row(path: Path, row: Dict[str, Any]) -> None:
             with path.open("w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
                 writer.writeheader()
-                writer.writerows(rows)
+                writer.writerows(upgrade_row(row) for row in rows)
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
         if new:
@@ -203,6 +228,25 @@ def dice_of(net, loader, patch_size, num_classes: int, sw_batch_size: int, overl
                                               overlap=overlap, mode="gaussian")
             metric(one_hot(logits.argmax(1, keepdim=True), num_classes), one_hot(label, num_classes))
     return float(metric.aggregate().item())
+
+
+def accuracy_of(net, loader) -> float:
+    """Share of ``loader``'s clips whose most probable class is their label (batches as the loader gives them)."""
+    import torch
+
+    correct = total = 0
+    with torch.no_grad():
+        for batch in loader:
+            correct += int((net(batch["image"]).argmax(1) == batch["label"]).sum())
+            total += len(batch["label"])
+    return correct / total
+
+
+def score_of(metric: str, net, loader, patch_size, num_classes: int, batch: int, overlap: float) -> float:
+    """The validation score with ``batch`` samples per forward (what train-mode statistics are taken over)."""
+    if metric == "accuracy":  # the video loader's batches are data.batch_size clips: the training batch
+        return accuracy_of(net, loader)
+    return dice_of(net, loader, patch_size, num_classes, sw_batch_size=batch, overlap=overlap)
 
 
 def tile_mismatch(module, loader, patch_size, overlap: float, volumes: int) -> Tuple[Dict[str, Any], str]:
@@ -262,19 +306,20 @@ def tile_mismatch(module, loader, patch_size, overlap: float, volumes: int) -> T
     return values, "; ".join(notes)
 
 
-class DiceHistory:
-    """A Lightning callback collecting val/dice after every validation (callbacks' epoch-end hooks run before the module's)."""
+class ScoreHistory:
+    """A Lightning callback collecting the module's monitored score (val/dice, val/accuracy) after every validation
+    (callbacks' epoch-end hooks run before the module's)."""
 
-    def __new__(cls):
+    def __new__(cls, monitor: str):
         import lightning.pytorch as pl
 
         class _History(pl.Callback):
             def __init__(self) -> None:
                 self.values: List[float] = []
 
-            def on_validation_end(self, trainer, pl_module) -> None:  # after the module logged val/dice
-                if not trainer.sanity_checking and "val/dice" in trainer.callback_metrics:
-                    self.values.append(float(trainer.callback_metrics["val/dice"]))
+            def on_validation_end(self, trainer, pl_module) -> None:  # after the module logged its score
+                if not trainer.sanity_checking and monitor in trainer.callback_metrics:
+                    self.values.append(float(trainer.callback_metrics[monitor]))
 
         return _History()
 
@@ -290,7 +335,7 @@ def run_cell(data: str, batch: int, norm: str, seed: int, epochs: int, steps_per
 
     spec = DATA[data]
     warmup = epochs * steps_per_epoch // RENORM_WARMUP_SHARE
-    overrides = ["model=unet", *[item.replace("WARMUP", str(warmup)) for item in NORM_OVERRIDES[norm]], *spec["overrides"],
+    overrides = [model_override(data), *[item.replace("WARMUP", str(warmup)) for item in NORM_OVERRIDES[norm]], *spec["overrides"],
                  *spec["batch"](batch, steps_per_epoch),
                  f"seed={seed}", "output_dir=/tmp/adanorm-study", *extra]
     cfg = compose_config(overrides)
@@ -302,7 +347,8 @@ def run_cell(data: str, batch: int, norm: str, seed: int, epochs: int, steps_per
         datamodule = instantiate(cfg.data)
         prepare_data_once(datamodule)
         module = instantiate(cfg.module)
-        history = DiceHistory()
+        metric = "accuracy" if module.task == "classification" else "dice"
+        history = ScoreHistory(module.monitor)
         trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                              callbacks=[history])
@@ -314,21 +360,24 @@ def run_cell(data: str, batch: int, norm: str, seed: int, epochs: int, steps_per
         loader = datamodule.val_dataloader()
         overlap = module.hparams.get("val_overlap", 0.25) if hasattr(module.hparams, "get") else 0.25
         patch, classes = tuple(cfg.data.patch_size), int(cfg.data.num_classes)
-        val_dice = dice_of(net, loader, patch, classes, sw_batch_size=4, overlap=overlap)
-        # Train mode: batch statistics of `batch` windows at a time, as the network saw them in training
+        val_score = score_of(metric, net, loader, patch, classes, batch=4, overlap=overlap)
+        # Train mode: batch statistics of `batch` windows (clips) at a time, as the network saw them in training
         # (on a copy, so that no running statistic moves).
         train_net = copy.deepcopy(net).train()
-        train_dice = dice_of(train_net, loader, patch, classes, sw_batch_size=batch, overlap=overlap)
-        mismatch, tile_note = tile_mismatch(module, loader, patch, TILE_OVERLAP, TILE_VOLUMES)
+        train_score = score_of(metric, train_net, loader, patch, classes, batch=batch, overlap=overlap)
+        if metric == "dice":
+            mismatch, tile_note = tile_mismatch(module, loader, patch, TILE_OVERLAP, TILE_VOLUMES)
+        else:
+            mismatch, tile_note = {}, "whole clips: no tiles"
         eval_s = time.perf_counter() - eval_start
     steps = trainer.global_step
     best = max(range(len(history.values)), key=history.values.__getitem__) if history.values else None
     return {
-        "status": "ok", "val_dice": round(val_dice, 5),
-        "val_dice_best": round(history.values[best], 5) if best is not None else "",
+        "status": "ok", "metric": metric, "val_score": round(val_score, 5),
+        "val_score_best": round(history.values[best], 5) if best is not None else "",
         "best_epoch": best if best is not None else "",
-        "train_mode_dice": round(train_dice, 5), "train_eval_gap": round(train_dice - val_dice, 5),
-        "val_dice_per_epoch": " ".join(f"{value:.4f}" for value in history.values),
+        "train_mode_score": round(train_score, 5), "train_eval_gap": round(train_score - val_score, 5),
+        "val_score_per_epoch": " ".join(f"{value:.4f}" for value in history.values),
         **{key: ("" if value is None else f"{value:.6g}") for key, value in mismatch.items()},
         "tile_note": tile_note, "steps": steps, "patches_seen": steps * batch, "fit_s": round(fit_s, 2),
         "eval_s": round(eval_s, 2), "total_s": round(time.perf_counter() - start, 2),
@@ -345,11 +394,13 @@ def cells(batches: Iterable[int], norms: Iterable[str], seeds: Iterable[int]) ->
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="synthetic_hard", choices=sorted(DATA))
-    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--batches", default=None, help=f"comma-separated (default: per data set; {','.join(map(str, BATCHES))} "
+                        "for the volumes, 8,16,32,64 for moving_digits)")
     parser.add_argument("--norms", default=",".join(NORMS), help="comma-separated, of: " + ", ".join(NORM_OVERRIDES))
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=None, help="default: per data set (synthetic_hard 6, mni152 10)")
-    parser.add_argument("--steps-per-epoch", type=int, default=None, help="default: per data set (synthetic_hard 32, mni152 16)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: per data set (synthetic_hard 6, mni152 10, moving_digits 8)")
+    parser.add_argument("--steps-per-epoch", type=int, default=None,
+                        help="default: per data set (synthetic_hard 32, mni152 16, moving_digits 16)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s; "
                         "on a busy machine one thread per process and --shard beat intra-op threads)")
     parser.add_argument("--out", type=Path, default=RESULTS / "runs.csv", help="the per-run CSV (default: %(default)s)")
@@ -376,7 +427,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     epochs = args.epochs or spec["epochs"]
     steps = args.steps_per_epoch or spec["steps_per_epoch"]
     protocol = protocol_tag(args.data, epochs, steps, args.overrides)
-    grid = cells([int(b) for b in args.batches.split(",")], args.norms.split(","), [int(s) for s in args.seeds.split(",")])
+    batches = args.batches.split(",") if args.batches else spec.get("batches", BATCHES)
+    grid = cells([int(b) for b in batches], args.norms.split(","), [int(s) for s in args.seeds.split(",")])
     done = done_cells(args.out)
     shard, shards = (int(part) for part in args.shard.split("/"))
     grid = grid[shard::shards]
@@ -413,8 +465,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             row.update(status="failed", note=f"{type(error).__name__}: {error}"[:300], torch=torch.__version__)
             traceback.print_exc()
         append_row(args.out, row)
-        tqdm.write(f"batch={batch:>2} {norm:<16} seed={seed}: {row['status']} val_dice={row.get('val_dice', '')} "
-                   f"train_mode={row.get('train_mode_dice', '')} fit {row.get('fit_s', '')} s, eval {row.get('eval_s', '')} s",
+        tqdm.write(f"batch={batch:>2} {norm:<16} seed={seed}: {row['status']} {row.get('metric', '')} "
+                   f"{row.get('val_score', '')} train_mode={row.get('train_mode_score', '')} "
+                   f"fit {row.get('fit_s', '')} s, eval {row.get('eval_s', '')} s",
                    file=sys.stderr)
     bar.close()
     print(f"study: finished; {failures} failed cells; rows in {args.out}", flush=True)

@@ -1,4 +1,4 @@
-"""Checks of the study's pieces that need no training run: ``pytest study/test_study.py`` (a few seconds).
+"""Checks of the study's pieces that need no training run (a few seconds).
 
 The data variant, the runner's cell bookkeeping (resume, shards, protocol tag) and the report on a made-up CSV.
 """
@@ -79,7 +79,7 @@ def test_report_on_made_up_runs(tmp_path):
         for batch in (2, 8):
             for norm, dice in (("batch", 0.5), ("instance", 0.6), ("group", 0.62), ("adaptive", 0.6 if batch < 8 else 0.5)):
                 rows.append({"data": "d", "protocol": "p", "batch": batch, "norm": norm, "seed": seed, "status": "ok",
-                             "val_dice": dice + 0.01 * seed, "val_dice_best": dice, "train_mode_dice": dice,
+                             "metric": "dice", "val_score": dice + 0.01 * seed, "val_score_best": dice, "train_mode_score": dice,
                              "train_eval_gap": 0.0, "total_s": 1.0})
     path = tmp_path / "runs.csv"
     for row in rows:
@@ -90,3 +90,45 @@ def test_report_on_made_up_runs(tmp_path):
     assert (tmp_path / "study.png").stat().st_size > 0
     summary = list(csv.DictReader((tmp_path / "study.csv").open()))
     assert len(summary) == 8
+
+
+def test_video_batches_keep_the_step_count():
+    for batch in (8, 16, 32, 64):
+        overrides = dict(item.split("=") for item in run.video_batch(batch, 16))
+        assert int(overrides["data.batch_size"]) == batch and int(overrides["data.clips_per_epoch"]) == 16 * batch
+
+
+def test_rows_of_an_older_runner_keep_their_dice_under_the_new_columns(tmp_path):
+    path = tmp_path / "runs.csv"
+    old = ["data", "protocol", "batch", "norm", "seed", "status", "val_dice", "val_dice_best", "train_mode_dice"]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(old)
+        writer.writerow(["d", "p", 2, "group", 0, "ok", 0.61, 0.63, 0.55])
+    run.append_row(path, {"data": "v", "protocol": "q", "batch": 8, "norm": "group", "seed": 0, "status": "ok",
+                          "metric": "accuracy", "val_score": 0.7})
+    rows = list(csv.DictReader(path.open()))
+    assert [row["metric"] for row in rows] == ["dice", "accuracy"]
+    assert (rows[0]["val_score"], rows[0]["val_score_best"], rows[0]["train_mode_score"]) == ("0.61", "0.63", "0.55")
+    assert run.done_cells(path) == {("d", "p", 2, "group", 0), ("v", "q", 8, "group", 0)}
+
+
+def test_report_names_the_video_score_accuracy(tmp_path):
+    path = tmp_path / "runs.csv"
+    for seed in range(3):
+        for norm, accuracy in (("batch", 0.7), ("group", 0.6), ("instance", 0.5), ("adaptive", 0.7)):
+            run.append_row(path, {"data": "moving_digits", "protocol": "p", "batch": 32, "norm": norm, "seed": seed,
+                                  "status": "ok", "metric": "accuracy", "val_score": accuracy + 0.01 * seed,
+                                  "val_score_best": accuracy, "train_mode_score": accuracy, "train_eval_gap": 0.0,
+                                  "total_s": 1.0})
+    report.main(["--runs", str(path), "--out", str(tmp_path)])
+    text = (tmp_path / "study.md").read_text()
+    assert "Validation accuracy" in text and "Dice" not in text and "Tile mismatch" not in text
+    assert "| 32 | 0.200 ± 0.000 [+0.200, +0.200] | 0.100 ± 0.000 [+0.100, +0.100] |" in text  # batch minus instance, group
+
+
+def test_the_video_protocol_composes_the_video_recipe():
+    cfg = run.compose_config([run.model_override("moving_digits"), *run.DATA["moving_digits"]["overrides"],
+                              *run.video_batch(8, 16), "output_dir=/tmp/adanorm-study"])
+    assert cfg.data._target_.endswith("MovingDigits") and cfg.model.net._target_.endswith("r2plus1d_resnet")
+    assert run.protocol_tag("moving_digits", 8, 16, []) != run.protocol_tag("moving_digits", 8, 16, ["data.jitter=2.0"])
