@@ -32,7 +32,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FIXED = ("batch", "instance", "group")
 OLD_DEFAULT = "adaptive (old default, min_batch_size 8)"
 NEW_DEFAULT = "adaptive (new default)"
-ADAPTIVE = ("adaptive", OLD_DEFAULT, NEW_DEFAULT, "adaptive+renorm", "adaptive:group_first")
+ADAPTIVE = ("adaptive", OLD_DEFAULT, NEW_DEFAULT, "adaptive+renorm", "adaptive:group_first", "adaptive:groups4")
 DEFAULT_RUNS = [f"{RESULTS / 'runs.csv'}={OLD_DEFAULT}", f"{RESULTS / 'runs-new-default.csv'}={NEW_DEFAULT}"]
 NORM_ORDER = FIXED + ADAPTIVE
 TILE_MODES = ("tile", "running", "volume")

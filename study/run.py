@@ -60,6 +60,9 @@ NORM_OVERRIDES: Dict[str, List[str]] = {
     # Not in the default grid: the adaptive layer under the named policy "group_first" (group mode with the
     # layer's default group count wherever it can run): the policy change the first grids pointed to.
     "adaptive:group_first": ["norm=adaptive", "norm.args=[adaptive,{preset:default,policy:group_first}]"],
+    # Not in the default grid: the default policy with GroupNorm's 4 groups (norm=group's), not the layer's own
+    # count: whether the group count explains where the default trails norm=group.
+    "adaptive:groups4": ["norm=adaptive", "norm.args=[adaptive,{preset:default,num_groups:4}]"],
 }
 RENORM_WARMUP_SHARE = 4
 """Renorm's clip limits widen over the first quarter of a cell's steps (WARMUP above). Its default warm-up is
