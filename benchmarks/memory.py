@@ -4,6 +4,7 @@ activation (``convert(fuse_activation=True)``), on four 3D segmentation networks
     python -m benchmarks.memory                 # batch 2, 64³ patches, both layouts (about 10 minutes on 2 cores)
     python -m benchmarks.memory --quick         # 32³, contiguous only (a few minutes)
     python -m benchmarks.memory --budget-gib 8  # the largest cubic patch whose saved activations fit 8 GiB
+    python -m benchmarks.memory --time-only --time-size 48 --networks DynUNet,UNet   # step times alone
 
 Two measures per network, variant and layout, each case in a fresh process:
 
@@ -12,12 +13,17 @@ Two measures per network, variant and layout, each case in a fresh process:
 * peak process memory of one forward+backward above the resident size before it (``VmHWM``, reset through
   ``/proc/self/clear_refs``; large blocks go back to the system on free), which also counts temporaries.
 
+Step time: the three variants of a network built in one process and trained in turn, one step each per round,
+``--repeats`` rounds after a warm-up round; the median step of each (interleaved, so that load drifting on a
+shared machine meets every variant alike), at ``--time-size``³.
+
 The largest patch: saved bytes are linear in the patch's voxels at a fixed network depth (every saved tensor is
 a feature map), so two sizes give the line, solved for the budget and rounded down to the network's
 downsampling factor.
 
 Targets (issue #22): fused saves at most 2/3 of native on every network and layout; the fused step's peak is not
-above native's; the largest patch under the budget grows.
+above native's; the largest patch under the budget grows; the fused step takes at most the unfused adaptive one's
+time (both layouts).
 """
 from __future__ import annotations
 
@@ -25,8 +31,10 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -113,7 +121,25 @@ def peak_step_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return (_status_kib("VmHWM") - base) * 1024
 
 
+def step_seconds(network: str, layout: str, size: int, repeats: int) -> Dict[str, float]:
+    """Median seconds of one forward+backward of each variant, the variants interleaved round by round."""
+    models = {variant: build(network, variant, layout) for variant in VARIANTS}
+    x = torch.randn(2, 1, *(3 * [size])).contiguous(memory_format=LAYOUTS[layout])
+    times: Dict[str, List[float]] = {variant: [] for variant in VARIANTS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(repeats + 1):  # the first round warms up (once-only allocations, kernel choices)
+            for variant, model in models.items():
+                model.zero_grad(set_to_none=True)
+                start = time.perf_counter()
+                model(x).float().mean().backward()
+                times[variant].append(time.perf_counter() - start)
+    return {variant: statistics.median(values[1:]) for variant, values in times.items()}
+
+
 def measure(case: dict) -> dict:
+    if case.get("repeats"):
+        return dict(case, seconds=step_seconds(case["network"], case["layout"], case["size"], case["repeats"]))
     model = build(case["network"], case["variant"], case["layout"])
     x = torch.randn(2, 1, *(3 * [case["size"]])).contiguous(memory_format=LAYOUTS[case["layout"]])
     result = dict(case, saved=saved_bytes(model, x))
@@ -153,6 +179,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-gib", type=float, default=8.0, help="saved-activation budget for the largest patch")
     parser.add_argument("--networks", default="", help="comma-separated parts of network names to run (default: all)")
     parser.add_argument("--layouts", default="", help="comma-separated layouts (default: both; contiguous with --quick)")
+    parser.add_argument("--time-size", type=int, default=48, help="patch side of the timed steps (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds (default %(default)s)")
+    parser.add_argument("--time-only", action="store_true", help="step times only (no memory measurement)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output directory")
     parser.add_argument("--_worker", dest="worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -165,19 +194,51 @@ def main(argv=None) -> int:
     networks = [n for n in NETWORKS if not args.networks or any(part in n for part in args.networks.split(","))]
     from tqdm import tqdm
 
-    cases = [dict(network=n, variant=v, layout=layout, size=size, peak=True) for n in networks for layout in layouts
-             for v in VARIANTS]
+    cases: List[dict] = []
     fit_sizes = (32, 48)  # two bottlenecks above 1×1×1, where native instance norm raises
-    cases += [dict(network=n, variant=v, layout="contiguous", size=s, peak=False) for n in networks
-              for v in ("native", "fused") for s in fit_sizes]
+    if not args.time_only:
+        cases += [dict(network=n, variant=v, layout=layout, size=size, peak=True) for n in networks for layout in layouts
+                  for v in VARIANTS]
+        cases += [dict(network=n, variant=v, layout="contiguous", size=s, peak=False) for n in networks
+                  for v in ("native", "fused") for s in fit_sizes]
+    if args.repeats > 0:
+        cases += [dict(network=n, layout=layout, size=args.time_size, repeats=args.repeats) for n in networks
+                  for layout in layouts]
     results = [result for network in tqdm(networks, desc="networks", unit="network")
                for result in run_network([case for case in cases if case["network"] == network])]
 
-    step = {(r["network"], r["layout"], r["variant"]): r for r in results if r["peak"]}
-    lines = [f"Batch 2, {size}³ patches, one training step; {machine_info()}.", "",
+    lines = [f"Batch 2, one training step; {machine_info()}.", ""]
+    verdicts: List[bool] = []
+    if not args.time_only:
+        lines += memory_tables(results, networks, layouts, size, fit_sizes, args.budget_gib, verdicts)
+    timed = [r for r in results if r.get("repeats")]
+    if timed:
+        lines += [f"Step time at {args.time_size}³ (forward + backward), median of {args.repeats} interleaved rounds:", "",
+                  "| network | layout | native | adaptive | fused | fused / adaptive | fused / native |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in timed:
+            seconds = r["seconds"]
+            verdicts.append(seconds["fused"] <= seconds["adaptive"])
+            lines.append(f"| {r['network']} | {r['layout']} | " + " | ".join(f"{seconds[v]:.2f} s" for v in VARIANTS)
+                         + f" | {seconds['fused'] / seconds['adaptive']:.2f} | {seconds['fused'] / seconds['native']:.2f} |")
+        lines.append("")
+    lines += [f"Targets: {'all met' if all(verdicts) else 'NOT all met'} ({sum(verdicts)}/{len(verdicts)})."]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "step_time" if args.time_only else "memory"
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    print("\n".join(lines))
+    return 0 if all(verdicts) else 1
+
+
+def memory_tables(results: List[dict], networks: List[str], layouts: List[str], size: int, fit_sizes: Tuple[int, int],
+                  budget_gib: float, verdicts: List[bool]) -> List[str]:
+    """The saved/peak table and the largest-patch table, appending each target's verdict to ``verdicts``."""
+    step = {(r["network"], r["layout"], r["variant"]): r for r in results if r.get("peak")}
+    lines = [f"Saved for backward and peak memory at {size}³:", "",
              "| network | layout | saved: native | adaptive | fused | fused / native | peak: native | adaptive | fused |",
              "|---|---|---|---|---|---|---|---|---|"]
-    verdicts: List[bool] = []
     for network in networks:
         for layout in layouts:
             row = {v: step[(network, layout, v)] for v in VARIANTS}
@@ -185,23 +246,17 @@ def main(argv=None) -> int:
             verdicts += [ratio <= 2 / 3, row["fused"]["peak"] <= row["native"]["peak"] * 1.02]
             lines.append(f"| {network} | {layout} | " + " | ".join(f"{row[v]['saved'] / MIB:.0f} MiB" for v in VARIANTS)
                          + f" | {ratio:.2f} | " + " | ".join(f"{row[v]['peak'] / MIB:.0f} MiB" for v in VARIANTS) + " |")
-    budget = int(args.budget_gib * (1 << 30))
-    lines += ["", f"Largest cubic patch at batch 2 whose saved activations fit {args.budget_gib:g} GiB "
+    budget = int(budget_gib * (1 << 30))
+    lines += ["", f"Largest cubic patch at batch 2 whose saved activations fit {budget_gib:g} GiB "
               f"(line through {fit_sizes[0]}³ and {fit_sizes[1]}³):", "", "| network | native | fused |", "|---|---|---|"]
-    fit = {(r["network"], r["variant"], r["size"]): r["saved"] for r in results if not r["peak"]}
+    fit = {(r["network"], r["variant"], r["size"]): r["saved"] for r in results if "peak" in r and not r["peak"]}
     for network in networks:
         factor = NETWORKS[network][1]
         patches = {v: largest_patch(fit[(network, v, fit_sizes[0])], fit[(network, v, fit_sizes[1])], *fit_sizes,
                                     factor, budget) for v in ("native", "fused")}
         verdicts.append(patches["fused"] > patches["native"])
         lines.append(f"| {network} | {patches['native']}³ | {patches['fused']}³ |")
-    lines += ["", f"Targets: {'all met' if all(verdicts) else 'NOT all met'} ({sum(verdicts)}/{len(verdicts)})."]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memory.md").write_text("\n".join(lines) + "\n")
-    (out / "memory.json").write_text(json.dumps(results, indent=1) + "\n")
-    print("\n".join(lines))
-    return 0 if all(verdicts) else 1
+    return lines + [""]
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -77,9 +78,14 @@ inline c10::BFloat16 from_acc<c10::BFloat16>(float value) {
   return c10::BFloat16(static_cast<uint16_t>(value != value ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
 }
 
+// What one pass sums per (n, c) (Terms) or writes per element (Epilogue) reads x (the input, or the
+// output y of a fused norm + activation), dy where it needs it, and per-(n, c) values: a Terms' shift and
+// parameter, an Epilogue's coefficients a, b, c and parameter. The parameter is the activation's: the
+// negative side's slope (identity 1, leaky ReLU, PReLU) or ELU's α.
+
 struct ForwardTerms {  // Σu, Σu² of u = x − shift
   template <typename acc_t>
-  static inline void add(acc_t x, acc_t /*dy*/, acc_t shift, acc_t& first, acc_t& second) {
+  static inline void add(acc_t x, acc_t /*dy*/, acc_t shift, acc_t /*parameter*/, acc_t& first, acc_t& second) {
     const acc_t u = x - shift;
     first += u;
     second += u * u;
@@ -88,9 +94,82 @@ struct ForwardTerms {  // Σu, Σu² of u = x − shift
 
 struct BackwardTerms {  // Σdy, Σdy·(x − shift)
   template <typename acc_t>
-  static inline void add(acc_t x, acc_t dy, acc_t shift, acc_t& first, acc_t& second) {
+  static inline void add(acc_t x, acc_t dy, acc_t shift, acc_t /*parameter*/, acc_t& first, acc_t& second) {
     first += dy;
     second += dy * (x - shift);
+  }
+};
+
+// The pre-activation z and dz = dy·act'(z), recovered from the activation's output y = act(z): y ≤ 0 exactly
+// where z ≤ 0 (positive slopes), and the derivative at 0 is the negative side's, as PyTorch's backward takes it.
+// The selects vectorize (blends, no branch that mispredicts on half the elements) because the library is
+// built with -fno-trapping-math (cpu_build.CFLAGS).
+struct SlopeInverse {  // y = z > 0 ? z : s·z
+  template <typename acc_t>
+  static inline void of(acc_t y, acc_t dy, acc_t slope, acc_t& z, acc_t& dz) {
+    const bool positive = y > acc_t(0);
+    z = positive ? y : y / slope;
+    dz = positive ? dy : dy * slope;
+  }
+};
+
+// ELU's log1p and expm1 are scalar library calls (no vector form without -ffast-math): its passes run at
+// scalar speed.
+struct EluInverse {  // y = z > 0 ? z : α·(e^z − 1); y = −α exactly is taken as the smallest z resolved there
+  template <typename acc_t>
+  static inline void of(acc_t y, acc_t dy, acc_t alpha, acc_t& z, acc_t& dz) {
+    const bool positive = y > acc_t(0);
+    const acc_t ratio = std::max(y / alpha, acc_t(-1) + std::numeric_limits<acc_t>::epsilon() / 2);
+    z = positive ? y : std::log1p(ratio);
+    dz = positive ? dy : dy * (y + alpha);
+  }
+};
+
+template <typename Inverse>
+struct ActivationBackwardTerms {  // Σdz, Σdz·(z − shift), with z, dz recovered from y, dy
+  template <typename acc_t>
+  static inline void add(acc_t y, acc_t dy, acc_t shift, acc_t parameter, acc_t& first, acc_t& second) {
+    acc_t z, dz;
+    Inverse::of(y, dy, parameter, z, dz);
+    first += dz;
+    second += dz * (z - shift);
+  }
+};
+
+struct NormOutput {  // y = a·x + b
+  static constexpr bool kReadsDy = false;
+  template <typename acc_t>
+  static inline acc_t apply(acc_t x, acc_t /*dy*/, acc_t a, acc_t b, acc_t /*c*/, acc_t /*parameter*/) {
+    return a * x + b;
+  }
+};
+
+struct SlopeOutput {  // y = act(a·x + b), act(z) = z > 0 ? z : s·z
+  static constexpr bool kReadsDy = false;
+  template <typename acc_t>
+  static inline acc_t apply(acc_t x, acc_t /*dy*/, acc_t a, acc_t b, acc_t /*c*/, acc_t slope) {
+    const acc_t z = a * x + b;
+    return z > acc_t(0) ? z : slope * z;
+  }
+};
+
+struct EluOutput {  // y = act(a·x + b), act(z) = z > 0 ? z : α·(e^z − 1)
+  static constexpr bool kReadsDy = false;
+  template <typename acc_t>
+  static inline acc_t apply(acc_t x, acc_t /*dy*/, acc_t a, acc_t b, acc_t /*c*/, acc_t alpha) {
+    const acc_t z = a * x + b;
+    return z > acc_t(0) ? z : alpha * std::expm1(z);
+  }
+};
+
+template <typename Inverse>
+struct NormGradient {  // dx = a·dv + b·v + c, with (v, dv) = (x, dy), or (z, dz) recovered from (y, dy)
+  static constexpr bool kReadsDy = true;
+  template <typename acc_t>
+  static inline acc_t apply(acc_t x, acc_t dy, acc_t a, acc_t b, acc_t c, acc_t parameter) {
+    acc_t v = x, dv = dy;
+    if constexpr (!std::is_void_v<Inverse>) Inverse::of(x, dy, parameter, v, dv);
+    return a * dv + b * v + c;
   }
 };
 
@@ -99,18 +178,18 @@ struct BackwardTerms {  // Σdy, Σdy·(x − shift)
 // stack, a dependency chain that costs more than the sums of a short row.
 constexpr int kLanes = 16;
 template <typename Terms, typename scalar_t, typename acc_t>
-inline void row_sums(const scalar_t* x, const scalar_t* dy, acc_t shift, int64_t begin, int64_t end, acc_t& first,
-                     acc_t& second) {
+inline void row_sums(const scalar_t* x, const scalar_t* dy, acc_t shift, acc_t parameter, int64_t begin, int64_t end,
+                     acc_t& first, acc_t& second) {
   acc_t lanes_first[kLanes] = {}, lanes_second[kLanes] = {};
   int64_t s = begin;
   for (; s + kLanes <= end; s += kLanes) {
 #pragma omp simd
     for (int lane = 0; lane < kLanes; ++lane) {
-      Terms::add(to_acc(x[s + lane]), to_acc(dy[s + lane]), shift, lanes_first[lane], lanes_second[lane]);
+      Terms::add(to_acc(x[s + lane]), to_acc(dy[s + lane]), shift, parameter, lanes_first[lane], lanes_second[lane]);
     }
   }
   for (; s < end; ++s) {  // the tail into one accumulator: a lane picked at run time would pin the lanes to memory
-    Terms::add(to_acc(x[s]), to_acc(dy[s]), shift, first, second);
+    Terms::add(to_acc(x[s]), to_acc(dy[s]), shift, parameter, first, second);
   }
 #pragma GCC unroll 4
   for (int width = kLanes / 2; width > 0; width /= 2) {  // unrolled, so that the lanes stay in registers
@@ -218,64 +297,72 @@ inline void with_row_width(int64_t C, const Body& body) {
 
 template <typename Terms, typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void sum_rows(const scalar_t* x, const scalar_t* dy, const acc_t* shift,
-                                                    int64_t width, int64_t rows, acc_t* first, acc_t* second) {
+                                                    const acc_t* parameter, int64_t width, int64_t rows, acc_t* first,
+                                                    acc_t* second) {
   for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
     for (int64_t c = 0; c < width; ++c) {
-      Terms::add(to_acc(x[r * width + c]), to_acc(dy[r * width + c]), shift[c], first[c], second[c]);
+      Terms::add(to_acc(x[r * width + c]), to_acc(dy[r * width + c]), shift[c], parameter[c], first[c], second[c]);
     }
   }
 }
 
 // Per-channel sums of Terms over the rows (x and dy at their first row), written to first/second.
 template <int64_t kC, typename Terms, typename scalar_t, typename acc_t>
-inline void channels_last_sums(const scalar_t* x, const scalar_t* dy, const acc_t* shift, int64_t C, int64_t rows,
-                               acc_t* first, acc_t* second) {
+inline void channels_last_sums(const scalar_t* x, const scalar_t* dy, const acc_t* shift, const acc_t* parameter,
+                               int64_t C, int64_t rows, acc_t* first, acc_t* second) {
   if constexpr (kC > 0) {
-    acc_t row_first[kC] = {}, row_second[kC] = {}, row_shift[kC];
+    acc_t row_first[kC] = {}, row_second[kC] = {}, row_shift[kC], row_parameter[kC];
     std::copy(shift, shift + kC, row_shift);
-    sum_rows<Terms>(x, dy, row_shift, kC, rows, row_first, row_second);
+    std::copy(parameter, parameter + kC, row_parameter);
+    sum_rows<Terms>(x, dy, row_shift, row_parameter, kC, rows, row_first, row_second);
     std::copy(row_first, row_first + kC, first);
     std::copy(row_second, row_second + kC, second);
   } else {
     std::fill(first, first + C, acc_t(0));
     std::fill(second, second + C, acc_t(0));
-    sum_rows<Terms>(x, dy, shift, C, rows, first, second);
+    sum_rows<Terms>(x, dy, shift, parameter, C, rows, first, second);
   }
 }
 
-template <bool kHasDy, typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void affine_rows(const scalar_t* x, const scalar_t* dy, const acc_t* a,
-                                                       const acc_t* b, const acc_t* c_term, int64_t width, int64_t rows,
-                                                       scalar_t* out) {
+// The coefficients of an affine pass: per (n, c) in the pass's flat table order.
+template <typename acc_t>
+struct Coefficients {
+  const acc_t *a, *b, *c, *parameter;
+};
+
+template <typename Epilogue, typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void affine_rows(const scalar_t* x, const scalar_t* dy, Coefficients<acc_t> k,
+                                                       int64_t width, int64_t rows, scalar_t* out) {
   for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
     for (int64_t c = 0; c < width; ++c) {
-      const acc_t xv = to_acc(x[r * width + c]);
-      out[r * width + c] =
-          from_acc<scalar_t>(kHasDy ? a[c] * to_acc(dy[r * width + c]) + b[c] * xv + c_term[c] : a[c] * xv + b[c]);
+      const acc_t dyv = Epilogue::kReadsDy ? to_acc(dy[r * width + c]) : acc_t(0);
+      out[r * width + c] = from_acc<scalar_t>(
+          Epilogue::apply(to_acc(x[r * width + c]), dyv, k.a[c], k.b[c], k.c[c], k.parameter[c]));
     }
   }
 }
 
-// out = a·x + b (or a·dy + b·x + c) over the rows, with per-channel coefficients.
-template <int64_t kC, bool kHasDy, typename scalar_t, typename acc_t>
-inline void channels_last_affine(const scalar_t* x, const scalar_t* dy, const acc_t* a, const acc_t* b,
-                                 const acc_t* c_term, int64_t C, int64_t rows, scalar_t* out) {
+// The Epilogue over the rows, with per-channel coefficients.
+template <int64_t kC, typename Epilogue, typename scalar_t, typename acc_t>
+inline void channels_last_affine(const scalar_t* x, const scalar_t* dy, Coefficients<acc_t> k, int64_t C,
+                                 int64_t rows, scalar_t* out) {
   if constexpr (kC > 0) {
-    acc_t row_a[kC], row_b[kC], row_c[kC];
-    std::copy(a, a + kC, row_a);
-    std::copy(b, b + kC, row_b);
-    std::copy(c_term, c_term + kC, row_c);
-    affine_rows<kHasDy>(x, dy, row_a, row_b, row_c, kC, rows, out);
+    acc_t row_a[kC], row_b[kC], row_c[kC], row_parameter[kC];
+    std::copy(k.a, k.a + kC, row_a);
+    std::copy(k.b, k.b + kC, row_b);
+    std::copy(k.c, k.c + kC, row_c);
+    std::copy(k.parameter, k.parameter + kC, row_parameter);
+    affine_rows<Epilogue>(x, dy, Coefficients<acc_t>{row_a, row_b, row_c, row_parameter}, kC, rows, out);
   } else {
-    affine_rows<kHasDy>(x, dy, a, b, c_term, C, rows, out);
+    affine_rows<Epilogue>(x, dy, k, C, rows, out);
   }
 }
 
 // Adds per-(n, c) sums of Terms over the unit's samples into first/second (double, N·C).
 template <typename scalar_t, typename Terms>
-void channel_sums(const scalar_t* x, const scalar_t* dy, const double* shift, const Geometry& g,
+void channel_sums(const scalar_t* x, const scalar_t* dy, const double* shift, const double* parameter, const Geometry& g,
                   const Unit& unit, double* first, double* second) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = g.C, S = g.S;
@@ -285,18 +372,22 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, const double* shift, co
   std::vector<double> partial_second((task_end - task_begin) * width, 0.0);
 
   at::parallel_for(task_begin, task_end, g.grain(), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> block_first(width), block_second(width), shift_acc(width);
+    std::vector<acc_t> block_first(width), block_second(width), shift_acc(width), parameter_acc(width);
     for (int64_t task = begin; task < end; ++task) {
       double* out_first = partial_first.data() + (task - task_begin) * width;
       double* out_second = partial_second.data() + (task - task_begin) * width;
       if (g.channels_last) {
         const int64_t n = task / g.tasks_per_sample, piece = task % g.tasks_per_sample;
-        for (int64_t c = 0; c < C; ++c) shift_acc[c] = static_cast<acc_t>(shift[n * C + c]);
+        for (int64_t c = 0; c < C; ++c) {
+          shift_acc[c] = static_cast<acc_t>(shift[n * C + c]);
+          parameter_acc[c] = static_cast<acc_t>(parameter[n * C + c]);
+        }
         const int64_t s_begin = piece * g.chunk, s_end = std::min(S, s_begin + g.chunk);
         for (int64_t s0 = s_begin; s0 < s_end; s0 += kBlockValues) {
           const int64_t offset = g.offset(n, 0, s0);
           with_row_width(C, [&](auto width) {
-            channels_last_sums<decltype(width)::value, Terms>(x + offset, dy + offset, shift_acc.data(), C,
+            channels_last_sums<decltype(width)::value, Terms>(x + offset, dy + offset, shift_acc.data(),
+                                                               parameter_acc.data(), C,
                                                                std::min(s_end, s0 + kBlockValues) - s0,
                                                                block_first.data(), block_second.data());
           });
@@ -308,11 +399,13 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, const double* shift, co
       } else {
         const auto piece = g.row_piece(task);
         const acc_t row_shift = static_cast<acc_t>(shift[piece.row]);
+        const acc_t row_parameter = static_cast<acc_t>(parameter[piece.row]);
         const scalar_t* xr = x + piece.row * S;
         const scalar_t* dyr = dy + piece.row * S;
         for (int64_t s0 = piece.begin; s0 < piece.end; s0 += kBlockValues) {
           acc_t first_acc = 0, second_acc = 0;
-          row_sums<Terms>(xr, dyr, row_shift, s0, std::min(piece.end, s0 + kBlockValues), first_acc, second_acc);
+          row_sums<Terms>(xr, dyr, row_shift, row_parameter, s0, std::min(piece.end, s0 + kBlockValues), first_acc,
+                          second_acc);
           out_first[0] += first_acc;
           out_second[0] += second_acc;
         }
@@ -336,10 +429,10 @@ void channel_sums(const scalar_t* x, const scalar_t* dy, const double* shift, co
   }
 }
 
-// out = a·x + b, or with dy: out = a·dy + b·x + c; coefficients per (n, c), over the unit's samples.
-template <typename scalar_t, bool kHasDy>
-void channel_affine(const scalar_t* x, const scalar_t* dy, const at::opmath_type<scalar_t>* a,
-                    const at::opmath_type<scalar_t>* b, const at::opmath_type<scalar_t>* c_term, const Geometry& g,
+// out = Epilogue(x, dy) with per-(n, c) coefficients, over the unit's samples. `out` may be `x`: every
+// element is read before it is written, by the same task.
+template <typename scalar_t, typename Epilogue>
+void channel_affine(const scalar_t* x, const scalar_t* dy, Coefficients<at::opmath_type<scalar_t>> k, const Geometry& g,
                     const Unit& unit, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = g.C, S = g.S;
@@ -347,26 +440,24 @@ void channel_affine(const scalar_t* x, const scalar_t* dy, const at::opmath_type
     for (int64_t task = begin; task < end; ++task) {
       if (g.channels_last) {
         const int64_t n = task / g.tasks_per_sample, piece = task % g.tasks_per_sample;
-        const acc_t* an = a + n * C;
-        const acc_t* bn = b + n * C;
-        const acc_t* cn = c_term + n * C;
+        const Coefficients<acc_t> kn{k.a + n * C, k.b + n * C, k.c + n * C, k.parameter + n * C};
         const int64_t s_begin = piece * g.chunk, s_end = std::min(S, s_begin + g.chunk);
         const int64_t offset = g.offset(n, 0, s_begin);
         with_row_width(C, [&](auto width) {
-          channels_last_affine<decltype(width)::value, kHasDy>(x + offset, dy + offset, an, bn, cn, C, s_end - s_begin,
-                                                               out + offset);
+          channels_last_affine<decltype(width)::value, Epilogue>(x + offset, dy + offset, kn, C, s_end - s_begin,
+                                                                 out + offset);
         });
       } else {
         const auto piece = g.row_piece(task);
-        const acc_t ac = a[piece.row], bc = b[piece.row], cc = c_term[piece.row];
+        const acc_t ac = k.a[piece.row], bc = k.b[piece.row], cc = k.c[piece.row], pc = k.parameter[piece.row];
         const int64_t offset = piece.row * S;
         const scalar_t* xr = x + offset;
         const scalar_t* dyr = dy + offset;
         scalar_t* outr = out + offset;
 #pragma omp simd
         for (int64_t s = piece.begin; s < piece.end; ++s) {
-          const acc_t xv = to_acc(xr[s]);
-          outr[s] = from_acc<scalar_t>(kHasDy ? ac * to_acc(dyr[s]) + bc * xv + cc : ac * xv + bc);
+          const acc_t dyv = Epilogue::kReadsDy ? to_acc(dyr[s]) : acc_t(0);
+          outr[s] = from_acc<scalar_t>(Epilogue::apply(to_acc(xr[s]), dyv, ac, bc, cc, pc));
         }
       }
     }
@@ -452,7 +543,8 @@ struct ChannelParameter {
       for (size_t c = 0; c < values.size(); ++c) values[c] = static_cast<double>(data[c]);
     });
   }
-  double operator[](int64_t c) const { return values.empty() ? missing : values[c]; }
+  // One value (a PReLU with one slope) stands for every channel.
+  double operator[](int64_t c) const { return values.empty() ? missing : values[values.size() == 1 ? 0 : c]; }
 };
 
 // running ← (1 − momentum)·running + momentum·value, in the buffer's own dtype, as nn.BatchNorm.
@@ -468,34 +560,29 @@ void blend_running(at::Tensor& running, const std::vector<double>& value, double
   torch::autograd::impl::bump_version(running);  // an in-place update, as autograd must see it
 }
 
-}  // namespace
-
-// Declared, with its contract, in norm_cpu_kernels.h.
-std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-                                     const c10::optional<at::Tensor>& bias, int64_t groups, double eps,
-                                     const c10::optional<at::Tensor>& running_mean,
-                                     const c10::optional<at::Tensor>& running_var, double momentum,
-                                     bool channels_last) {
-  check_input(x, x, channels_last, "input");
+// A norm's forward: statistics of x, then out = Epilogue(x) with a = γ·rstd, b = β − μ·a and the
+// activation's parameter per (n, c). Fills the (N, C) mean and rstd tables and, for batch statistics
+// (groups == 0), each channel's batch mean and unbiased variance. `out` may be x itself: each unit's
+// statistics are complete before its affine pass writes.
+template <typename Epilogue>
+void forward_pass(const at::Tensor& x, const ChannelParameter& gamma, const ChannelParameter& beta,
+                  const ChannelParameter& activation_parameter, int64_t groups, double eps, bool channels_last,
+                  at::Tensor& out, at::Tensor& mean, at::Tensor& rstd, std::vector<double>& batch_mean,
+                  std::vector<double>& batch_unbiased_var) {
   const int64_t channels = x.size(1);
   TORCH_CHECK(groups == 0 || channels % groups == 0, "adanorm CPU kernel: ", channels,
               " channels do not split into ", groups, " groups");
   const Plan plan = plan_of(x, groups, channels_last);
   const Geometry& g = plan.g;  // flat (n, c) table indices are the same in the plan's geometry
-  const auto table_options = x.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous);
-  const ChannelParameter gamma(weight, 1.0), beta(bias, 0.0);
-  auto mean = at::empty({x.size(0), channels}, table_options);
-  auto rstd = at::empty({x.size(0), channels}, table_options);
-  std::vector<double> batch_mean(channels), batch_unbiased_var(channels);
-  auto y = at::empty_like(x, layout_format(x, channels_last));
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adanorm_norm_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    scalar_t* out_data = out.data_ptr<scalar_t>();
     const Geometry& stats_g = plan.stats;
     const int64_t tables = stats_g.N * stats_g.C;
     std::vector<double> shift(tables), sum_u(tables, 0.0), sum_u2(tables, 0.0);
-    std::vector<acc_t> scale(g.N * g.C), offset(g.N * g.C);
+    std::vector<acc_t> scale(g.N * g.C), offset(g.N * g.C), parameter(g.N * g.C);
+    for (int64_t i = 0; i < g.N * g.C; ++i) parameter[i] = static_cast<acc_t>(activation_parameter[i % channels]);
     double* mean_data = mean.data_ptr<double>();
     double* rstd_data = rstd.data_ptr<double>();
     // A shift of ±Inf or NaN would make every u NaN (Inf − Inf), turning an Inf mean into NaN where
@@ -508,7 +595,8 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
       }
 
     for_each_unit(plan, [&](const Unit& unit) {
-      channel_sums<scalar_t, ForwardTerms>(x_data, x_data, shift.data(), stats_g, unit, sum_u.data(), sum_u2.data());
+      channel_sums<scalar_t, ForwardTerms>(x_data, x_data, shift.data(), shift.data(), stats_g, unit, sum_u.data(),
+                                           sum_u2.data());
       std::vector<std::pair<double, double>> statistics;  // (mean, rstd) in for_each_statistic's order
       for_each_statistic(unit, stats_g.C, [&](const Members& members) {
         // Chan's formula over the members' (mean, M2): robust where E[x²] − E[x]² is not.
@@ -541,11 +629,115 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
           offset[i] = static_cast<acc_t>(beta[c] - stat_mean * a);
         }
       });
-      channel_affine<scalar_t, false>(x_data, x_data, scale.data(), offset.data(), offset.data(), g, unit,
-                                      y.data_ptr<scalar_t>());
+      channel_affine<scalar_t, Epilogue>(
+          x_data, x_data, Coefficients<acc_t>{scale.data(), offset.data(), offset.data(), parameter.data()}, g, unit,
+          out_data);
     });
   });
+}
 
+// A norm's backward from what its forward saved, read as v: the input x (Terms BackwardTerms), or the
+// output y of a fused activation (ActivationBackwardTerms, which recover z and dz from y and dy). Per (n, c)
+// the tables give x̂ = p·(v' − shift), v' = x or z: p = rstd, shift = μ for the input; p = 1/γ, shift = β for
+// the pre-activation. Then with sums Σdv' and Σdv'·(v' − shift) per (n, c) over each statistic's M values,
+//   dx = rstd·(γ·dv' − mean(γ·dv') − x̂·mean(γ·dv'·x̂)),   dγ = Σdv'·x̂,   dβ = Σdv',
+// where γ·p·Σdv'·(v' − shift) = Σγ·dv'·x̂, so γ divides a coefficient per (n, c), never an element.
+template <typename Terms, typename Gradient>
+void backward_pass(const at::Tensor& dy, const at::Tensor& v, const ChannelParameter& gamma, const std::vector<double>& shift,
+                   const std::vector<double>& p, const ChannelParameter& activation_parameter, const double* rstd_data,
+                   int64_t groups, bool channels_last, bool need_input, at::Tensor& grad_input,
+                   std::vector<double>& grad_weight_sum, std::vector<double>& grad_bias_sum) {
+  const int64_t channels = v.size(1);
+  const Plan plan = plan_of(v, groups, channels_last);
+  const Geometry& g = plan.g;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "adanorm_norm_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* v_data = v.const_data_ptr<scalar_t>();
+    const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+    std::vector<double> parameter(g.N * g.C), sum_dv(g.N * g.C, 0.0), sum_dv_u(g.N * g.C, 0.0);
+    std::vector<acc_t> dv_scale(g.N * g.C), v_scale(g.N * g.C), constant(g.N * g.C), parameter_acc(g.N * g.C);
+    for (int64_t i = 0; i < g.N * g.C; ++i) {
+      parameter[i] = activation_parameter[i % channels];
+      parameter_acc[i] = static_cast<acc_t>(parameter[i]);
+    }
+
+    for_each_unit(plan, [&](const Unit& unit) {
+      channel_sums<scalar_t, Terms>(v_data, dy_data, shift.data(), parameter.data(), g, unit, sum_dv.data(),
+                                    sum_dv_u.data());
+      for_each_statistic(unit, g.C, [&](const Members& members) {
+        const double count = static_cast<double>(g.S) * members.size();
+        const double stat_rstd = rstd_data[members.front()];
+        double sum_g = 0.0, sum_g_xhat = 0.0;
+        for (int64_t i : members) {
+          const int64_t c = i % channels;
+          sum_g += gamma[c] * sum_dv[i];
+          sum_g_xhat += gamma[c] * p[i] * sum_dv_u[i];
+        }
+        const double mean_g = sum_g / count, mean_g_xhat = sum_g_xhat / count;
+        for (int64_t i : members) {
+          const int64_t c = i % channels;
+          dv_scale[i] = static_cast<acc_t>(stat_rstd * gamma[c]);
+          v_scale[i] = static_cast<acc_t>(-stat_rstd * mean_g_xhat * p[i]);
+          constant[i] = static_cast<acc_t>(stat_rstd * (mean_g_xhat * p[i] * shift[i] - mean_g));
+        }
+      });
+      if (need_input) {
+        channel_affine<scalar_t, Gradient>(
+            v_data, dy_data, Coefficients<acc_t>{dv_scale.data(), v_scale.data(), constant.data(), parameter_acc.data()},
+            g, unit, grad_input.data_ptr<scalar_t>());
+      }
+    });
+    // dγ, dβ sum over samples, so after every unit: units may run side by side.
+    for (int64_t i = 0; i < g.N * g.C; ++i) {
+      grad_weight_sum[i % channels] += p[i] * sum_dv_u[i];
+      grad_bias_sum[i % channels] += sum_dv[i];
+    }
+  });
+}
+
+// dγ and dβ summed in float64, rounded once into the weight's dtype (float64 without a weight).
+std::vector<at::Tensor> parameter_gradients(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                            const std::vector<double>& grad_weight_sum,
+                                            const std::vector<double>& grad_bias_sum) {
+  const int64_t channels = x.size(1);
+  const at::ScalarType parameter_dtype = weight.has_value() && weight->defined() ? weight->scalar_type() : at::kDouble;
+  const auto parameter_options = x.options().dtype(parameter_dtype).memory_format(at::MemoryFormat::Contiguous);
+  auto grad_weight = at::empty({channels}, parameter_options);
+  auto grad_bias = at::empty({channels}, parameter_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, parameter_dtype, "adanorm_parameter_grads", [&] {
+    scalar_t* grad_weight_data = grad_weight.data_ptr<scalar_t>();
+    scalar_t* grad_bias_data = grad_bias.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) {
+      grad_weight_data[c] = static_cast<scalar_t>(grad_weight_sum[c]);
+      grad_bias_data[c] = static_cast<scalar_t>(grad_bias_sum[c]);
+    }
+  });
+  return {grad_weight, grad_bias};
+}
+
+at::Tensor statistics_table(const at::Tensor& x) {
+  return at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous));
+}
+
+void check_activation(int64_t activation) {
+  TORCH_CHECK(activation == kIdentity || activation == kSlope || activation == kElu,
+              "adanorm CPU kernel: activation code ", activation, " is not 0 (identity), 1 (slope) or 2 (ELU)");
+}
+
+}  // namespace
+
+// Declared, with its contract, in norm_cpu_kernels.h.
+std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& bias, int64_t groups, double eps,
+                                     const c10::optional<at::Tensor>& running_mean,
+                                     const c10::optional<at::Tensor>& running_var, double momentum,
+                                     bool channels_last) {
+  check_input(x, x, channels_last, "input");
+  auto mean = statistics_table(x), rstd = statistics_table(x);
+  std::vector<double> batch_mean(x.size(1)), batch_unbiased_var(x.size(1));
+  auto y = at::empty_like(x, layout_format(x, channels_last));
+  forward_pass<NormOutput>(x, ChannelParameter(weight, 1.0), ChannelParameter(bias, 0.0), ChannelParameter({}, 1.0), groups,
+                           eps, channels_last, y, mean, rstd, batch_mean, batch_unbiased_var);
   if (groups == 0 && running_mean.has_value() && running_mean->defined()) {
     TORCH_CHECK(running_var.has_value() && running_var->defined(), "adanorm CPU kernel: running_var missing");
     at::Tensor running_mean_buffer = *running_mean, running_var_buffer = *running_var;
@@ -556,72 +748,86 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
 }
 
 // Declared, with its contract, in norm_cpu_kernels.h.
+std::vector<at::Tensor> norm_activation_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                                const c10::optional<at::Tensor>& bias, int64_t groups, double eps,
+                                                int64_t activation, double parameter,
+                                                const c10::optional<at::Tensor>& parameter_weight, at::Tensor& out,
+                                                bool channels_last) {
+  check_input(x, x, channels_last, "input");
+  check_input(out, x, channels_last, "out");
+  check_activation(activation);
+  auto mean = statistics_table(x), rstd = statistics_table(x);
+  std::vector<double> batch_mean(x.size(1)), batch_unbiased_var(x.size(1));
+  const ChannelParameter gamma(weight, 1.0), beta(bias, 0.0), slope_or_alpha(parameter_weight, parameter);
+  if (activation == kIdentity) {
+    forward_pass<NormOutput>(x, gamma, beta, slope_or_alpha, groups, eps, channels_last, out, mean, rstd, batch_mean,
+                             batch_unbiased_var);
+  } else if (activation == kSlope) {
+    forward_pass<SlopeOutput>(x, gamma, beta, slope_or_alpha, groups, eps, channels_last, out, mean, rstd, batch_mean,
+                              batch_unbiased_var);
+  } else {
+    forward_pass<EluOutput>(x, gamma, beta, slope_or_alpha, groups, eps, channels_last, out, mean, rstd, batch_mean,
+                            batch_unbiased_var);
+  }
+  const auto vector_options = x.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous);
+  auto batch_mean_tensor = at::empty({x.size(1)}, vector_options), batch_var_tensor = at::empty({x.size(1)}, vector_options);
+  std::copy(batch_mean.begin(), batch_mean.end(), batch_mean_tensor.data_ptr<double>());
+  std::copy(batch_unbiased_var.begin(), batch_unbiased_var.end(), batch_var_tensor.data_ptr<double>());
+  return {mean, rstd, batch_mean_tensor, batch_var_tensor};
+}
+
+// Declared, with its contract, in norm_cpu_kernels.h.
 std::vector<at::Tensor> norm_backward(const at::Tensor& grad_output, const at::Tensor& x,
                                       const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
                                       const at::Tensor& rstd, int64_t groups, bool channels_last,
                                       bool need_input) {
   check_input(x, x, channels_last, "input");
   check_input(grad_output, x, channels_last, "grad_output");
-  const int64_t channels = x.size(1);
-  const Plan plan = plan_of(x, groups, channels_last);
-  const Geometry& g = plan.g;
-  const ChannelParameter gamma(weight, 1.0);
-  const at::ScalarType parameter_dtype = weight.has_value() && weight->defined() ? weight->scalar_type() : at::kDouble;
-  const auto parameter_options = x.options().dtype(parameter_dtype).memory_format(at::MemoryFormat::Contiguous);
-  auto grad_weight = at::empty({channels}, parameter_options);
-  auto grad_bias = at::empty({channels}, parameter_options);
-  std::vector<double> grad_weight_sum(channels, 0.0), grad_bias_sum(channels, 0.0);
+  const int64_t tables = x.size(0) * x.size(1);
+  const double* mean_data = mean.const_data_ptr<double>();
+  const double* rstd_data = rstd.const_data_ptr<double>();
+  const std::vector<double> shift(mean_data, mean_data + tables), p(rstd_data, rstd_data + tables);
+  std::vector<double> grad_weight_sum(x.size(1), 0.0), grad_bias_sum(x.size(1), 0.0);
   at::Tensor grad_input = need_input ? at::empty_like(x, layout_format(x, channels_last)) : at::Tensor();
+  backward_pass<BackwardTerms, NormGradient<void>>(grad_output, x, ChannelParameter(weight, 1.0), shift, p,
+                                                   ChannelParameter({}, 1.0), rstd_data, groups, channels_last,
+                                                   need_input, grad_input, grad_weight_sum, grad_bias_sum);
+  auto parameters = parameter_gradients(x, weight, grad_weight_sum, grad_bias_sum);
+  return {grad_input, parameters[0], parameters[1]};
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adanorm_norm_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    const scalar_t* dy_data = grad_output.const_data_ptr<scalar_t>();
-    const double* mean_data = mean.const_data_ptr<double>();
-    const double* rstd_data = rstd.const_data_ptr<double>();
-    std::vector<double> sum_dy(g.N * g.C, 0.0), sum_dy_u(g.N * g.C, 0.0);
-    std::vector<acc_t> dy_scale(g.N * g.C), x_scale(g.N * g.C), shift(g.N * g.C);
-
-    for_each_unit(plan, [&](const Unit& unit) {
-      channel_sums<scalar_t, BackwardTerms>(x_data, dy_data, mean_data, g, unit, sum_dy.data(), sum_dy_u.data());
-      for_each_statistic(unit, g.C, [&](const Members& members) {
-        // dx = rstd·(γ·dy − mean(γ·dy) − x̂·mean(γ·dy·x̂)) over the statistic's members.
-        const double count = static_cast<double>(g.S) * members.size();
-        const double stat_mean = mean_data[members.front()], stat_rstd = rstd_data[members.front()];
-        double sum_g = 0.0, sum_g_xhat = 0.0;
-        for (int64_t i : members) {
-          const int64_t c = i % channels;
-          sum_g += gamma[c] * sum_dy[i];
-          sum_g_xhat += gamma[c] * stat_rstd * sum_dy_u[i];
-        }
-        const double mean_g = sum_g / count, mean_g_xhat = sum_g_xhat / count;
-        for (int64_t i : members) {
-          const int64_t c = i % channels;
-          dy_scale[i] = static_cast<acc_t>(stat_rstd * gamma[c]);
-          x_scale[i] = static_cast<acc_t>(-stat_rstd * stat_rstd * mean_g_xhat);
-          shift[i] = static_cast<acc_t>(stat_rstd * (stat_rstd * stat_mean * mean_g_xhat - mean_g));
-        }
-      });
-      if (need_input) {
-        channel_affine<scalar_t, true>(x_data, dy_data, dy_scale.data(), x_scale.data(), shift.data(), g, unit,
-                                       grad_input.data_ptr<scalar_t>());
-      }
-    });
-    // dγ, dβ sum over samples, so after every unit: units may run side by side.
-    for (int64_t i = 0; i < g.N * g.C; ++i) {
-      grad_weight_sum[i % channels] += rstd_data[i] * sum_dy_u[i];
-      grad_bias_sum[i % channels] += sum_dy[i];
-    }
-  });
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, parameter_dtype, "adanorm_parameter_grads", [&] {
-    scalar_t* grad_weight_data = grad_weight.data_ptr<scalar_t>();
-    scalar_t* grad_bias_data = grad_bias.data_ptr<scalar_t>();
-    for (int64_t c = 0; c < channels; ++c) {
-      grad_weight_data[c] = static_cast<scalar_t>(grad_weight_sum[c]);
-      grad_bias_data[c] = static_cast<scalar_t>(grad_bias_sum[c]);
-    }
-  });
-  return {grad_input, grad_weight, grad_bias};
+// Declared, with its contract, in norm_cpu_kernels.h.
+std::vector<at::Tensor> norm_activation_backward(const at::Tensor& grad_output, const at::Tensor& y,
+                                                 const c10::optional<at::Tensor>& weight,
+                                                 const c10::optional<at::Tensor>& bias, const at::Tensor& rstd,
+                                                 int64_t groups, int64_t activation, double parameter,
+                                                 const c10::optional<at::Tensor>& parameter_weight, bool channels_last,
+                                                 bool need_input) {
+  check_input(y, y, channels_last, "output");
+  check_input(grad_output, y, channels_last, "grad_output");
+  check_activation(activation);
+  const int64_t channels = y.size(1), tables = y.size(0) * channels;
+  const ChannelParameter gamma(weight, 1.0), beta(bias, 0.0), slope_or_alpha(parameter_weight, parameter);
+  std::vector<double> shift(tables), p(tables);
+  for (int64_t i = 0; i < tables; ++i) {
+    shift[i] = beta[i % channels];
+    p[i] = 1.0 / gamma[i % channels];
+  }
+  std::vector<double> grad_weight_sum(channels, 0.0), grad_bias_sum(channels, 0.0);
+  at::Tensor grad_input = need_input ? at::empty_like(y, layout_format(y, channels_last)) : at::Tensor();
+  const double* rstd_data = rstd.const_data_ptr<double>();
+  if (activation == kElu) {
+    backward_pass<ActivationBackwardTerms<EluInverse>, NormGradient<EluInverse>>(
+        grad_output, y, gamma, shift, p, slope_or_alpha, rstd_data, groups, channels_last, need_input, grad_input,
+        grad_weight_sum, grad_bias_sum);
+  } else {  // identity: slope 1
+    const ChannelParameter slope = activation == kSlope ? slope_or_alpha : ChannelParameter({}, 1.0);
+    backward_pass<ActivationBackwardTerms<SlopeInverse>, NormGradient<SlopeInverse>>(
+        grad_output, y, gamma, shift, p, slope, rstd_data, groups, channels_last, need_input, grad_input,
+        grad_weight_sum, grad_bias_sum);
+  }
+  auto parameters = parameter_gradients(y, weight, grad_weight_sum, grad_bias_sum);
+  return {grad_input, parameters[0], parameters[1]};
 }
 
 // Declared, with its contract, in norm_cpu_kernels.h.

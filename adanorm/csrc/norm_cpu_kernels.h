@@ -5,6 +5,10 @@
 //                  group of one sample (groups > 0: instance, group, layer) or one channel over the
 //                  batch (groups == 0), blending batch statistics into running ones when given.
 //   norm_backward  dx, dγ, dβ of norm_forward from its saved (N, C) mean and rstd tables.
+//   norm_activation_forward   out = act(γ·(x − μ)·rstd + β), out may be x: norm_forward with an
+//                  invertible activation in its write pass (functional/norm_act.py).
+//   norm_activation_backward  dx, dγ, dβ of it from its output and rstd alone, inverting the
+//                  activation and the affine map (In-Place ABN's algebra) in both read passes.
 //   blend_running_stats_cpu  running ← lerp(running, batch, factor), skipping non-finite steps.
 //
 // The input must already be dense in the layout named by `channels_last` (layout_format); the
@@ -34,6 +38,28 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const c10::optional<at
                                      const c10::optional<at::Tensor>& running_mean,
                                      const c10::optional<at::Tensor>& running_var, double momentum,
                                      bool channels_last);
+
+// The activations norm_activation_* fuse, as the operators' `activation` code: identity, a negative-side
+// slope (leaky ReLU, PReLU: `parameter`, or per channel `parameter_weight`) or ELU (α = `parameter`).
+constexpr int64_t kIdentity = 0, kSlope = 1, kElu = 2;
+
+// norm_forward with groups, no running statistics, and act after the affine map, written into `out` (x's
+// shape, dense in x's layout; x itself to overwrite the input). Returns (mean, rstd) as (N, C) float64 tables
+// and the batch mean and unbiased variance per channel (float64, meaningful for groups == 0).
+std::vector<at::Tensor> norm_activation_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                                const c10::optional<at::Tensor>& bias, int64_t groups, double eps,
+                                                int64_t activation, double parameter,
+                                                const c10::optional<at::Tensor>& parameter_weight, at::Tensor& out,
+                                                bool channels_last);
+
+// Gradients of norm_activation_forward from its output y and rstd table: (dx or undefined, dγ, dβ), as
+// norm_backward returns them. Needs every |γ| well away from zero (the caller's check): 1/γ scales sums.
+std::vector<at::Tensor> norm_activation_backward(const at::Tensor& grad_output, const at::Tensor& y,
+                                                 const c10::optional<at::Tensor>& weight,
+                                                 const c10::optional<at::Tensor>& bias, const at::Tensor& rstd,
+                                                 int64_t groups, int64_t activation, double parameter,
+                                                 const c10::optional<at::Tensor>& parameter_weight, bool channels_last,
+                                                 bool need_input);
 
 // Gradients of norm_forward given its saved (N, C) mean and rstd: (dx or undefined, dγ, dβ). dγ and dβ are
 // summed in float64 and rounded once into the weight's dtype (float64 without a weight), the dtype autograd

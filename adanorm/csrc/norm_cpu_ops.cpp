@@ -76,6 +76,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_norm_backward_cpu(
   return {std::move(results[0]), std::move(results[1]), std::move(results[2])};
 }
 
+// The fused norm + activation's kernels (functional/norm_act.py calls them from its autograd.Function in
+// eager code): `out` is dense in the layout dense_layout gives the input, or the input itself.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_activation_forward_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    int64_t groups, double eps, int64_t activation, double parameter, const c10::optional<at::Tensor>& parameter_weight,
+    at::Tensor& out) {
+  TORCH_CHECK(input.numel() > 0, "adanorm CPU kernel: input of shape ", input.sizes(), " is empty");
+  const auto [x, channels_last] = dense_layout(input);
+  auto results =
+      adanorm::norm_activation_forward(x, weight, bias, groups, eps, activation, parameter, parameter_weight, out, channels_last);
+  return {std::move(results[0]), std::move(results[1]), std::move(results[2]), std::move(results[3])};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_activation_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& output, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& rstd, int64_t groups, int64_t activation, double parameter,
+    const c10::optional<at::Tensor>& parameter_weight, bool need_input) {
+  const auto [y, channels_last] = dense_layout(output);
+  const at::Tensor dy = grad_output.contiguous(layout_format(y, channels_last));
+  auto results = adanorm::norm_activation_backward(dy, y, weight, bias, rstd, groups, activation, parameter,
+                                                   parameter_weight, channels_last, need_input);
+  return {std::move(results[0]), std::move(results[1]), std::move(results[2])};
+}
+
 // Reached below autograd only (inference mode): there no backward can crash.
 at::Tensor native_group_norm_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                                  const c10::optional<at::Tensor>& bias, int64_t groups, double eps) {
@@ -299,6 +323,18 @@ TORCH_LIBRARY(adanorm, m) {
       "_fused_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor rstd, int groups, "
       "bool need_input) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // The fused norm + activation (norm_cpu_kernels.h, norm_activation_*): activation 0 identity, 1 slope,
+  // 2 ELU. The forward writes into `out` and returns the (N, C) float64 mean and rstd tables and the
+  // per-channel batch mean and unbiased variance (float64); the backward reads the output, not the input.
+  m.def(
+      "_norm_activation_forward(Tensor input, Tensor? weight, Tensor? bias, int groups, float eps, int activation, "
+      "float parameter, Tensor? parameter_weight, Tensor(a!) out) -> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "_norm_activation_backward(Tensor grad_output, Tensor output, Tensor? weight, Tensor? bias, Tensor rstd, "
+      "int groups, int activation, float parameter, Tensor? parameter_weight, bool need_input) "
+      "-> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
   m.def(
       "blend_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor batch_mean, Tensor batch_var, "
       "float momentum, Tensor? momentum_tensor, Tensor(c!)? nonfinite_skips) -> ()",
@@ -311,6 +347,8 @@ TORCH_LIBRARY_IMPL(adanorm, CPU, m) {
   m.impl("native_group_norm", native_group_norm_cpu);
   m.impl("_fused_norm_forward", fused_norm_forward_cpu);
   m.impl("_fused_norm_backward", fused_norm_backward_cpu);
+  m.impl("_norm_activation_forward", norm_activation_forward_cpu);
+  m.impl("_norm_activation_backward", norm_activation_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(adanorm, Autograd, m) {

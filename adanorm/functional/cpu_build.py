@@ -41,7 +41,10 @@ _ISA_FLAGS = {
 # torch's headers are system includes, which compiler depfiles leave out: naming the version in the
 # command is what makes ninja rebuild after torch is upgraded in place.
 _TORCH_VERSION_FLAG = "-DADANORM_TORCH_VERSION=" + re.sub(r"[^0-9A-Za-z.+_]", "_", torch.__version__)
-CFLAGS = ("-O3", "-fopenmp", *_ISA_FLAGS, _TORCH_VERSION_FLAG)
+# -fno-trapping-math lets GCC vectorize the activations' per-element selects (a multiply or divide on one
+# side of a select is otherwise never executed speculatively, in case it traps); values and rounding are
+# unchanged, since floating-point exceptions are masked in every PyTorch process.
+CFLAGS = ("-O3", "-fopenmp", "-fno-trapping-math", *_ISA_FLAGS, _TORCH_VERSION_FLAG)
 BUILD_LOCK = "adanorm.lock"
 """adanorm's lock file in the build directory, next to torch's ``lock``."""
 

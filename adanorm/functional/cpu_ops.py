@@ -4,7 +4,9 @@ module object over them.
 The operators are defined and implemented in C++ (``csrc/norm_cpu_ops.cpp``, ``TORCH_LIBRARY(adanorm,
 ...)``): ``torch.ops.adanorm.fused_norm``, ``native_group_norm`` and ``blend_running_stats``, with CPU
 and autograd kernels there, and the internal ``_fused_norm_forward`` / ``_fused_norm_backward`` that
-the autograd kernel of ``fused_norm`` runs (they also carry the saved statistics). Their fake kernels,
+the autograd kernel of ``fused_norm`` runs (they also carry the saved statistics), and
+``_norm_activation_forward`` / ``_norm_activation_backward``, which the fused norm + activation's
+autograd.Function runs (``norm_act``). Their fake kernels,
 here, give output shapes, dtypes and layouts without running the kernels, so that FakeTensor, dynamo,
 AOTAutograd and torch.export see one operator instead of an opaque call. The library names this
 module (``set_python_module``), so FakeTensor imports it when it first meets an operator.
@@ -70,6 +72,8 @@ def operators() -> ModuleType:
     kernels.fused_norm = torch.ops.adanorm.fused_norm.default
     kernels.native_group_norm = torch.ops.adanorm.native_group_norm.default
     kernels.blend_running_stats = torch.ops.adanorm.blend_running_stats.default
+    kernels.norm_activation_forward = torch.ops.adanorm._norm_activation_forward.default
+    kernels.norm_activation_backward = torch.ops.adanorm._norm_activation_backward.default
     return kernels
 
 
@@ -101,6 +105,17 @@ def _fake_fused_norm_backward(grad_output, input, weight, mean, rstd, groups, ne
     return grad_input, grad_weight, torch.empty_like(grad_weight)
 
 
+def _fake_norm_activation_forward(input, weight, bias, groups, eps, activation, parameter, parameter_weight, out):
+    table = input.new_empty((input.shape[0], input.shape[1]), dtype=torch.float64)  # (N, C) mean, rstd
+    vector = input.new_empty((input.shape[1],), dtype=torch.float64)  # batch mean, unbiased variance
+    return table, torch.empty_like(table), vector, torch.empty_like(vector)
+
+
+def _fake_norm_activation_backward(grad_output, output, weight, bias, rstd, groups, activation, parameter,
+                                   parameter_weight, need_input):
+    return _fake_fused_norm_backward(grad_output, output, weight, rstd, rstd, groups, need_input)
+
+
 def _fake_native_group_norm(input, weight, bias, groups, eps):
     return torch.empty_like(input, memory_format=suggest_memory_format(input))  # as at::group_norm lays it out
 
@@ -114,6 +129,8 @@ _FAKE_KERNELS = {
     "adanorm::fused_norm": _fake_fused_norm,
     "adanorm::_fused_norm_forward": _fake_fused_norm_forward,
     "adanorm::_fused_norm_backward": _fake_fused_norm_backward,
+    "adanorm::_norm_activation_forward": _fake_norm_activation_forward,
+    "adanorm::_norm_activation_backward": _fake_norm_activation_backward,
     "adanorm::native_group_norm": _fake_native_group_norm,
     "adanorm::blend_running_stats": _fake_blend_running_stats,
 }

@@ -125,6 +125,23 @@ def prefer_fused_cpu(input: Tensor, num_groups: Optional[int]) -> bool:
     )
 
 
+def norm_activation_backend(input: Tensor) -> str:
+    """Which kernels run a fused norm + activation step (``norm_act``) on ``input``: "cpu" (the compiled
+    operators: every CPU input outside autocast, since the step is one call either way and no size favours the
+    tensor operations), "triton" (CUDA input where triton imports, unless ``ADANORM_TRITON=0``; any input
+    ``triton_norm.triton_available`` takes with ``ADANORM_TRITON=1``, which is how the interpreter tests run),
+    else "tensor_ops" (the same algebra as tensor operations)."""
+    switch = os.environ.get("ADANORM_TRITON", "")
+    if switch == "1" or (input.is_cuda and switch != "0"):
+        from adanorm.functional import triton_norm
+
+        if triton_norm.triton_available(input):
+            return "triton"
+    if input.is_cpu and not torch.is_autocast_enabled("cpu") and cpu_kernels() is not None:
+        return "cpu"
+    return "tensor_ops"
+
+
 def prefer_triton(input: Tensor, batch_statistics: bool = False) -> bool:
     """Whether the Triton kernels (``triton_norm``) take this CUDA input: where native kernels are known
     to pay extra passes.

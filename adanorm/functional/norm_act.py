@@ -14,6 +14,11 @@ With ŷ = γ·x̂ + β = z, the gradient needs x̂ only where it multiplies a su
 so γ divides one coefficient per channel, never an element. Where a channel's |γ| is small against |β|,
 (z − β)/γ would amplify the rounding of z: such a step is not fused (``fusable``), and saves what the
 native ops save. Captured code (compile, export, tracing) and TorchScript run the unfused native ops.
+
+On the CPU the step runs the compiled operators ``adanorm::_norm_activation_forward`` / ``_backward``
+(``csrc/norm_cpu_kernels.cpp``: one read pass for the statistics and one read+write pass forward; backward
+reads the output and dy twice and writes dx once); on CUDA the Triton kernels with the same passes
+(``adanorm::triton_norm_activation``); elsewhere the same algebra as tensor operations.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from adanorm.functional import cpu_ops, dispatch
 from adanorm.functional.activation import activate, invertible, pre_activation
 from adanorm.functional.api import _blend, _require_several_values, _spatial_size, groups_for_mode, normalize
 from adanorm.functional.renorm import RenormClip
@@ -130,74 +136,164 @@ def _per_channel(values: Tensor, input: Tensor, groups: int) -> Tensor:
     return values.repeat_interleave(input.shape[1] // groups, dim=1).view([input.shape[0], input.shape[1]] + trailing)
 
 
+KERNEL_ACTIVATIONS = {"identity": 0, "leaky_relu": 1, "prelu": 1, "elu": 2}
+"""The compiled operators' activation codes (``kIdentity``, ``kSlope``, ``kElu`` in norm_cpu_kernels.h)."""
+
+
+def _kernel_activation(activation: str, negative_slope: float, alpha: float) -> Tuple[int, float]:
+    """(code, parameter) of the compiled operators: the slope of a leaky ReLU, α of an ELU (a PReLU's slopes
+    go as their tensor)."""
+    return KERNEL_ACTIVATIONS[activation], alpha if activation == "elu" else negative_slope
+
+
+def _prelu_weight_grad(output: Tensor, grad_output: Tensor, prelu_weight: Tensor) -> Tensor:
+    """dL/dslope = Σ over y ≤ 0 of dy·z = Σ dy·min(y, 0)/slope, per channel or in all (one shared slope):
+    one extra read pass, which only a PReLU with a trainable slope pays."""
+    negative_part = grad_output * output.clamp(max=0)
+    if prelu_weight.numel() == 1:
+        return (negative_part.sum() / prelu_weight.reshape(())).reshape(prelu_weight.shape).to(prelu_weight.dtype)
+    return (negative_part.sum([0] + list(range(2, output.dim()))) / prelu_weight).to(prelu_weight.dtype)
+
+
 class _FusedNormActivation(torch.autograd.Function):
     """y = act(γ·(x − μ)·rstd + β), saving y, γ, β, the PReLU slopes and rstd; ``groups`` 0 for batch
     statistics. Also returns the batch mean and unbiased variance (batch statistics) for the running
-    statistics, as non-differentiable outputs."""
+    statistics, as non-differentiable outputs. The kernels are ``dispatch.norm_activation_backend``'s choice:
+    the compiled CPU operators, the Triton ones, or tensor operations; all compute the same algebra."""
 
     @staticmethod
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], prelu_weight: Optional[Tensor],
                 groups: int, eps: float, activation: str, negative_slope: float, alpha: float,
                 write_into_input: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        source = input if groups == 0 else _grouped_view(input, groups)
-        var, mean = torch.var_mean(source, _tables(input, groups), correction=0)
-        rstd = torch.rsqrt(var + eps)
-        scale = _per_channel(rstd, input, groups)
-        shift = -_per_channel(mean, input, groups) * scale
-        if weight is not None:
-            gamma = weight.view([1, -1] + [1] * (input.dim() - 2))
-            scale, shift = scale * gamma, shift * gamma
-        if bias is not None:
-            shift = shift + bias.view([1, -1] + [1] * (input.dim() - 2))
-        if write_into_input:
-            output = input.mul_(scale.to(input.dtype)).add_(shift.to(input.dtype))
+        ctx.backend = dispatch.norm_activation_backend(input)
+        ctx.groups, ctx.activation, ctx.negative_slope, ctx.alpha = groups, activation, negative_slope, alpha
+        forward = {"cpu": _forward_compiled, "triton": _forward_triton, "tensor_ops": _forward_tensor_ops}[ctx.backend]
+        output, rstd, mean, unbiased_var, in_place = forward(ctx, input, weight, bias, prelu_weight, groups, eps,
+                                                             write_into_input)
+        if in_place:
             ctx.mark_dirty(input)
-        else:
-            output = torch.addcmul(shift.to(input.dtype), input, scale.to(input.dtype))
-        output = activate(output, activation, negative_slope, alpha, prelu_weight, inplace=activation != "prelu")
-        if activation == "prelu" and write_into_input:
-            input.copy_(output)
-            output = input
-        count = source.numel() // var.numel()
-        unbiased_var = var * (count / max(count - 1, 1))
         ctx.mark_non_differentiable(mean, unbiased_var)
         ctx.save_for_backward(output, weight, bias, prelu_weight, rstd)
-        ctx.groups, ctx.activation, ctx.negative_slope, ctx.alpha = groups, activation, negative_slope, alpha
         return output, mean, unbiased_var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor, _grad_mean: Tensor, _grad_var: Tensor):
         output, weight, bias, prelu_weight, rstd = ctx.saved_tensors
-        groups = ctx.groups
-        z, grad_z, grad_prelu = pre_activation(output, grad_output, ctx.activation, ctx.negative_slope, ctx.alpha,
-                                               prelu_weight)
-        channel_view = [1, -1] + [1] * (output.dim() - 2)
-        centered = z if bias is None else z - bias.view(channel_view)  # γ·x̂
-        spatial = list(range(2, output.dim()))
-        # Per (n, c) sums over the positions: Σdz and Σdz·(z − β).
-        sum_dz = grad_z.sum(spatial) if spatial else grad_z
-        sum_dz_centered = (grad_z * centered).sum(spatial) if spatial else grad_z * centered
-        gamma = None if weight is None else weight.to(sum_dz.dtype)
-        grad_weight = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = (sum_dz_centered.sum(0) / gamma).to(weight.dtype)
-        grad_bias = sum_dz.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        grad_input = None
-        if ctx.needs_input_grad[0]:
-            gamma_dz = sum_dz if gamma is None else sum_dz * gamma
-            if groups == 0:
-                count = output.numel() // output.shape[1]
-                mean_gamma_dz, mean_dz_centered = gamma_dz.sum(0) / count, sum_dz_centered.sum(0) / count
+        need = ctx.needs_input_grad
+        if ctx.backend == "tensor_ops":
+            grads = _backward_tensor_ops(ctx, grad_output, output, weight, bias, prelu_weight, rstd)
+        else:
+            code, parameter = _kernel_activation(ctx.activation, ctx.negative_slope, ctx.alpha)
+            if ctx.backend == "cpu":
+                grad_input, grad_weight, grad_bias = cpu_ops.operators().norm_activation_backward(
+                    grad_output, output, weight, bias, rstd, ctx.groups, code, parameter, prelu_weight, need[0])
             else:
-                count = output.numel() // (output.shape[0] * groups)
-                mean_gamma_dz = gamma_dz.view(output.shape[0], groups, -1).sum(2) / count
-                mean_dz_centered = sum_dz_centered.view(output.shape[0], groups, -1).sum(2) / count
-            rstd_view = _per_channel(rstd, output, groups)
-            inverse_gamma = 1.0 if gamma is None else 1.0 / gamma.view(channel_view)
-            dz_scale = rstd_view if gamma is None else rstd_view * gamma.view(channel_view)
-            centered_scale = -rstd_view * _per_channel(mean_dz_centered, output, groups) * inverse_gamma
-            offset = -rstd_view * _per_channel(mean_gamma_dz, output, groups)
-            grad_input = torch.addcmul(offset.to(output.dtype), grad_z, dz_scale.to(output.dtype))
-            grad_input.addcmul_(centered, centered_scale.to(output.dtype))
-        return grad_input, grad_weight, grad_bias, grad_prelu, None, None, None, None, None, None
+                from adanorm.functional import triton_norm
+
+                grad_input, grad_weight, grad_bias = triton_norm.triton_norm_activation_backward(
+                    grad_output, output, weight, bias, rstd, ctx.groups or None, code,
+                    _parameter_vector(output, ctx.activation, parameter, prelu_weight), need[0])
+            grad_prelu = None
+            if prelu_weight is not None and need[3]:
+                grad_prelu = _prelu_weight_grad(output, grad_output, prelu_weight)
+            grads = (grad_input if need[0] else None,
+                     grad_weight.to(weight.dtype) if weight is not None and need[1] else None,
+                     grad_bias.to(bias.dtype) if bias is not None and need[2] else None, grad_prelu)
+        return (*grads, None, None, None, None, None, None)
+
+
+def _parameter_vector(input: Tensor, activation: str, parameter: float, prelu_weight: Optional[Tensor]) -> Optional[Tensor]:
+    """The activation's parameter per channel, as the Triton kernels read it (None for identity)."""
+    if activation == "identity":
+        return None
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    if prelu_weight is not None:
+        return prelu_weight.detach().to(dtype).expand(input.shape[1]).contiguous()
+    return torch.full((input.shape[1],), parameter, dtype=dtype, device=input.device)
+
+
+def _forward_compiled(ctx, input, weight, bias, prelu_weight, groups, eps, write_into_input):
+    """The compiled CPU operators: (output, rstd (N, C), batch mean, unbiased batch variance, written in place)."""
+    layout = cpu_ops._dense_format(input)
+    in_place = write_into_input and input.is_contiguous(memory_format=layout)
+    output = input if in_place else torch.empty_like(input, memory_format=layout)
+    code, parameter = _kernel_activation(ctx.activation, ctx.negative_slope, ctx.alpha)
+    _, rstd, mean, unbiased_var = cpu_ops.operators().norm_activation_forward(
+        input, weight, bias, groups, eps, code, parameter, prelu_weight, output)
+    return output, rstd, mean.to(input.dtype), unbiased_var.to(input.dtype), in_place
+
+
+def _forward_triton(ctx, input, weight, bias, prelu_weight, groups, eps, write_into_input):
+    """The Triton kernels, as ``_forward_compiled``; the input is overwritten only where it is already dense in a
+    layout the kernels address (contiguous or channels-last)."""
+    from adanorm.functional import triton_norm
+
+    in_place = write_into_input and triton_norm._kernel_layout(input) is input
+    output = input if in_place else torch.empty_like(triton_norm._kernel_layout(input))
+    code, parameter = _kernel_activation(ctx.activation, ctx.negative_slope, ctx.alpha)
+    rstd, mean, unbiased_var = triton_norm.triton_norm_activation(
+        input, weight, bias, groups or None, eps, code, _parameter_vector(input, ctx.activation, parameter, prelu_weight),
+        output)
+    return output, rstd, mean.to(input.dtype), unbiased_var.to(input.dtype), in_place
+
+
+def _forward_tensor_ops(ctx, input, weight, bias, prelu_weight, groups, eps, write_into_input):
+    """Tensor operations (any device): rstd per statistic, (C,) or (N, G)."""
+    activation = ctx.activation
+    source = input if groups == 0 else _grouped_view(input, groups)
+    var, mean = torch.var_mean(source, _tables(input, groups), correction=0)
+    rstd = torch.rsqrt(var + eps)
+    scale = _per_channel(rstd, input, groups)
+    shift = -_per_channel(mean, input, groups) * scale
+    if weight is not None:
+        gamma = weight.view([1, -1] + [1] * (input.dim() - 2))
+        scale, shift = scale * gamma, shift * gamma
+    if bias is not None:
+        shift = shift + bias.view([1, -1] + [1] * (input.dim() - 2))
+    if write_into_input:
+        output = input.mul_(scale.to(input.dtype)).add_(shift.to(input.dtype))
+    else:
+        output = torch.addcmul(shift.to(input.dtype), input, scale.to(input.dtype))
+    output = activate(output, activation, ctx.negative_slope, ctx.alpha, prelu_weight, inplace=activation != "prelu")
+    if activation == "prelu" and write_into_input:
+        input.copy_(output)
+        output = input
+    count = source.numel() // var.numel()
+    return output, rstd, mean, var * (count / max(count - 1, 1)), write_into_input
+
+
+def _backward_tensor_ops(ctx, grad_output, output, weight, bias, prelu_weight, rstd):
+    """(dx, dγ, dβ, dslopes) of ``_forward_tensor_ops`` from its output."""
+    groups = ctx.groups
+    z, grad_z, grad_prelu = pre_activation(output, grad_output, ctx.activation, ctx.negative_slope, ctx.alpha,
+                                           prelu_weight)
+    channel_view = [1, -1] + [1] * (output.dim() - 2)
+    centered = z if bias is None else z - bias.view(channel_view)  # γ·x̂
+    spatial = list(range(2, output.dim()))
+    # Per (n, c) sums over the positions: Σdz and Σdz·(z − β).
+    sum_dz = grad_z.sum(spatial) if spatial else grad_z
+    sum_dz_centered = (grad_z * centered).sum(spatial) if spatial else grad_z * centered
+    gamma = None if weight is None else weight.to(sum_dz.dtype)
+    grad_weight = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        grad_weight = (sum_dz_centered.sum(0) / gamma).to(weight.dtype)
+    grad_bias = sum_dz.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        gamma_dz = sum_dz if gamma is None else sum_dz * gamma
+        if groups == 0:
+            count = output.numel() // output.shape[1]
+            mean_gamma_dz, mean_dz_centered = gamma_dz.sum(0) / count, sum_dz_centered.sum(0) / count
+        else:
+            count = output.numel() // (output.shape[0] * groups)
+            mean_gamma_dz = gamma_dz.view(output.shape[0], groups, -1).sum(2) / count
+            mean_dz_centered = sum_dz_centered.view(output.shape[0], groups, -1).sum(2) / count
+        rstd_view = _per_channel(rstd, output, groups)
+        inverse_gamma = 1.0 if gamma is None else 1.0 / gamma.view(channel_view)
+        dz_scale = rstd_view if gamma is None else rstd_view * gamma.view(channel_view)
+        centered_scale = -rstd_view * _per_channel(mean_dz_centered, output, groups) * inverse_gamma
+        offset = -rstd_view * _per_channel(mean_gamma_dz, output, groups)
+        grad_input = torch.addcmul(offset.to(output.dtype), grad_z, dz_scale.to(output.dtype))
+        grad_input.addcmul_(centered, centered_scale.to(output.dtype))
+    return grad_input, grad_weight, grad_bias, grad_prelu

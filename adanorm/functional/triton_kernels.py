@@ -19,9 +19,15 @@ channels-last (N, *, C) input alike, because they address memory through (n, c, 
 3. ``_finalize_grad_kernel`` turns the backward partials into dγ, dβ and the per-(n, c)
    coefficients of dx = dy_scale·dy + x_scale·x + shift.
 4. ``_apply_kernel`` is the only full pass that writes: y = scale·x + shift forward, the dx
-   expression above backward, in the input's own layout.
+   expression above backward, in the input's own layout (or into the input itself).
 
 Statistics accumulate in float32 for float16/bfloat16/float32 input and in float64 for float64.
+
+The fused norm + activation (``functional/norm_act.py``) runs the same four kernels with an ``ACTIVATION``
+(0 identity, 1 negative-side slope, 2 ELU, with a per-channel parameter): the apply pass writes
+act(scale·x + shift) forward; backward reads the output y instead of x, recovers z and dz = dy·act'(z) from
+it in the partial-sums and apply passes, and sums Σdz·(z − β) per channel (β as the per-channel "mean",
+``FROM_OUTPUT`` in the finalize kernel, where x̂ = (z − β)/γ replaces (x − μ)·rstd).
 
 This module holds the ``@triton.jit`` functions only and imports nothing but triton, so a compile
 check can load it on its own. Importing it never fails: without triton, ``triton`` is None here and
@@ -38,11 +44,47 @@ except ImportError:  # optional dependency: callers keep the native path without
 if triton is not None:
 
     @triton.jit
+    def _log1p(ratio):
+        """log(1 + r) accurate for small r (Goldberg's trick: the rounding of 1 + r cancels)."""
+        u = 1.0 + ratio
+        return tl.where(u == 1.0, ratio, tl.log(u) * (ratio / (u - 1.0)))
+
+    @triton.jit
+    def _expm1(z):
+        """e^z − 1 accurate for small z (Kahan's trick), for z ≤ 0."""
+        u = tl.exp(z)
+        return tl.where(u == 1.0, z, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * (z / tl.log(u))))
+
+    @triton.jit
+    def _activate(z, parameter, ACTIVATION: tl.constexpr):
+        """act(z): 0 identity, 1 z > 0 ? z : s·z (leaky ReLU, PReLU), 2 ELU with α = the parameter."""
+        if ACTIVATION == 1:
+            return tl.where(z > 0, z, z * parameter)
+        elif ACTIVATION == 2:
+            return tl.where(z > 0, z, parameter * _expm1(tl.minimum(z, 0.0)))
+        else:
+            return z
+
+    @triton.jit
+    def _pre_activation(y, dy, parameter, ACTIVATION: tl.constexpr):
+        """(z, dz = dy·act'(z)) from y = act(z): y ≤ 0 exactly where z ≤ 0, the derivative at 0 the negative
+        side's as PyTorch takes it; ELU's y = −α exactly is taken as the smallest z resolved there."""
+        if ACTIVATION == 1:
+            positive = y > 0
+            return tl.where(positive, y, y / parameter), tl.where(positive, dy, dy * parameter)
+        elif ACTIVATION == 2:
+            positive = y > 0
+            ratio = tl.maximum(y / parameter, -0.99999994)  # 1 − 2⁻²⁴: the float32 value next to −1
+            return tl.where(positive, y, _log1p(ratio)), tl.where(positive, dy, dy * (y + parameter))
+        else:
+            return y, dy
+
+    @triton.jit
     def _partial_stats_kernel(
-        x_ptr, dy_ptr, stat_mean_ptr, partial_a_ptr, partial_b_ptr,
+        x_ptr, dy_ptr, stat_mean_ptr, parameter_ptr, partial_a_ptr, partial_b_ptr,
         C, S, chunk, stat_stride_n, channels_per_stat,
         stride_n, stride_c, stride_s,
-        BACKWARD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+        BACKWARD: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         k = tl.program_id(0)
         c_block = tl.program_id(1)
@@ -60,8 +102,10 @@ if triton is not None:
         if BACKWARD:
             stat_index = n * stat_stride_n + channels // channels_per_stat
             mean = tl.load(stat_mean_ptr + stat_index, mask=channel_mask, other=0.0)
-            a = tl.zeros([BLOCK_C], acc_dtype)  # Σ dy
-            b = tl.zeros([BLOCK_C], acc_dtype)  # Σ dy·(x − μ)
+            if ACTIVATION != 0:
+                parameter = tl.load(parameter_ptr + channels, mask=channel_mask, other=1.0).to(acc_dtype)
+            a = tl.zeros([BLOCK_C], acc_dtype)  # Σ dy (Σ dz)
+            b = tl.zeros([BLOCK_C], acc_dtype)  # Σ dy·(x − μ) (Σ dz·(z − β))
         else:
             # Statistics of x − pivot, with the chunk's first value as pivot: sums of values near
             # zero keep their low bits when the mean is large against the spread.
@@ -76,6 +120,8 @@ if triton is not None:
             x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
             if BACKWARD:
                 dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
+                if ACTIVATION != 0:
+                    x, dy = _pre_activation(x, dy, parameter[None, :], ACTIVATION)
                 a += tl.sum(dy, axis=0)
                 b += tl.sum(dy * (x - mean[None, :]), axis=0)
             else:
@@ -178,12 +224,25 @@ if triton is not None:
             tl.store(scale_ptr + sample * C + channels, scale, mask=row_mask)
             tl.store(shift_ptr + sample * C + channels, shift, mask=row_mask)
 
+    @triton.jit
+    def _hat_coefficients(weight_ptr, bias_ptr, channels, mask, rstd, mean,
+                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_OUTPUT: tl.constexpr):
+        """(p, shift) per channel with x̂ = p·(v − shift): (rstd, μ) for the input, (1/γ, β) for the pre-activation."""
+        ones = tl.zeros(channels.shape, rstd.dtype) + 1.0
+        if FROM_OUTPUT:
+            p = ones / _times_weight(weight_ptr, channels, mask, ones, HAS_WEIGHT)
+            if HAS_BIAS:
+                return p, tl.load(bias_ptr + channels, mask=mask, other=0.0).to(rstd.dtype)
+            return p, ones * 0.0
+        return ones * rstd, ones * mean
+
     @triton.jit(do_not_specialize=["stat_count"])
     def _finalize_grad_kernel(
-        partial_dy_ptr, partial_dy_xc_ptr, weight_ptr, mean_ptr, rstd_ptr,
+        partial_dy_ptr, partial_dy_xc_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr,
         dy_scale_ptr, x_scale_ptr, shift_ptr, grad_weight_ptr, grad_bias_ptr,
         C, rows, cols, partial_sample_stride, partial_row_stride, stat_count,
-        HAS_WEIGHT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_OUTPUT: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         sample = tl.program_id(0)
         stat_group = tl.program_id(1)
@@ -210,30 +269,34 @@ if triton is not None:
                 dy_xc_tile += tl.load(partial_dy_xc_ptr + offsets, mask=mask, other=0.0)
             row_dy = tl.sum(dy_tile, axis=1)
             row_dy_xc = tl.sum(dy_xc_tile, axis=1)
+            p, _ = _hat_coefficients(weight_ptr, bias_ptr, channels, row_mask, rstd, mean, HAS_WEIGHT, HAS_BIAS, FROM_OUTPUT)
             tl.store(grad_bias_ptr + sample * C + channels, row_dy, mask=row_mask)
-            tl.store(grad_weight_ptr + sample * C + channels, row_dy_xc * rstd, mask=row_mask)
+            tl.store(grad_weight_ptr + sample * C + channels, row_dy_xc * p, mask=row_mask)
             weighted_dy += _times_weight(weight_ptr, channels, row_mask, row_dy, HAS_WEIGHT)
-            weighted_dy_xc += _times_weight(weight_ptr, channels, row_mask, row_dy_xc, HAS_WEIGHT)
+            weighted_dy_xc += tl.where(row_mask, _times_weight(weight_ptr, channels, row_mask, row_dy_xc * p, HAS_WEIGHT), 0.0)
         total = stat_count.to(acc_dtype)
-        # dx = rstd·(γ·dy − mean(γ·dy) − x̂·mean(γ·dy·x̂)), with x̂ = (x − μ)·rstd.
-        x_scale = -rstd * rstd * rstd * (tl.sum(weighted_dy_xc) / total)
-        shift = -rstd * (tl.sum(weighted_dy) / total) - x_scale * mean
+        # dx = rstd·(γ·dv − mean(γ·dv) − x̂·mean(γ·dv·x̂)) with x̂ = p·(v − shift), per channel:
+        # dx = dy_scale·dv + x_scale·v + shift.
+        mean_g = tl.sum(weighted_dy) / total
+        mean_g_xhat = tl.sum(weighted_dy_xc) / total
 
         for r0 in range(0, rows, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
             row_mask = r < rows
             channels = first_channel + r
             dy_scale = _times_weight(weight_ptr, channels, row_mask, tl.zeros([BLOCK_R], acc_dtype) + rstd, HAS_WEIGHT)
+            p, hat_shift = _hat_coefficients(weight_ptr, bias_ptr, channels, row_mask, rstd, mean, HAS_WEIGHT, HAS_BIAS,
+                                             FROM_OUTPUT)
             coefficient = sample * C + channels
             tl.store(dy_scale_ptr + coefficient, dy_scale, mask=row_mask)
-            tl.store(x_scale_ptr + coefficient, tl.zeros([BLOCK_R], acc_dtype) + x_scale, mask=row_mask)
-            tl.store(shift_ptr + coefficient, tl.zeros([BLOCK_R], acc_dtype) + shift, mask=row_mask)
+            tl.store(x_scale_ptr + coefficient, -rstd * mean_g_xhat * p, mask=row_mask)
+            tl.store(shift_ptr + coefficient, rstd * (mean_g_xhat * p * hat_shift - mean_g), mask=row_mask)
 
     @triton.jit
     def _apply_kernel(
-        x_ptr, dy_ptr, out_ptr, x_scale_ptr, shift_ptr, dy_scale_ptr,
+        x_ptr, dy_ptr, out_ptr, x_scale_ptr, shift_ptr, dy_scale_ptr, parameter_ptr,
         C, S, coefficient_stride_n, stride_n, stride_c, stride_s,
-        HAS_DY: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+        HAS_DY: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         s_block = tl.program_id(0)
         c_block = tl.program_id(1)
@@ -251,9 +314,16 @@ if triton is not None:
         x_scale = tl.load(x_scale_ptr + coefficient, mask=channel_mask, other=0.0)
         shift = tl.load(shift_ptr + coefficient, mask=channel_mask, other=0.0)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
-        out = x * x_scale[None, :] + shift[None, :]
+        if ACTIVATION != 0:
+            parameter = tl.load(parameter_ptr + channels, mask=channel_mask, other=1.0).to(acc_dtype)[None, :]
         if HAS_DY:
             dy_scale = tl.load(dy_scale_ptr + coefficient, mask=channel_mask, other=0.0)
             dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
-            out += dy * dy_scale[None, :]
+            if ACTIVATION != 0:  # x is the fused step's output: z and dz in its place
+                x, dy = _pre_activation(x, dy, parameter, ACTIVATION)
+            out = x * x_scale[None, :] + shift[None, :] + dy * dy_scale[None, :]
+        else:
+            out = x * x_scale[None, :] + shift[None, :]
+            if ACTIVATION != 0:
+                out = _activate(out, parameter, ACTIVATION)
         tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)

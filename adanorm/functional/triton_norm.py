@@ -9,7 +9,10 @@ implementation) rather than Triton launches:
 * ``adanorm::triton_batch_norm`` — batch statistics; functional, it returns the updated running
   statistics, which ``triton_batch_norm`` copies into the old ones in place;
 * ``adanorm::triton_norm_backward`` — the backward of both, called by their registered autograd
-  formulas.
+  formulas;
+* ``adanorm::triton_norm_activation`` / ``triton_norm_activation_backward`` — the fused norm + activation
+  (``norm_act``), whose autograd.Function calls them; the forward writes into a given output, which may be its
+  input.
 
 ``triton_grouped_norm`` and ``triton_batch_norm`` below call them as ``F.group_norm`` and
 ``F.batch_norm(training=True)`` are called; the CUDA dispatch rule is ``dispatch.prefer_triton``.
@@ -29,7 +32,8 @@ from adanorm.functional import triton_kernels as kernels
 from adanorm.functional.layout import KERNEL_DTYPES, is_channels_last
 from adanorm.functional.triton_kernels import triton  # None without triton
 
-__all__ = ["triton_available", "triton_grouped_norm", "triton_batch_norm"]
+__all__ = ["triton_available", "triton_grouped_norm", "triton_batch_norm", "triton_norm_activation",
+           "triton_norm_activation_backward"]
 
 # Elements per program tile; tests shrink these to drive the chunk and merge loops on tiny inputs.
 _MAX_TILE = 2048
@@ -172,7 +176,25 @@ def _accumulation_dtype(input: Tensor) -> torch.dtype:
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
-def _partial_stats(x: Tensor, dy: Optional[Tensor], stat_mean: Optional[Tensor], geometry: _Geometry) -> Tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class _Activation:
+    """The activation a fused norm + activation applies (``code``: 0 identity, 1 slope, 2 ELU) and its
+    per-channel parameter (C,) in the accumulation dtype, or None for plain normalization."""
+
+    code: int = 0
+    parameter: Optional[Tensor] = None
+
+
+_NO_ACTIVATION = _Activation()
+
+
+def _partial_stats(x: Tensor, dy: Optional[Tensor], stat_mean: Optional[Tensor], geometry: _Geometry,
+                   activation: Optional[_Activation] = None) -> Tuple[Tensor, Tensor]:
+    """Forward partials of x; backward ones of (x, dy) against ``stat_mean`` per statistic, or, with an
+    ``activation`` (identity included), of (z, dz) recovered from the output x against a per-channel
+    ``stat_mean`` (β)."""
+    per_channel = activation is not None
+    activation = activation or _NO_ACTIVATION
     flat = _flat(x)
     shape = (geometry.channels, geometry.samples, geometry.num_chunks)
     partial_a = flat.new_empty(shape, dtype=_accumulation_dtype(x))
@@ -180,24 +202,27 @@ def _partial_stats(x: Tensor, dy: Optional[Tensor], stat_mean: Optional[Tensor],
     backward = dy is not None
     grid = (geometry.num_chunks, _cdiv(geometry.channels, geometry.block_c), geometry.samples)
     kernels._partial_stats_kernel[grid](
-        flat, _flat(dy) if backward else flat, stat_mean if backward else partial_a, partial_a, partial_b,
-        geometry.channels, geometry.spatial, geometry.chunk, geometry.stat_stride_n, geometry.channels_per_stat,
-        *flat.stride(),
-        BACKWARD=backward, BLOCK_S=geometry.block_s, BLOCK_C=geometry.block_c,
+        flat, _flat(dy) if backward else flat, stat_mean if backward else partial_a,
+        partial_a if activation.parameter is None else activation.parameter, partial_a, partial_b,
+        geometry.channels, geometry.spatial, geometry.chunk, 0 if per_channel else geometry.stat_stride_n,
+        1 if per_channel else geometry.channels_per_stat, *flat.stride(),
+        BACKWARD=backward, ACTIVATION=activation.code, BLOCK_S=geometry.block_s, BLOCK_C=geometry.block_c,
     )
     return partial_a, partial_b
 
 
 def _apply(x: Tensor, dy: Optional[Tensor], x_scale: Tensor, shift: Tensor, dy_scale: Optional[Tensor],
-           geometry: _Geometry) -> Tensor:
-    out = torch.empty_like(x)
+           geometry: _Geometry, activation: _Activation = _NO_ACTIVATION, out: Optional[Tensor] = None) -> Tensor:
+    """The write pass into ``out`` (x's layout; x itself to overwrite it), a new tensor by default."""
+    out = torch.empty_like(x) if out is None else out
     flat = _flat(x)
     grid = (_cdiv(geometry.spatial, geometry.block_s), _cdiv(geometry.channels, geometry.block_c), geometry.samples)
     has_dy = dy is not None
     kernels._apply_kernel[grid](
         flat, _flat(dy) if has_dy else flat, _flat(out), x_scale, shift, dy_scale if has_dy else x_scale,
+        x_scale if activation.parameter is None else activation.parameter,
         geometry.channels, geometry.spatial, geometry.coefficient_stride_n, *flat.stride(),
-        HAS_DY=has_dy, BLOCK_S=geometry.block_s, BLOCK_C=geometry.block_c,
+        HAS_DY=has_dy, ACTIVATION=activation.code, BLOCK_S=geometry.block_s, BLOCK_C=geometry.block_c,
     )
     return out
 
@@ -243,13 +268,15 @@ def _check_batch(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
 
 def _forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: Optional[int],
              running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
-             eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             eps: float, activation: _Activation = _NO_ACTIVATION,
+             out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Normalization + affine, ``num_groups`` None selecting batch mode.
 
     Returns (output, mean, rstd, new running mean, new running var): output in the kernel layout
     of ``input``; mean and rstd of shape (N, G) per sample or (1, C) in batch mode, in the
     accumulation dtype; the running statistics blended with this batch's into new tensors (empty
-    without running statistics), which ``triton_batch_norm`` copies into the old ones.
+    without running statistics), which ``triton_batch_norm`` copies into the old ones. With an activation, the
+    output is act(normalized), written into ``out`` when given.
     """
     _check_input(input)
     x = _kernel_layout(input)
@@ -274,20 +301,28 @@ def _forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], nu
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
         BLOCK_R=block_r, BLOCK_K=block_k,
     )
-    return _apply(x, None, scale, shift, None, geometry), mean, rstd, new_running_mean, new_running_var
+    output = _apply(x, None, scale, shift, None, geometry, activation, out)
+    return output, mean, rstd, new_running_mean, new_running_var
 
 
 def _backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
-              num_groups: Optional[int], input_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+              num_groups: Optional[int], input_grad: bool, bias: Optional[Tensor] = None,
+              activation: Optional[_Activation] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) of ``_forward``; the parameter gradients in the
-    accumulation dtype, grad_input empty (0 elements) unless ``input_grad``."""
+    accumulation dtype, grad_input empty (0 elements) unless ``input_grad``. With ``activation``, ``input``
+    is the fused step's output, read in place of its input (``mean`` is then unused, ``bias`` needed)."""
     _check_input(input)
     x = _kernel_layout(input)
-    weight = _dense(weight)
+    weight, bias = _dense(weight), _dense(bias)
     geometry = _geometry(_flat(x), num_groups)
     dy = grad_output if grad_output.stride() == x.stride() else torch.empty_like(x).copy_(grad_output)
     mean, rstd = mean.contiguous(), rstd.contiguous()
-    partial_dy, partial_dy_xc = _partial_stats(x, dy, mean, geometry)
+    from_output = activation is not None
+    if from_output:  # sums of dz·(z − β): β per channel in the statistics' place
+        shift = bias.to(rstd.dtype) if bias is not None else rstd.new_zeros(geometry.channels)
+        partial_dy, partial_dy_xc = _partial_stats(x, dy, shift, geometry, activation)
+    else:
+        partial_dy, partial_dy_xc = _partial_stats(x, dy, mean, geometry)
 
     coefficient_shape = (geometry.stat_samples, geometry.channels)
     dy_scale = partial_dy.new_empty(coefficient_shape)
@@ -297,13 +332,15 @@ def _backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], mean
     grad_bias_parts = torch.empty_like(dy_scale)
     block_r, block_k = _finalize_blocks(geometry)
     kernels._finalize_grad_kernel[(geometry.stat_samples, geometry.stat_groups)](
-        partial_dy, partial_dy_xc, weight, mean, rstd,
+        partial_dy, partial_dy_xc, weight, bias, mean, rstd,
         dy_scale, x_scale, shift, grad_weight_parts, grad_bias_parts,
         geometry.channels, geometry.channels_per_stat,
         geometry.partial_cols, geometry.partial_sample_stride, geometry.partial_row_stride, geometry.stat_count,
-        HAS_WEIGHT=weight is not None, BLOCK_R=block_r, BLOCK_K=block_k,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, FROM_OUTPUT=from_output,
+        BLOCK_R=block_r, BLOCK_K=block_k,
     )
-    grad_input = _apply(x, dy, x_scale, shift, dy_scale, geometry) if input_grad else x.new_empty(0)
+    grad_input = (_apply(x, dy, x_scale, shift, dy_scale, geometry, activation or _NO_ACTIVATION) if input_grad
+                  else x.new_empty(0))
     return grad_input, grad_weight_parts.sum(0), grad_bias_parts.sum(0)
 
 
@@ -426,6 +463,74 @@ def _norm_backward(ctx, grad_output: Tensor, *_statistics_grads: Tensor) -> Tupl
 
 _grouped_norm_op.register_autograd(_norm_backward, setup_context=_grouped_setup_context)
 _batch_norm_op.register_autograd(_norm_backward, setup_context=_batch_setup_context)
+
+
+_NORM_ACTIVATION_SCHEMA = ("(Tensor input, Tensor? weight, Tensor? bias, SymInt? num_groups, float eps, int activation, "
+                           "Tensor? parameter, Tensor(a!) out) -> (Tensor, Tensor, Tensor)")
+_NORM_ACTIVATION_BACKWARD_SCHEMA = ("(Tensor grad_output, Tensor output, Tensor? weight, Tensor? bias, Tensor rstd, "
+                                    "SymInt? num_groups, int activation, Tensor? parameter, bool input_grad) "
+                                    "-> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.custom_op("adanorm::triton_norm_activation", mutates_args=("out",), schema=_NORM_ACTIVATION_SCHEMA)
+def _norm_activation_op(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: Optional[int],
+                        eps: float, activation: int, parameter: Optional[Tensor], out: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The fused norm + activation's forward (``functional/norm_act.py``; ``num_groups`` None: batch statistics):
+    act(normalized input) written into ``out`` (the input's kernel layout, or the input itself); returns rstd
+    ((N, G) or (1, C)) and the batch mean and unbiased variance per channel (empty for per-sample statistics)."""
+    if num_groups is None:
+        _check_batch(input, weight, bias, None, None)
+        zeros = input.new_zeros(input.shape[1], dtype=_accumulation_dtype(input))
+        _, _, rstd, batch_mean, batch_var = _forward(input, weight, bias, None, zeros, zeros.clone(), 1.0, eps,
+                                                     _Activation(activation, parameter), out)
+        return rstd, batch_mean, batch_var
+    _check_grouped(input, num_groups, weight, bias)
+    _, _, rstd, batch_mean, batch_var = _forward(input, weight, bias, num_groups, None, None, 0.0, eps,
+                                                 _Activation(activation, parameter), out)
+    return rstd, batch_mean, batch_var
+
+
+@torch.library.custom_op("adanorm::triton_norm_activation_backward", mutates_args=(),
+                         schema=_NORM_ACTIVATION_BACKWARD_SCHEMA)
+def _norm_activation_backward_op(grad_output: Tensor, output: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                                 rstd: Tensor, num_groups: Optional[int], activation: int, parameter: Optional[Tensor],
+                                 input_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Its backward from the output: (grad_input or an empty tensor, grad_weight (C,), grad_bias (C,)), the last two
+    in the accumulation dtype."""
+    return _backward(grad_output, output, weight, rstd, rstd, num_groups, input_grad, bias,
+                     _Activation(activation, parameter))
+
+
+@_norm_activation_op.register_fake
+def _norm_activation_fake(input, weight, bias, num_groups, eps, activation, parameter, out):
+    statistics = _fake_statistics(input, num_groups)
+    vectors = _new_running_statistics(input, *((None, None) if num_groups is not None else 2 * (statistics[0][0],)))
+    return statistics[1], *vectors
+
+
+@_norm_activation_backward_op.register_fake
+def _norm_activation_backward_fake(grad_output, output, weight, bias, rstd, num_groups, activation, parameter, input_grad):
+    return _norm_backward_fake(grad_output, output, weight, rstd, rstd, num_groups, input_grad)
+
+
+def triton_norm_activation(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: Optional[int],
+                           eps: float, activation: int, parameter: Optional[Tensor],
+                           out: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``adanorm::triton_norm_activation`` with dense per-channel vectors: ``parameter`` is the activation's
+    per-channel slope or α (C,), None for identity. ``out`` must be dense in ``input``'s kernel layout."""
+    channels = input.shape[1]
+    weight, bias = _channel_parameter(weight, channels), _channel_parameter(bias, channels)
+    return _norm_activation_op(input, weight, bias, num_groups, eps, activation, _channel_parameter(parameter, channels),
+                               out)
+
+
+def triton_norm_activation_backward(grad_output: Tensor, output: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                                    rstd: Tensor, num_groups: Optional[int], activation: int, parameter: Optional[Tensor],
+                                    input_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    channels = output.shape[1]
+    weight, bias = _channel_parameter(weight, channels), _channel_parameter(bias, channels)
+    return _norm_activation_backward_op(grad_output, output, weight, bias, rstd, num_groups, activation,
+                                        _channel_parameter(parameter, channels), input_grad)
 
 
 def _channel_parameter(parameter: Optional[Tensor], channels: int) -> Optional[Tensor]:

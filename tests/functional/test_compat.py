@@ -57,6 +57,8 @@ def _dotted(node: ast.AST) -> Optional[str]:
 
 def _private_torch(name: str) -> bool:
     root, *rest = name.split(".")
+    if rest[:2] == ["ops", "adanorm"]:  # adanorm's own operators (csrc/norm_cpu_ops.cpp), whatever their names
+        return False
     return root in ("torch", "cpp_extension") and any(part.startswith("_") and not part.startswith("__") for part in rest)
 
 

@@ -115,6 +115,32 @@ def test_opcheck_internal_operators(layout):
                               (dy, x, weight, mean, rstd, 2, need_input), test_utils=OPCHECK_TESTS)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("activation,parameter,per_channel", [(0, 1.0, False), (1, 0.01, False), (1, 0.25, True),
+                                                              (2, 1.0, False)], ids=["identity", "leaky", "prelu", "elu"])
+def test_opcheck_norm_activation_operators(layout, activation, parameter, per_channel):
+    """The fused norm + activation's operators (functional/norm_act.py runs them in its autograd.Function):
+    the forward writing into a given output or into its own input (declared mutation), and the backward from
+    the output, with and without the input gradient."""
+    x = _input((2, 4, 3, 4, 5), layout=layout)
+    weight, bias = _parameters(4)
+    slopes = torch.full((4,), parameter) if per_channel else None
+    for groups in (0, 2):
+        out = torch.empty_like(x)
+        torch.library.opcheck(torch.ops.adanorm._norm_activation_forward.default,
+                              (x, weight, bias, groups, 1e-5, activation, parameter, slopes, out), test_utils=OPCHECK_TESTS)
+        own = x.clone(memory_format=torch.preserve_format)
+        torch.library.opcheck(torch.ops.adanorm._norm_activation_forward.default,
+                              (own, weight, bias, groups, 1e-5, activation, parameter, slopes, own), test_utils=OPCHECK_TESTS)
+    _, rstd, _, _ = torch.ops.adanorm._norm_activation_forward(x, weight, bias, 2, 1e-5, activation, parameter, slopes, out)
+    dy = torch.randn_like(x)
+    for need_input in (True, False):
+        torch.library.opcheck(torch.ops.adanorm._norm_activation_backward.default,
+                              (dy, out, weight, bias, rstd, 2, activation, parameter, slopes, need_input),
+                              test_utils=OPCHECK_TESTS)
+
+
 BLEND_CASES = [  # (dtype, factor: a float or a 0-dim tensor, batch statistics hold NaN/Inf)
     (torch.float32, 0.1, False), (torch.float64, 0.3, False), (torch.bfloat16, 0.1, False),
     (torch.float16, 0.7, False), (torch.float32, "tensor", False), (torch.float32, 0.1, "nan"),

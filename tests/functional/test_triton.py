@@ -248,6 +248,111 @@ def test_opcheck(op, layout, dtype, affine, extra, input_grad):
     torch.library.opcheck(operator, args, test_utils=checks)
 
 
+def _native_pair(x, mode, weight, bias, activation, slopes):
+    if mode == "batch":
+        z = F.batch_norm(x, None, None, weight, bias, True, 0.0, 1e-5)
+    else:
+        z = _reference(mode, x, weight, bias)
+    if activation == "leaky_relu":
+        return F.leaky_relu(z, 0.1)
+    if activation == "elu":
+        return F.elu(z, 0.7)
+    if activation == "prelu":
+        return F.prelu(z, slopes)
+    return z
+
+
+@interpreted
+@pytest.mark.parametrize("activation", ["leaky_relu", "prelu", "elu", "identity"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["batch", "instance", "group", "layer"])
+def test_fused_norm_activation_matches_the_native_pair(mode, layout, activation, monkeypatch):
+    """The fused norm + activation on the Triton kernels (``ADANORM_TRITON=1`` sends it there), float64 against
+    native norm + activation: output, input, γ, β and PReLU-slope gradients; in place into a fresh input too."""
+    from adanorm.functional.norm_act import normalize_activate
+
+    monkeypatch.setenv("ADANORM_TRITON", "1")
+    assert dispatch.norm_activation_backend(torch.ones(2, 2)) == "triton"
+    generator = torch.Generator().manual_seed(4)
+    x0 = _in_layout(torch.randn(SHAPE, generator=generator, dtype=torch.float64) * 2 + 3, layout)
+    weight0 = torch.rand(SHAPE[1], generator=generator, dtype=torch.float64) + 0.5
+    bias0 = torch.randn(SHAPE[1], generator=generator, dtype=torch.float64) * 0.5
+    slopes0 = torch.rand(SHAPE[1], generator=generator, dtype=torch.float64) * 0.3 + 0.05
+    grad_output = torch.randn(SHAPE, generator=generator, dtype=torch.float64)
+    groups = {"batch": 0, "instance": SHAPE[1], "group": 3, "layer": 1}[mode]
+
+    def leaves():
+        return [t.clone(memory_format=torch.preserve_format).requires_grad_() for t in (x0, weight0, bias0, slopes0)]
+
+    for inplace in (False, True):
+        x, weight, bias, slopes = leaves()
+        fresh = x * 1.0
+        output = normalize_activate(fresh, "batch" if mode == "batch" else "group", weight, bias, None, None, True, 0.1,
+                                    1e-5, max(groups, 1), None, None, False, activation, 0.1, 0.7,
+                                    slopes if activation == "prelu" else None, inplace)
+        assert (output.data_ptr() == fresh.data_ptr()) is inplace and output.stride() == x0.stride()
+        grads = torch.autograd.grad(output, [x, weight, bias] + ([slopes] if activation == "prelu" else []), grad_output)
+        reference_leaves = leaves()
+        expected = _native_pair(reference_leaves[0], mode, *reference_leaves[1:3], activation, reference_leaves[3])
+        expected_grads = torch.autograd.grad(expected, reference_leaves[:3] + ([reference_leaves[3]] if activation == "prelu" else []),
+                                             grad_output)
+        torch.testing.assert_close(output, expected, atol=1e-10, rtol=1e-10)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+
+
+@interpreted
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_norm_activation_small_tiles_and_float32(layout, monkeypatch):
+    """Chunked partial sums and finalize row loops, in float32 against float64: within a few times the native
+    float32 pair's own error."""
+    from adanorm.functional.norm_act import normalize_activate
+
+    monkeypatch.setenv("ADANORM_TRITON", "1")
+    monkeypatch.setattr(triton_norm, "_MAX_TILE", 8)
+    monkeypatch.setattr(triton_norm, "_MAX_CHANNEL_BLOCK", 4)
+    monkeypatch.setattr(triton_norm, "_INTERPRETER_PROGRAMS", 24)
+    x64 = _in_layout(torch.randn(2, 9, 3, 5, 2, dtype=torch.float64) * 3 + 5, layout)
+    weight, bias = torch.rand(9, dtype=torch.float64) + 0.5, torch.randn(9, dtype=torch.float64) * 0.5
+    grad_output = torch.randn(x64.shape, dtype=torch.float64)
+
+    def fused(x, w, b):
+        return normalize_activate(x * 1.0, "group", w, b, None, None, True, 0.1, 1e-5, 3, None, None, False,
+                                  "leaky_relu", 0.1, 1.0, None, False)
+
+    def native(x, w, b):
+        return F.leaky_relu(F.group_norm(x * 1.0, 3, w, b, 1e-5), 0.1)
+
+    def run(step, dtype):
+        leaves = [t.to(dtype).clone(memory_format=torch.preserve_format).requires_grad_() for t in (x64, weight, bias)]
+        output = step(*leaves)
+        return [output.double()] + [g.double() for g in torch.autograd.grad(output, leaves, grad_output.to(dtype))]
+
+    reference = run(native, torch.float64)
+    for got, native32, want in zip(run(fused, torch.float32), run(native, torch.float32), reference):
+        fused_error, native_error = (got - want).abs().max().item(), (native32 - want).abs().max().item()
+        assert fused_error <= 8 * native_error + 4 * torch.finfo(torch.float32).eps * want.abs().max().item()
+
+
+@interpreted
+@pytest.mark.parametrize("groups", [None, 2], ids=["batch", "group"])
+@pytest.mark.parametrize("activation", [0, 1, 2], ids=["identity", "slope", "elu"])
+def test_opcheck_norm_activation_ops(groups, activation):
+    """Schema (the forward mutates only ``out``, which may be its input), fake implementations against the real ones."""
+    x = _in_layout(torch.randn(2, 4, 3, 5) + 2, "channels_last")
+    weight, bias = torch.rand(4) + 0.5, torch.randn(4)
+    parameter = None if activation == 0 else torch.full((4,), 0.2)
+    checks = ("test_schema", "test_faketensor")
+    out = torch.empty_like(x)
+    torch.library.opcheck(torch.ops.adanorm.triton_norm_activation,
+                          (x, weight, bias, groups, 1e-5, activation, parameter, out), test_utils=checks)
+    rstd, _, _ = torch.ops.adanorm.triton_norm_activation(x, weight, bias, groups, 1e-5, activation, parameter, out)
+    for input_grad in (True, False):
+        torch.library.opcheck(torch.ops.adanorm.triton_norm_activation_backward,
+                              (torch.randn_like(x), out, weight, bias, rstd, groups, activation, parameter, input_grad),
+                              test_utils=checks)
+
+
 @pytest.fixture
 def fresh_dynamo():
     torch._dynamo.reset()
@@ -412,17 +517,27 @@ _COMPILE_SCRIPT = textwrap.dedent('''
         return kernel, types, constants
 
     def kernels(data, acc):
-        partial_stats_pointers = [("x_ptr dy_ptr", data), ("stat_mean_ptr partial_a_ptr partial_b_ptr", acc)]
+        partial_stats_pointers = [("x_ptr dy_ptr", data), ("stat_mean_ptr parameter_ptr partial_a_ptr partial_b_ptr", acc)]
         partial_stats_scalars = [("C S chunk stat_stride_n channels_per_stat stride_c stride_s", "i32"), ("stride_n", "i64")]
+        apply_pointers = [("x_ptr dy_ptr out_ptr", data), ("x_scale_ptr shift_ptr dy_scale_ptr parameter_ptr", acc)]
+        apply_scalars = [("C S coefficient_stride_n stride_c stride_s", "i32"), ("stride_n", "i64")]
+        finalize_grad_pointers = [("partial_dy_ptr partial_dy_xc_ptr mean_ptr rstd_ptr dy_scale_ptr x_scale_ptr shift_ptr", acc),
+                                  ("grad_weight_ptr grad_bias_ptr", acc), ("weight_ptr bias_ptr", data)]
+        finalize_grad_scalars = [("C rows cols partial_sample_stride partial_row_stride stat_count", "i32")]
         return [
             variant(module._partial_stats_kernel, partial_stats_pointers, partial_stats_scalars,
-                    BACKWARD=True, BLOCK_S=64, BLOCK_C=32),
+                    BACKWARD=True, ACTIVATION=0, BLOCK_S=64, BLOCK_C=32),
             variant(module._partial_stats_kernel, partial_stats_pointers, partial_stats_scalars,
-                    BACKWARD=False, BLOCK_S=2048, BLOCK_C=1),
-            variant(module._apply_kernel,
-                    [("x_ptr dy_ptr out_ptr", data), ("x_scale_ptr shift_ptr dy_scale_ptr", acc)],
-                    [("C S coefficient_stride_n stride_c stride_s", "i32"), ("stride_n", "i64")],
-                    HAS_DY=True, BLOCK_S=64, BLOCK_C=32),
+                    BACKWARD=False, ACTIVATION=0, BLOCK_S=2048, BLOCK_C=1),
+            # The fused norm + activation's backward sums from the output: leaky ReLU/PReLU and ELU inverses.
+            variant(module._partial_stats_kernel, partial_stats_pointers, partial_stats_scalars,
+                    BACKWARD=True, ACTIVATION=1, BLOCK_S=64, BLOCK_C=32),
+            variant(module._partial_stats_kernel, partial_stats_pointers, partial_stats_scalars,
+                    BACKWARD=True, ACTIVATION=2, BLOCK_S=64, BLOCK_C=32),
+            variant(module._apply_kernel, apply_pointers, apply_scalars, HAS_DY=True, ACTIVATION=0, BLOCK_S=64, BLOCK_C=32),
+            variant(module._apply_kernel, apply_pointers, apply_scalars, HAS_DY=False, ACTIVATION=1, BLOCK_S=64, BLOCK_C=32),
+            variant(module._apply_kernel, apply_pointers, apply_scalars, HAS_DY=False, ACTIVATION=2, BLOCK_S=64, BLOCK_C=32),
+            variant(module._apply_kernel, apply_pointers, apply_scalars, HAS_DY=True, ACTIVATION=2, BLOCK_S=64, BLOCK_C=32),
             variant(module._finalize_stats_kernel,
                     [("partial_mean_ptr partial_m2_ptr mean_ptr rstd_ptr scale_ptr shift_ptr", acc),
                      ("weight_ptr bias_ptr", data),
@@ -430,11 +545,10 @@ _COMPILE_SCRIPT = textwrap.dedent('''
                     [("C S chunk num_chunks rows cols partial_sample_stride partial_row_stride stat_count", "i32"),
                      ("momentum eps", "fp32")],
                     HAS_WEIGHT=True, HAS_BIAS=True, HAS_RUNNING=True, BLOCK_R=16, BLOCK_K=8),
-            variant(module._finalize_grad_kernel,
-                    [("partial_dy_ptr partial_dy_xc_ptr mean_ptr rstd_ptr dy_scale_ptr x_scale_ptr shift_ptr", acc),
-                     ("grad_weight_ptr grad_bias_ptr", acc), ("weight_ptr", data)],
-                    [("C rows cols partial_sample_stride partial_row_stride stat_count", "i32")],
-                    HAS_WEIGHT=True, BLOCK_R=1, BLOCK_K=64),
+            variant(module._finalize_grad_kernel, finalize_grad_pointers, finalize_grad_scalars,
+                    HAS_WEIGHT=True, HAS_BIAS=False, FROM_OUTPUT=False, BLOCK_R=1, BLOCK_K=64),
+            variant(module._finalize_grad_kernel, finalize_grad_pointers, finalize_grad_scalars,
+                    HAS_WEIGHT=True, HAS_BIAS=True, FROM_OUTPUT=True, BLOCK_R=4, BLOCK_K=64),
         ]
 
     # Every kernel for half-precision data; float64 only where its math differs (division, sqrt).

@@ -5,6 +5,8 @@ native pair in float64: in float32 the fused step must stay within a small multi
 own error, since it reconstructs the pre-activation from the rounded output."""
 import copy
 import io
+from contextlib import contextmanager
+from unittest import mock
 
 import hypothesis.strategies as st
 import pytest
@@ -14,11 +16,40 @@ from hypothesis import given, settings
 from torch import nn
 
 import adanorm
+from adanorm.functional import cpu_ops, dispatch
 from adanorm.functional.norm_act import fusable, normalize_activate
 
 MODES = ("batch", "instance", "group", "layer")
 ACTIVATIONS = ("leaky_relu", "elu", "prelu", "identity")
 GROUPS = 4
+
+
+BACKENDS = ("compiled", "tensor_ops")
+"""The fused step's two forms: the compiled CPU operators, and the same algebra as tensor operations (CUDA
+without Triton, ADANORM_CPU_KERNEL=0)."""
+
+
+@contextmanager
+def fused_backend(name):
+    """Runs the fused step on ``name``'s form; for "compiled", checks that its operators ran."""
+    if name == "tensor_ops":
+        with mock.patch.object(dispatch, "norm_activation_backend", lambda input: "tensor_ops"):
+            yield
+        return
+    kernels = cpu_ops.load(build_wait_s=600.0)
+    assert kernels is not None, "the compiled CPU kernels must build here"
+    assert dispatch.norm_activation_backend(torch.ones(1)) == "cpu"
+    calls = []
+    forward = kernels.norm_activation_forward
+    with mock.patch.object(kernels, "norm_activation_forward", lambda *args: calls.append(1) or forward(*args)):
+        yield
+    assert calls, "the compiled operator ran"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with fused_backend(request.param):
+        yield request.param
 
 
 def native_pair(x, mode, weight, bias, prelu_weight, activation, negative_slope=0.01, alpha=1.0):
@@ -77,7 +108,7 @@ def assert_within_native_error(fused32, native32, native64, factor=8.0):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last_3d"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("mode", MODES)
-def test_fused_step_equals_native_norm_and_activation(mode, activation, channels_last):
+def test_fused_step_equals_native_norm_and_activation(mode, activation, channels_last, backend):
     x, weight, bias, prelu, grad_output = sample((2, 8, 5, 6, 7), seed=0)
     results = {}
     for name, step, dtype in (("native64", native_pair, torch.float64), ("native32", native_pair, torch.float32),
@@ -89,12 +120,14 @@ def test_fused_step_equals_native_norm_and_activation(mode, activation, channels
     assert_within_native_error(results["fused32"], results["native32"], results["native64"])
 
 
-@settings(max_examples=40, deadline=None)
-@given(batch=st.integers(1, 4), per_group=st.integers(1, 3), spatial=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 4), per_group=st.integers(1, 5), spatial=st.lists(st.integers(1, 5), min_size=1, max_size=3),
        mode=st.sampled_from(MODES), activation=st.sampled_from(ACTIVATIONS), seed=st.integers(0, 2**16),
-       scale=st.floats(0.01, 100.0), shift=st.floats(-50.0, 50.0))
+       scale=st.floats(0.01, 100.0), shift=st.floats(-50.0, 50.0), channels_last=st.booleans(),
+       backend_name=st.sampled_from(BACKENDS))
 @pytest.mark.slow
-def test_fused_step_equals_native_in_float64_on_any_shape(batch, per_group, spatial, mode, activation, seed, scale, shift):
+def test_fused_step_equals_native_in_float64_on_any_shape(batch, per_group, spatial, mode, activation, seed, scale, shift,
+                                                          channels_last, backend_name):
     shape = (batch, GROUPS * per_group, *spatial)
     values_per_statistic = {"batch": batch, "instance": 1, "group": per_group, "layer": GROUPS * per_group}[mode]
     for extent in spatial:
@@ -102,8 +135,10 @@ def test_fused_step_equals_native_in_float64_on_any_shape(batch, per_group, spat
     if values_per_statistic < 2:
         return  # both raise: covered by test_single_value_statistics_raise_as_natively
     x, weight, bias, prelu, grad_output = sample(shape, seed, scale, shift)
-    fused = run(fused_step, x, weight, bias, prelu, grad_output, torch.float64, False, mode, activation=activation)
-    native = run(native_pair, x, weight, bias, prelu, grad_output, torch.float64, False, mode, activation=activation)
+    channels_last = channels_last and x.dim() == 5
+    with fused_backend(backend_name):
+        fused = run(fused_step, x, weight, bias, prelu, grad_output, torch.float64, channels_last, mode, activation=activation)
+    native = run(native_pair, x, weight, bias, prelu, grad_output, torch.float64, channels_last, mode, activation=activation)
     for got, expected in zip(fused, native):
         if expected is not None:
             torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8 * max(1.0, expected.abs().max().item()))
@@ -131,7 +166,7 @@ def saved_storages(step):
 
 @pytest.mark.parametrize("activation", ["leaky_relu", "prelu", "elu"])
 @pytest.mark.parametrize("mode", MODES)
-def test_fused_step_saves_its_output_and_per_statistic_vectors_only(mode, activation):
+def test_fused_step_saves_its_output_and_per_statistic_vectors_only(mode, activation, backend):
     x = torch.randn(2, 8, 8, 8, 8, requires_grad=True)
     weight, bias = torch.ones(8, requires_grad=True), torch.zeros(8, requires_grad=True)
     prelu = torch.full((8,), 0.25, requires_grad=True)
@@ -145,7 +180,7 @@ def test_fused_step_saves_its_output_and_per_statistic_vectors_only(mode, activa
     assert native_total >= 2 * output.nbytes, "the native pair keeps its input and its pre-activation"
 
 
-def test_inplace_step_writes_into_a_fresh_input_and_never_into_a_leaf_a_view_or_a_saved_tensor():
+def test_inplace_step_writes_into_a_fresh_input_and_never_into_a_leaf_a_view_or_a_saved_tensor(backend):
     x = torch.randn(2, 8, 4, 4, 4, requires_grad=True)
     fresh = x * 2.0
     output = fused_step(fresh, "group", None, None, None, "leaky_relu", inplace=True)
@@ -252,7 +287,7 @@ def test_prelu_slopes_that_turn_non_positive_keep_the_native_ops():
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last_3d"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("mode", MODES)
-def test_gradcheck(mode, activation, channels_last):
+def test_gradcheck(mode, activation, channels_last, backend):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 8, 3, 3, 3, dtype=torch.float64, generator=generator)
     x = (x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x).requires_grad_()
