@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence, Tuple, Union
 
-from monai.networks.layers.factories import split_args
 from monai.networks.layers.utils import get_norm_layer
 from monai.networks.nets import resnet10, resnet18, resnet34
 from torch import Tensor, nn
 
-import adanorm
 from adanorm.convert import replace_modules
 
 NormSpec = Union[str, Tuple[str, dict], Sequence[Any]]
@@ -20,17 +18,14 @@ def resnet_classifier(norm: NormSpec, depth: int = 18, in_channels: int = 1, num
     """A MONAI 3D ResNet whose every block uses ``norm``.
 
     MONAI's ``ResNet(norm=...)`` only reaches the stem; the blocks keep ``nn.BatchNorm3d``. So the
-    net is built with batch norm and every norm layer is replaced afterwards: adaptive through
-    ``adanorm.convert`` (the tool users apply to their own models), the native norms by the same
-    module walk (``adanorm.convert.replace_modules``) with layers from MONAI's norm factory, so
-    ``norm=instance`` means here exactly what it means in the UNets.
+    net is built with batch norm and every norm layer is replaced afterwards (``adanorm.convert.replace_modules``)
+    with a layer from MONAI's norm factory, so that ``norm=...`` means here exactly what it means in the UNets and
+    the R(2+1)D net: ``norm=adaptive`` is ``AdaptiveNorm3d`` under the default policy, not ``adanorm.convert``'s
+    BatchNorm-mirroring layer (which takes batch statistics at every batch size).
     """
     if depth not in RESNETS:
         raise ValueError(f"depth={depth} is not offered; choose one of {sorted(RESNETS)}.")
     model = RESNETS[depth](spatial_dims=3, n_input_channels=in_channels, num_classes=num_classes, **resnet_kwargs)
-    name, kwargs = split_args(norm)
-    if name.lower() == "adaptive":
-        return adanorm.convert(model, **kwargs)
     return replace_modules(model, lambda module: isinstance(module, nn.BatchNorm3d),
                            lambda batch_norm: get_norm_layer(name=norm, spatial_dims=3, channels=batch_norm.num_features))
 

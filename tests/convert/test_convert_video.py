@@ -23,7 +23,7 @@ STEPS = 5
 
 
 def fine_tune(model, clips, labels):
-    """SGD with momentum, one clip per step."""
+    """SGD with momentum, one batch of clips per step."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     for clip, label in zip(clips, labels):
@@ -37,11 +37,12 @@ def batch_norms(model):
     return {name: module for name, module in model.named_modules() if isinstance(module, nn.BatchNorm3d)}
 
 
-def test_converted_network_fine_tunes_at_batch_1_exactly_as_native():
+@pytest.mark.parametrize("batch", [1, 2])
+def test_converted_network_fine_tunes_at_small_batch_exactly_as_native_and_reverts(batch):
     native = r2plus1d_resnet().double()
     converted = adanorm.convert(copy.deepcopy(native))
-    clips = torch.randn(STEPS, 1, *CLIP, dtype=torch.float64)
-    labels = torch.randint(0, 4, (STEPS, 1))
+    clips = torch.randn(STEPS, batch, *CLIP, dtype=torch.float64)
+    labels = torch.randint(0, 4, (STEPS, batch))
     fine_tune(native, clips, labels)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -69,6 +70,15 @@ def test_converted_network_fine_tunes_at_batch_1_exactly_as_native():
             output = converted(clip)
         assert [str(w.message) for w in caught] == []
         torch.testing.assert_close(output, native(clip))
+
+    # The round trip: revert gives BatchNorm3d layers holding the fine-tuned state, equal to native's.
+    reverted = adanorm.revert(converted)
+    assert batch_norms(reverted).keys() == native_norms.keys()
+    assert not any(isinstance(module, adanorm.AdaptiveNorm) for module in reverted.modules())
+    for key, value in native.state_dict().items():
+        torch.testing.assert_close(reverted.state_dict()[key], value, msg=key)
+    clip = torch.randn(2, *CLIP, dtype=torch.float64)
+    torch.testing.assert_close(reverted.eval()(clip), native(clip))
 
 
 def test_converted_network_falls_back_only_where_native_raises():
