@@ -35,6 +35,17 @@ NEW_DEFAULT = "adaptive (new default)"
 ADAPTIVE = ("adaptive", OLD_DEFAULT, NEW_DEFAULT, "adaptive+renorm", "adaptive:group_first", "adaptive:groups4")
 DEFAULT_RUNS = [f"{RESULTS / 'runs.csv'}={OLD_DEFAULT}", f"{RESULTS / 'runs-new-default.csv'}={NEW_DEFAULT}"]
 NORM_ORDER = FIXED + ADAPTIVE
+
+
+def ordered_norms(names) -> List[str]:
+    """The norms of ``names`` in table order: the fixed ones, the adaptive variants above, then any other
+    adaptive variant (``adaptive:min_batch_size=N``) by name."""
+    present = set(names)
+    return [norm for norm in NORM_ORDER if norm in present] + sorted(present - set(NORM_ORDER))
+
+
+def is_adaptive(norm: str) -> bool:
+    return norm.startswith("adaptive")
 TILE_MODES = ("tile", "running", "volume")
 METRICS = ("val_score", "val_score_best", "train_mode_score", "train_eval_gap",
            *[f"tile_mismatch_{mode}" for mode in TILE_MODES], "fit_s", "total_s")
@@ -85,7 +96,7 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    table["norm_rank"] = table["norm"].map({norm: index for index, norm in enumerate(NORM_ORDER)}).fillna(99)
+    table["norm_rank"] = table["norm"].map({norm: index for index, norm in enumerate(ordered_norms(table["norm"]))})
     return table.sort_values(["data", "protocol", "batch", "norm_rank"]).drop(columns="norm_rank")
 
 
@@ -100,9 +111,7 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
         best = max(fixed, key=lambda norm: by_norm[norm].mean())
         variances = [by_norm[norm].dropna().var(ddof=1) for norm in by_norm if by_norm[norm].count() > 1]
         noise = math.sqrt(sum(variances) / len(variances)) if variances else float("nan")
-        for candidate in ADAPTIVE:
-            if candidate not in by_norm:
-                continue
+        for candidate in ordered_norms(norm for norm in by_norm if is_adaptive(norm)):
             difference = paired(by_norm, candidate, best)
             if not difference["n"]:
                 continue
@@ -152,7 +161,7 @@ def pm(mean: Optional[float], sd: Optional[float], digits: int = 3) -> str:
 
 
 def grid_table(summary: pd.DataFrame, metric: str, digits: int = 3) -> List[str]:
-    norms = [norm for norm in NORM_ORDER if norm in set(summary["norm"])]
+    norms = ordered_norms(summary["norm"])
     lines = ["| batch | " + " | ".join(norms) + " |", "|---:|" + "---:|" * len(norms)]
     for batch, group in summary.groupby("batch"):
         cells = []
@@ -246,9 +255,9 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4.2 * len(groups)), squeeze=False)
     for (key, part), (score_axis, gap_axis) in zip(groups, axes):
         score = score_name(part)
-        for norm in [norm for norm in NORM_ORDER if norm in set(part["norm"])]:
+        for norm in ordered_norms(part["norm"]):
             rows = part[part["norm"] == norm].sort_values("batch")
-            style = {"linestyle": "-" if norm in ADAPTIVE else "--", "marker": "o", "capsize": 3}
+            style = {"linestyle": "-" if is_adaptive(norm) else "--", "marker": "o", "capsize": 3}
             score_axis.errorbar(rows["batch"], rows["val_score_mean"], yerr=rows["val_score_sd"].fillna(0), label=norm, **style)
             gap_axis.errorbar(rows["batch"], rows["train_eval_gap_mean"], yerr=rows["train_eval_gap_sd"].fillna(0),
                               label=norm, **style)

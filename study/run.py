@@ -64,6 +64,20 @@ NORM_OVERRIDES: Dict[str, List[str]] = {
     # count: whether the group count explains where the default trails norm=group.
     "adaptive:groups4": ["norm=adaptive", "norm.args=[adaptive,{preset:default,num_groups:4}]"],
 }
+MIN_BATCH_SIZE_VARIANT = "adaptive:min_batch_size="
+"""``adaptive:min_batch_size=N``: the default policy with batch statistics from N samples instead of 32 (the
+crossing a grid found), e.g. ``--norms adaptive:min_batch_size=8``."""
+
+
+def norm_overrides(norm: str) -> List[str]:
+    """The Hydra overrides of a ``--norms`` name: NORM_OVERRIDES' entries and ``adaptive:min_batch_size=N``."""
+    if norm.startswith(MIN_BATCH_SIZE_VARIANT):
+        threshold = int(norm[len(MIN_BATCH_SIZE_VARIANT):])
+        return ["norm=adaptive",
+                f"norm.args=[adaptive,{{preset:default,policy:{{_target_:adanorm.Policy,min_batch_size:{threshold}}}}}]"]
+    return NORM_OVERRIDES[norm]
+
+
 RENORM_WARMUP_SHARE = 4
 """Renorm's clip limits widen over the first quarter of a cell's steps (WARMUP above). Its default warm-up is
 10k steps, past any cell of this study, which would leave renorm at r=1, d=0 (plain batch norm) throughout;
@@ -338,7 +352,7 @@ def run_cell(data: str, batch: int, norm: str, seed: int, epochs: int, steps_per
 
     spec = DATA[data]
     warmup = epochs * steps_per_epoch // RENORM_WARMUP_SHARE
-    overrides = [model_override(data), *[item.replace("WARMUP", str(warmup)) for item in NORM_OVERRIDES[norm]], *spec["overrides"],
+    overrides = [model_override(data), *[item.replace("WARMUP", str(warmup)) for item in norm_overrides(norm)], *spec["overrides"],
                  *spec["batch"](batch, steps_per_epoch),
                  f"seed={seed}", "output_dir=/tmp/adanorm-study", *extra]
     cfg = compose_config(overrides)
@@ -399,7 +413,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--data", default="synthetic_hard", choices=sorted(DATA))
     parser.add_argument("--batches", default=None, help=f"comma-separated (default: per data set; {','.join(map(str, BATCHES))} "
                         "for the volumes, 8,16,32,64 for moving_digits)")
-    parser.add_argument("--norms", default=",".join(NORMS), help="comma-separated, of: " + ", ".join(NORM_OVERRIDES))
+    parser.add_argument("--norms", default=",".join(NORMS),
+                        help="comma-separated, of: " + ", ".join(NORM_OVERRIDES) + f", {MIN_BATCH_SIZE_VARIANT}N")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=None, help="default: per data set (synthetic_hard 6, mni152 10, moving_digits 8)")
     parser.add_argument("--steps-per-epoch", type=int, default=None,
@@ -412,7 +427,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="list the cells to run and exit")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every cell (part of the protocol tag)")
     args = parser.parse_args(argv)
-    unknown = [norm for norm in args.norms.split(",") if norm not in NORM_OVERRIDES]
+    unknown = [norm for norm in args.norms.split(",") if norm not in NORM_OVERRIDES
+               and not (norm.startswith(MIN_BATCH_SIZE_VARIANT) and norm[len(MIN_BATCH_SIZE_VARIANT):].isdigit())]
     if unknown:
         parser.error(f"unknown norms {unknown}; choose from {tuple(NORM_OVERRIDES)}")
     return args

@@ -132,3 +132,18 @@ def test_the_video_protocol_composes_the_video_recipe():
                               *run.video_batch(8, 16), "output_dir=/tmp/adanorm-study"])
     assert cfg.data._target_.endswith("MovingDigits") and cfg.model.net._target_.endswith("r2plus1d_resnet")
     assert run.protocol_tag("moving_digits", 8, 16, []) != run.protocol_tag("moving_digits", 8, 16, ["data.jitter=2.0"])
+
+
+def test_the_min_batch_size_variant_sets_the_default_policys_threshold():
+    from hydra.utils import instantiate
+
+    import adanorm
+
+    overrides = run.norm_overrides("adaptive:min_batch_size=8")
+    cfg = run.compose_config([run.model_override("moving_digits"), *run.DATA["moving_digits"]["overrides"], *overrides,
+                              "output_dir=/tmp/adanorm-study"])
+    net = instantiate(cfg.module).net
+    layers = [module for module in net.modules() if isinstance(module, adanorm.AdaptiveNorm)]
+    assert layers and all(layer.policy == adanorm.Policy(min_batch_size=8) for layer in layers)
+    with pytest.raises(SystemExit):
+        run.parse_args(["--norms", "adaptive:min_batch_size=eight"])
