@@ -126,12 +126,45 @@ def _fuse_sequential(sequence: nn.Sequential, fusions: Fusions, fed_by_sibling: 
         if fusions.fusable(norm, activation):
             fusions.fuse(norm, activation, inplace=index > 0 or fed_by_sibling)
             sequence._modules[names[slot]] = FusedActivationSlot()
+            if any(True for _ in activation.state_dict()):
+                norm.__dict__["_slot_keys"] = (
+                    norm.register_state_dict_post_hook(SaveUnderSlot(names[slot])),
+                    sequence.register_load_state_dict_pre_hook(LoadFromSlot(name, names[slot])))
 
 
 def _commutes_with_dropout(dropout: nn.Module, activation: nn.Module) -> bool:
     """Whether activation(dropout(z)) = dropout(activation(z)): dropout multiplies by 0 or 1/(1 − p), which a
     positively homogeneous activation lets through; an ELU only commutes with no dropout at all."""
     return dropout.p == 0 or isinstance(activation, (nn.LeakyReLU, nn.PReLU))
+
+
+class SaveUnderSlot:
+    """A state-dict hook of a norm that took a PReLU (an activation with parameters) from its sibling ``slot``:
+    the activation's parameters are saved under the slot's keys (``<parent>.<slot>.weight``), where the native
+    network keeps them. With ``LoadFromSlot`` on the parent, checkpoints move between the native, converted and
+    fused networks with ``strict=True``. Plain objects, so that the network still pickles and deep-copies."""
+
+    def __init__(self, slot: str) -> None:
+        self.slot = slot
+
+    def __call__(self, norm, state_dict, prefix, local_metadata) -> None:
+        own, slot = prefix + "activation.", prefix[:prefix[:-1].rfind(".") + 1] + self.slot + "."  # "a.norm." -> "a."
+        for key in [key for key in state_dict if key.startswith(own)]:
+            state_dict[slot + key[len(own):]] = state_dict.pop(key)
+
+
+class LoadFromSlot:
+    """The load-side twin of ``SaveUnderSlot``, on the parent ``Sequential`` (each child is handed only its own
+    keys): ``<slot>.*`` keys load into ``<norm>.activation.*``."""
+
+    def __init__(self, norm: str, slot: str) -> None:
+        self.norm, self.slot = norm, slot
+
+    def __call__(self, parent, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                 error_msgs) -> None:
+        own, slot = f"{prefix}{self.norm}.activation.", f"{prefix}{self.slot}."
+        for key in [key for key in state_dict if key.startswith(slot)]:
+            state_dict[own + key[len(slot):]] = state_dict.pop(key)
 
 
 class FusedActivationSlot(nn.Identity):
@@ -161,6 +194,8 @@ def unfuse_activations(model: nn.Module) -> nn.Module:
 def unfuse(layer: AdaptiveNormAct) -> nn.Module:
     """``layer`` turned back into its norm class (the same object); returns its activation module."""
     activation = layer.activation
+    for handle in layer.__dict__.pop("_slot_keys", ()):
+        handle.remove()
     del layer.activation
     del layer.inplace
     layer.__class__ = NORM_BY_FUSED[type(layer)]

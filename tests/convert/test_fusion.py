@@ -77,6 +77,33 @@ def test_fused_network_equals_the_unfused_one_and_reverts_to_the_native_one(name
         torch.testing.assert_close(reverted.state_dict()[key], value)
 
 
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_checkpoints_move_strictly_between_native_converted_and_fused_networks(name):
+    """MONAI's UNet holds a PReLU after each norm: the fused layer takes it, and its slopes keep their native keys."""
+    torch.manual_seed(0)
+    native = NETWORKS[name][0]()
+    native.train()(torch.randn(2, 1, 16, 16, 16))  # running statistics that are not the initial ones
+    with torch.no_grad():
+        for parameter in native.parameters():
+            parameter.add_(torch.rand_like(parameter) * 0.01)  # PReLU slopes, γ and β off their initial values
+    fused = adanorm.convert(NETWORKS[name][0](), fuse_activation=True)
+    assert fused.state_dict().keys() == native.state_dict().keys()
+    fused.load_state_dict(native.state_dict(), strict=True)
+    for key, value in native.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[key], value, msg=key)
+    x = torch.randn(2, 1, 16, 16, 16)
+    torch.testing.assert_close(fused.eval()(x), native.eval()(x))
+    buffer = io.BytesIO()
+    torch.save(fused.state_dict(), buffer)
+    buffer.seek(0)
+    back = NETWORKS[name][0]()
+    back.load_state_dict(torch.load(buffer), strict=True)
+    torch.testing.assert_close(back.eval()(x), native(x))
+    reverted = adanorm.revert(copy.deepcopy(fused))
+    assert reverted.state_dict().keys() == native.state_dict().keys()
+    assert not any(module._state_dict_hooks or module._load_state_dict_pre_hooks for module in reverted.modules())
+
+
 def test_fused_dynunet_keeps_its_state_dict_and_pickles_whole():
     torch.manual_seed(0)
     unfused = adanorm.convert(dynunet(True))
