@@ -5,9 +5,10 @@
 
 ``--runs`` takes one or more CSVs, each optionally as ``PATH=LABEL``: the plain ``adaptive`` rows of that file are
 then shown as LABEL. That keeps runs of the adaptive layer under different default policies apart: by default
-``runs.csv`` (the grids, run under the old default ``Policy(min_batch_size=8)``, MODES order) and
+``runs.csv`` (the grids, run under the old default ``Policy(min_batch_size=8)``, MODES order),
 ``runs-new-default.csv`` (the rerun of the adaptive cells under the default of commit 4ffbdfc: batch -> group ->
-instance, batch mode from 32 samples).
+instance, batch mode from 32 samples; and the MNI152 additions) and ``video.csv`` (the video grid, run under that
+default).
 
 For every (data, protocol, batch, norm): the mean and sd over seeds of the final validation score (eval mode;
 Dice for segmentation, accuracy for the video task: the ``metric`` column), the best-epoch score, the
@@ -33,7 +34,8 @@ FIXED = ("batch", "instance", "group")
 OLD_DEFAULT = "adaptive (old default, min_batch_size 8)"
 NEW_DEFAULT = "adaptive (new default)"
 ADAPTIVE = ("adaptive", OLD_DEFAULT, NEW_DEFAULT, "adaptive+renorm", "adaptive:group_first", "adaptive:groups4")
-DEFAULT_RUNS = [f"{RESULTS / 'runs.csv'}={OLD_DEFAULT}", f"{RESULTS / 'runs-new-default.csv'}={NEW_DEFAULT}"]
+DEFAULT_RUNS = [f"{RESULTS / 'runs.csv'}={OLD_DEFAULT}", f"{RESULTS / 'runs-new-default.csv'}={NEW_DEFAULT}",
+                f"{RESULTS / 'video.csv'}={NEW_DEFAULT}"]
 NORM_ORDER = FIXED + ADAPTIVE
 
 
