@@ -12,9 +12,12 @@ pytestmark = pytest.mark.slow  # each case runs a benchmark script in its own pr
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 
-def _run(*args: str) -> str:
+def _run(*args: str, missed_targets_allowed: bool = False) -> str:
+    """Runs a benchmark; ``missed_targets_allowed``: exit status 1 (a target missed, as these small smoke sizes may)
+    passes too, but no other failure."""
     result = subprocess.run([sys.executable, "-m", *args], cwd=REPOSITORY, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0 or (missed_targets_allowed and result.returncode == 1 and "Targets:" in result.stdout), \
+        result.stderr[-3000:]
     return result.stdout
 
 
@@ -46,3 +49,18 @@ def test_threshold_benchmark_leaves_the_dispatch_thresholds_as_they_were():
     before = {name: getattr(dispatch, name) for name in thresholds.THRESHOLDS}
     thresholds.measure(["layer"], [(1, 8, 4, 4, 4)], repeats=1)
     assert {name: getattr(dispatch, name) for name in thresholds.THRESHOLDS} == before
+
+
+def test_fused_layer_benchmark_times_every_case(tmp_path):
+    _run("benchmarks.norm_act", "--quick", "--repeats", "1", "--out", str(tmp_path))
+    rows = [line for line in (tmp_path / "norm_act.md").read_text().splitlines() if line.startswith("| group")]
+    assert len(rows) == 2 * 2  # layouts x activations
+    assert all(" ms | " in row for row in rows)
+
+
+def test_memory_benchmark_measures_saved_bytes_patches_and_step_times(tmp_path):
+    _run("benchmarks.memory", "--quick", "--networks", "MONAI UNet", "--time-size", "32", "--repeats", "1", "--out", str(tmp_path),
+         missed_targets_allowed=True)  # at 32³ the saved-bytes ratio is above the 96³ target
+    text = (tmp_path / "memory.md").read_text()
+    assert "| MONAI UNet (PReLU) | contiguous |" in text and "Largest cubic patch" in text and "Step time at 32³" in text
+    assert "Targets:" in text
