@@ -643,8 +643,8 @@ void forward_pass(const at::Tensor& x, const ChannelParameter& gamma, const Chan
 //   dx = rstd·(γ·dv' − mean(γ·dv') − x̂·mean(γ·dv'·x̂)),   dγ = Σdv'·x̂,   dβ = Σdv',
 // where γ·p·Σdv'·(v' − shift) = Σγ·dv'·x̂, so γ divides a coefficient per (n, c), never an element.
 template <typename Terms, typename Gradient>
-void backward_pass(const at::Tensor& dy, const at::Tensor& v, const ChannelParameter& gamma, const std::vector<double>& shift,
-                   const std::vector<double>& p, const ChannelParameter& activation_parameter, const double* rstd_data,
+void backward_pass(const at::Tensor& dy, const at::Tensor& v, const ChannelParameter& gamma, const double* shift,
+                   const double* p, const ChannelParameter& activation_parameter, const double* rstd_data,
                    int64_t groups, bool channels_last, bool need_input, at::Tensor& grad_input,
                    std::vector<double>& grad_weight_sum, std::vector<double>& grad_bias_sum) {
   const int64_t channels = v.size(1);
@@ -662,7 +662,7 @@ void backward_pass(const at::Tensor& dy, const at::Tensor& v, const ChannelParam
     }
 
     for_each_unit(plan, [&](const Unit& unit) {
-      channel_sums<scalar_t, Terms>(v_data, dy_data, shift.data(), parameter.data(), g, unit, sum_dv.data(),
+      channel_sums<scalar_t, Terms>(v_data, dy_data, shift, parameter.data(), g, unit, sum_dv.data(),
                                     sum_dv_u.data());
       for_each_statistic(unit, g.C, [&](const Members& members) {
         const double count = static_cast<double>(g.S) * members.size();
@@ -783,13 +783,11 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& grad_output, const at::T
                                       bool need_input) {
   check_input(x, x, channels_last, "input");
   check_input(grad_output, x, channels_last, "grad_output");
-  const int64_t tables = x.size(0) * x.size(1);
   const double* mean_data = mean.const_data_ptr<double>();
   const double* rstd_data = rstd.const_data_ptr<double>();
-  const std::vector<double> shift(mean_data, mean_data + tables), p(rstd_data, rstd_data + tables);
   std::vector<double> grad_weight_sum(x.size(1), 0.0), grad_bias_sum(x.size(1), 0.0);
   at::Tensor grad_input = need_input ? at::empty_like(x, layout_format(x, channels_last)) : at::Tensor();
-  backward_pass<BackwardTerms, NormGradient<void>>(grad_output, x, ChannelParameter(weight, 1.0), shift, p,
+  backward_pass<BackwardTerms, NormGradient<void>>(grad_output, x, ChannelParameter(weight, 1.0), mean_data, rstd_data,
                                                    ChannelParameter({}, 1.0), rstd_data, groups, channels_last,
                                                    need_input, grad_input, grad_weight_sum, grad_bias_sum);
   auto parameters = parameter_gradients(x, weight, grad_weight_sum, grad_bias_sum);
@@ -818,12 +816,12 @@ std::vector<at::Tensor> norm_activation_backward(const at::Tensor& grad_output, 
   const double* rstd_data = rstd.const_data_ptr<double>();
   if (activation == kElu) {
     backward_pass<ActivationBackwardTerms<EluInverse>, NormGradient<EluInverse>>(
-        grad_output, y, gamma, shift, p, slope_or_alpha, rstd_data, groups, channels_last, need_input, grad_input,
+        grad_output, y, gamma, shift.data(), p.data(), slope_or_alpha, rstd_data, groups, channels_last, need_input, grad_input,
         grad_weight_sum, grad_bias_sum);
   } else {  // identity: slope 1
     const ChannelParameter slope = activation == kSlope ? slope_or_alpha : ChannelParameter({}, 1.0);
     backward_pass<ActivationBackwardTerms<SlopeInverse>, NormGradient<SlopeInverse>>(
-        grad_output, y, gamma, shift, p, slope, rstd_data, groups, channels_last, need_input, grad_input,
+        grad_output, y, gamma, shift.data(), p.data(), slope, rstd_data, groups, channels_last, need_input, grad_input,
         grad_weight_sum, grad_bias_sum);
   }
   auto parameters = parameter_gradients(y, weight, grad_weight_sum, grad_bias_sum);

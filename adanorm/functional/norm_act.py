@@ -229,8 +229,9 @@ def _forward_triton(ctx, input, weight, bias, prelu_weight, groups, eps, write_i
     layout the kernels address (contiguous or channels-last)."""
     from adanorm.functional import triton_norm
 
-    in_place = write_into_input and triton_norm._kernel_layout(input) is input
-    output = input if in_place else torch.empty_like(triton_norm._kernel_layout(input))
+    dense = triton_norm._kernel_layout(input)
+    in_place = write_into_input and dense is input
+    output = input if in_place else torch.empty_like(dense)
     code, parameter = _kernel_activation(ctx.activation, ctx.negative_slope, ctx.alpha)
     rstd, mean, unbiased_var = triton_norm.triton_norm_activation(
         input, weight, bias, groups or None, eps, code, _parameter_vector(input, ctx.activation, parameter, prelu_weight),
