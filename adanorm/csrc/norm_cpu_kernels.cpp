@@ -136,6 +136,13 @@ struct ActivationBackwardTerms {  // Σdz, Σdz·(z − shift), with z, dz recov
   }
 };
 
+struct NegativeSideTerms {  // Σdy·min(y, 0): with y = s·z there, s times a PReLU slope's gradient Σdy·z
+  template <typename acc_t>
+  static inline void add(acc_t y, acc_t dy, acc_t /*shift*/, acc_t /*parameter*/, acc_t& first, acc_t& /*second*/) {
+    first += dy * std::min(y, acc_t(0));
+  }
+};
+
 struct NormOutput {  // y = a·x + b
   static constexpr bool kReadsDy = false;
   template <typename acc_t>
@@ -826,6 +833,76 @@ std::vector<at::Tensor> norm_activation_backward(const at::Tensor& grad_output, 
   }
   auto parameters = parameter_gradients(y, weight, grad_weight_sum, grad_bias_sum);
   return {grad_input, parameters[0], parameters[1]};
+}
+
+// Declared, with its contract, in norm_cpu_kernels.h.
+bool affine_invertible(const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                       double max_shift_per_scale) {
+  if (!weight.has_value() || !weight->defined()) return true;
+  const ChannelParameter gamma(weight, 1.0), beta(bias, 0.0);
+  double tiny = 0.0;  // the smallest normal |γ| of the weight's dtype
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight->scalar_type(), "adanorm_affine_invertible", [&] {
+    tiny = static_cast<double>(std::numeric_limits<scalar_t>::min());
+  });
+  for (int64_t c = 0; c < weight->numel(); ++c) {
+    const double scale = std::abs(gamma[c]);
+    if (!(scale >= tiny && std::abs(beta[c]) <= max_shift_per_scale * scale)) return false;
+  }
+  return true;
+}
+
+// Declared, with its contract, in norm_cpu_kernels.h.
+at::Tensor activation_input_gradient(const at::Tensor& grad_output, const at::Tensor& y, int64_t activation,
+                                     double parameter, const c10::optional<at::Tensor>& parameter_weight,
+                                     bool channels_last) {
+  check_input(y, y, channels_last, "output");
+  check_input(grad_output, y, channels_last, "grad_output");
+  check_activation(activation);
+  if (activation == kIdentity) return grad_output;
+  at::Tensor grad_z = at::empty_like(y, layout_format(y, channels_last));
+  const Geometry g(y, channels_last);
+  const ChannelParameter slope_or_alpha(parameter_weight, parameter);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "adanorm_activation_gradient", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // dz = 1·dv + 0·v + 0 with (v, dv) recovered from (y, dy): the backward's epilogue with unit coefficients.
+    std::vector<acc_t> ones(g.N * g.C, acc_t(1)), zeros(g.N * g.C, acc_t(0)), values(g.N * g.C);
+    for (int64_t i = 0; i < g.N * g.C; ++i) values[i] = static_cast<acc_t>(slope_or_alpha[i % g.C]);
+    const Coefficients<acc_t> unit_map{ones.data(), zeros.data(), zeros.data(), values.data()};
+    const scalar_t* y_data = y.const_data_ptr<scalar_t>();
+    const scalar_t* dy_data = grad_output.const_data_ptr<scalar_t>();
+    scalar_t* grad_z_data = grad_z.data_ptr<scalar_t>();
+    const Unit all{0, g.N, 1};
+    if (activation == kElu) {
+      channel_affine<scalar_t, NormGradient<EluInverse>>(y_data, dy_data, unit_map, g, all, grad_z_data);
+    } else {
+      channel_affine<scalar_t, NormGradient<SlopeInverse>>(y_data, dy_data, unit_map, g, all, grad_z_data);
+    }
+  });
+  return grad_z;
+}
+
+// Declared, with its contract, in norm_cpu_kernels.h.
+at::Tensor slope_gradient(const at::Tensor& grad_output, const at::Tensor& y, const at::Tensor& slopes,
+                          bool channels_last) {
+  check_input(y, y, channels_last, "output");
+  check_input(grad_output, y, channels_last, "grad_output");
+  const Geometry g(y, channels_last);
+  std::vector<double> negative_side(g.N * g.C, 0.0), unused(g.N * g.C, 0.0), zeros(g.N * g.C, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "adanorm_slope_gradient", [&] {
+    channel_sums<scalar_t, NegativeSideTerms>(y.const_data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
+                                              zeros.data(), zeros.data(), g, Unit{0, g.N, 1}, negative_side.data(),
+                                              unused.data());
+  });
+  const ChannelParameter slope(slopes, 1.0);
+  const int64_t count = slopes.numel();  // one shared slope, or one per channel
+  std::vector<double> sums(count, 0.0);
+  for (int64_t i = 0; i < g.N * g.C; ++i) sums[count == 1 ? 0 : i % g.C] += negative_side[i];
+  at::Tensor grad = at::empty_like(slopes, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, slopes.scalar_type(), "adanorm_slope_gradient_out", [&] {
+    scalar_t* data = grad.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < count; ++k) data[k] = static_cast<scalar_t>(sums[k] / slope[k]);
+  });
+  return grad;
 }
 
 // Declared, with its contract, in norm_cpu_kernels.h.

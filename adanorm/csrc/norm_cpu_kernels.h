@@ -61,6 +61,21 @@ std::vector<at::Tensor> norm_activation_backward(const at::Tensor& grad_output, 
                                                  const c10::optional<at::Tensor>& parameter_weight, bool channels_last,
                                                  bool need_input);
 
+// Whether norm_activation_backward may recover x̂ = (z − β)/γ from the output: every |γ| is a normal number of
+// the weight's dtype and |β| ≤ max_shift_per_scale·|γ| (true without a weight).
+bool affine_invertible(const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                       double max_shift_per_scale);
+
+// dz = dy·act'(z) from the activation's output y = act(z) (grad_output itself for identity), in y's layout.
+at::Tensor activation_input_gradient(const at::Tensor& grad_output, const at::Tensor& y, int64_t activation,
+                                     double parameter, const c10::optional<at::Tensor>& parameter_weight,
+                                     bool channels_last);
+
+// A PReLU's slope gradient Σdy·z over z ≤ 0, from its output y = s·z there: one read pass of y and dy.
+// `slopes` holds one slope or one per channel; the gradient has its shape and dtype.
+at::Tensor slope_gradient(const at::Tensor& grad_output, const at::Tensor& y, const at::Tensor& slopes,
+                          bool channels_last);
+
 // Gradients of norm_forward given its saved (N, C) mean and rstd: (dx or undefined, dγ, dβ). dγ and dβ are
 // summed in float64 and rounded once into the weight's dtype (float64 without a weight), the dtype autograd
 // hands them to the parameters in: two tensor conversions per call cost more than a small layer's passes.

@@ -15,6 +15,7 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <array>
@@ -89,15 +90,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_activation_forwa
   return {std::move(results[0]), std::move(results[1]), std::move(results[2]), std::move(results[3])};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_activation_backward_cpu(
+// (dx or undefined, dγ, dβ, the PReLU slopes' gradient or undefined). From the output alone where `input` is
+// absent; where the forward kept it (an affine map backward cannot invert), through the plain norm's backward
+// from the input and its mean table, with dz recovered from the output.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_activation_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& output, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& rstd, int64_t groups, int64_t activation, double parameter,
-    const c10::optional<at::Tensor>& parameter_weight, bool need_input) {
+    const c10::optional<at::Tensor>& parameter_weight, const c10::optional<at::Tensor>& input,
+    const c10::optional<at::Tensor>& mean, bool need_input, bool need_parameter_weight) {
   const auto [y, channels_last] = dense_layout(output);
   const at::Tensor dy = grad_output.contiguous(layout_format(y, channels_last));
-  auto results = adanorm::norm_activation_backward(dy, y, weight, bias, rstd, groups, activation, parameter,
-                                                   parameter_weight, channels_last, need_input);
-  return {std::move(results[0]), std::move(results[1]), std::move(results[2])};
+  std::vector<at::Tensor> results;
+  if (input.has_value() && input->defined()) {
+    TORCH_CHECK(mean.has_value() && mean->defined(), "adanorm CPU kernel: backward from the input needs its mean table");
+    const at::Tensor x = input->contiguous(layout_format(y, channels_last));
+    const at::Tensor grad_z = adanorm::activation_input_gradient(dy, y, activation, parameter, parameter_weight, channels_last);
+    results = adanorm::norm_backward(grad_z, x, weight, *mean, rstd, groups, channels_last, need_input);
+  } else {
+    results = adanorm::norm_activation_backward(dy, y, weight, bias, rstd, groups, activation, parameter,
+                                                parameter_weight, channels_last, need_input);
+  }
+  at::Tensor grad_slopes;
+  if (need_parameter_weight) {
+    TORCH_CHECK(parameter_weight.has_value() && parameter_weight->defined(),
+                "adanorm CPU kernel: a slope gradient needs the slopes (parameter_weight)");
+    grad_slopes = adanorm::slope_gradient(dy, y, *parameter_weight, channels_last);
+  }
+  return {std::move(results[0]), std::move(results[1]), std::move(results[2]), grad_slopes};
 }
 
 // Reached below autograd only (inference mode): there no backward can crash.
@@ -269,6 +288,124 @@ struct NativeGroupNorm : public torch::autograd::Function<NativeGroupNorm> {
   }
 };
 
+// ---- The fused norm + activation in autograd (functional/norm_act.py calls adanorm::norm_activation or its
+// in-place form from eager code with grad enabled; captured code never reaches them) -------------------------
+
+using NormActivationForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const OptionalTensor&, const OptionalTensor&, int64_t, double, int64_t, double,
+    const OptionalTensor&, at::Tensor&);
+using NormActivationBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const at::Tensor&, int64_t,
+    int64_t, double, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, bool, bool);
+
+const c10::TypedOperatorHandle<NormActivationForwardSignature>& norm_activation_forward_op() {
+  static const auto op = find_op<NormActivationForwardSignature>("adanorm::_norm_activation_forward");
+  return op;
+}
+const c10::TypedOperatorHandle<NormActivationBackwardSignature>& norm_activation_backward_op() {
+  static const auto op = find_op<NormActivationBackwardSignature>("adanorm::_norm_activation_backward");
+  return op;
+}
+
+// One fused step's results: the output (the input itself where written in place), the (N, C) mean and rstd
+// tables, the batch mean and unbiased variance per channel in the input's dtype, and the input as it was
+// before the step where `keep_input` asked for it (a copy where the step overwrote it).
+struct NormActivationStep {
+  at::Tensor output, mean, rstd, batch_mean, batch_var, kept_input;
+};
+
+NormActivationStep norm_activation_step(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                                        const OptionalTensor& parameter_weight, int64_t groups, double eps,
+                                        int64_t activation, double parameter, bool in_place, bool keep_input) {
+  TORCH_CHECK(input.numel() > 0, "adanorm CPU kernel: input of shape ", input.sizes(), " is empty");
+  const auto [x, channels_last] = dense_layout(input);
+  const bool write_into_x = in_place && x.is_same(input);
+  NormActivationStep step;
+  if (keep_input) step.kept_input = write_into_x ? x.clone(layout_format(x, channels_last)) : x;
+  step.output = write_into_x ? x : at::empty_like(x, layout_format(x, channels_last));
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(step.mean, step.rstd, step.batch_mean, step.batch_var) = norm_activation_forward_op().call(
+        x, weight, bias, groups, eps, activation, parameter, parameter_weight, step.output);
+  }
+  if (in_place && !write_into_x) {  // an input the kernels do not address in place (a strided view): copied back
+    input.copy_(step.output);
+    step.output = input;
+  }
+  step.batch_mean = step.batch_mean.to(input.scalar_type());
+  step.batch_var = step.batch_var.to(input.scalar_type());
+  return step;
+}
+
+// Which of (input, weight, bias, parameter_weight) backward must differentiate: absent optional arguments
+// have no graph edge, so edge indices skip them.
+std::array<bool, 4> needed_activation_gradients(torch::autograd::AutogradContext* ctx,
+                                                const std::array<const at::Tensor*, 4>& arguments) {
+  std::array<bool, 4> need{};
+  for (size_t i = 0, edge = 0; i < arguments.size(); ++i) {
+    if (i == 0 || arguments[i]->defined()) need[i] = ctx->needs_input_grad(edge++);
+  }
+  return need;
+}
+
+// Saves the output, γ, β, the PReLU slopes and the rstd table; the input and its mean table too where the
+// affine map cannot be inverted (affine_invertible), and then backward is the plain norm's from the input.
+struct NormActivation : public torch::autograd::Function<NormActivation> {
+  static constexpr int64_t kArguments = 10;
+
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
+                                                const OptionalTensor& weight, const OptionalTensor& bias,
+                                                const OptionalTensor& parameter_weight, int64_t groups, double eps,
+                                                int64_t activation, double parameter, double max_shift_per_scale,
+                                                bool in_place) {
+    const bool invertible = adanorm::affine_invertible(weight, bias, max_shift_per_scale);
+    NormActivationStep step = norm_activation_step(input, weight, bias, parameter_weight, groups, eps, activation,
+                                                   parameter, in_place, !invertible);
+    if (in_place) ctx->mark_dirty({input});
+    ctx->mark_non_differentiable({step.batch_mean, step.batch_var});
+    ctx->save_for_backward({step.output, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
+                            parameter_weight.value_or(at::Tensor()), step.rstd, step.kept_input,
+                            invertible ? at::Tensor() : step.mean});
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["parameter"] = parameter;
+    return {step.output, step.batch_mean, step.batch_var};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &output = saved[0], &weight = saved[1], &bias = saved[2], &slopes = saved[3];
+    const auto need = needed_activation_gradients(ctx, {&output, &weight, &bias, &slopes});
+    auto [grad_input, grad_weight, grad_bias, grad_slopes] = [&] {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      at::NoGradGuard first_order_only;  // the gradients themselves are not differentiable (below)
+      return norm_activation_backward_op().call(
+          grad_outputs[0], output, present(weight), present(bias), saved[4], ctx->saved_data["groups"].toInt(),
+          ctx->saved_data["activation"].toInt(), ctx->saved_data["parameter"].toDouble(), present(slopes),
+          present(saved[5]), present(saved[6]), need[0], need[3]);
+    }();
+    torch::autograd::variable_list grads(kArguments);
+    if (need[0]) grads[0] = grad_input;
+    if (need[1]) grads[1] = grad_weight;  // in the weight's dtype
+    if (need[2]) grads[2] = grad_bias.scalar_type() == bias.scalar_type() ? grad_bias : grad_bias.to(bias.scalar_type());
+    if (need[3]) grads[3] = grad_slopes;
+    if (!at::GradMode::is_enabled() || !grad_outputs[0].requires_grad()) return grads;
+    // create_graph=True: the input these gradients would need was overwritten or never kept, so a second
+    // differentiation through them raises where it is attempted, as PyTorch's once_differentiable functions do
+    // (the gradients are marked as requiring grad so that the error node is their grad_fn).
+    for (at::Tensor& grad : grads) {
+      if (grad.defined()) grad = grad.detach().requires_grad_();
+    }
+    auto error = std::make_shared<torch::autograd::DelayedError>(
+        "adanorm: a fused norm + activation (AdaptiveNormAct, convert(fuse_activation=True)) cannot be "
+        "differentiated twice: it keeps only its output. Use the unfused layers (convert(model) without "
+        "fuse_activation, or adanorm.revert) for gradient penalties and other double backward.",
+        kArguments);
+    return (*error)(std::move(grads));
+  }
+};
+
 // The checks live here rather than in Python, where they cost more than a small call's kernels.
 at::Tensor fused_norm_autograd(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                                int64_t groups, double eps, const OptionalTensor& running_mean,
@@ -290,6 +427,58 @@ at::Tensor native_group_norm_autograd(const at::Tensor& input, const OptionalTen
     return at::group_norm(input, groups, weight, bias, eps, false);
   }
   return NativeGroupNorm::apply(input, weight, bias, groups, eps);
+}
+
+bool any_requires_grad(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                       const OptionalTensor& parameter_weight) {
+  return input.requires_grad() || requires_grad(weight) || requires_grad(bias) || requires_grad(parameter_weight);
+}
+
+// adanorm::norm_activation and adanorm::norm_activation_: below autograd (no graph), and in autograd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_activation_cpu(
+    const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+    const OptionalTensor& parameter_weight, int64_t groups, double eps, int64_t activation, double parameter,
+    double /*max_shift_per_scale*/) {
+  auto step = norm_activation_step(input, weight, bias, parameter_weight, groups, eps, activation, parameter, false, false);
+  return {step.output, step.batch_mean, step.batch_var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_activation_inplace_cpu(
+    at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, const OptionalTensor& parameter_weight,
+    int64_t groups, double eps, int64_t activation, double parameter, double /*max_shift_per_scale*/) {
+  auto step = norm_activation_step(input, weight, bias, parameter_weight, groups, eps, activation, parameter, true, false);
+  return {input, step.batch_mean, step.batch_var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_activation_step_autograd(
+    const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+    const OptionalTensor& parameter_weight, int64_t groups, double eps, int64_t activation, double parameter,
+    double max_shift_per_scale, bool in_place) {
+  if (!at::GradMode::is_enabled() || !any_requires_grad(input, weight, bias, parameter_weight)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto step = norm_activation_step(input, weight, bias, parameter_weight, groups, eps, activation, parameter,
+                                     in_place, false);
+    if (in_place) torch::autograd::impl::bump_version(input);
+    return {step.output, step.batch_mean, step.batch_var};
+  }
+  auto outputs = NormActivation::apply(input, weight, bias, parameter_weight, groups, eps, activation, parameter,
+                                       max_shift_per_scale, in_place);
+  return {outputs[0], outputs[1], outputs[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_activation_autograd(
+    const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+    const OptionalTensor& parameter_weight, int64_t groups, double eps, int64_t activation, double parameter,
+    double max_shift_per_scale) {
+  return norm_activation_step_autograd(input, weight, bias, parameter_weight, groups, eps, activation, parameter,
+                                       max_shift_per_scale, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_activation_inplace_autograd(
+    at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, const OptionalTensor& parameter_weight,
+    int64_t groups, double eps, int64_t activation, double parameter, double max_shift_per_scale) {
+  return norm_activation_step_autograd(input, weight, bias, parameter_weight, groups, eps, activation, parameter,
+                                       max_shift_per_scale, true);
 }
 
 // While torch.jit.trace (or ONNX export) records: the native op, which every runtime of a traced
@@ -332,9 +521,20 @@ TORCH_LIBRARY(adanorm, m) {
       {at::Tag::pt2_compliant_tag});
   m.def(
       "_norm_activation_backward(Tensor grad_output, Tensor output, Tensor? weight, Tensor? bias, Tensor rstd, "
-      "int groups, int activation, float parameter, Tensor? parameter_weight, bool need_input) "
-      "-> (Tensor, Tensor, Tensor)",
+      "int groups, int activation, float parameter, Tensor? parameter_weight, Tensor? input, Tensor? mean, "
+      "bool need_input, bool need_parameter_weight) -> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // The fused step with autograd: (output, batch mean, unbiased batch variance), the two vectors in the input's
+  // dtype and not differentiable. Backward keeps the output, not the input, where |β| ≤ max_shift_per_scale·|γ|
+  // in every channel. norm_activation_ writes the output into the input (the caller's promise: nothing else
+  // reads it afterwards). Eager code only: their autograd kernel reads γ and β to choose what to save, and
+  // captured code runs the native norm and activation instead (functional/norm_act.py).
+  m.def(
+      "norm_activation(Tensor input, Tensor? weight, Tensor? bias, Tensor? parameter_weight, int groups, float eps, "
+      "int activation, float parameter, float max_shift_per_scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "norm_activation_(Tensor(a!) input, Tensor? weight, Tensor? bias, Tensor? parameter_weight, int groups, "
+      "float eps, int activation, float parameter, float max_shift_per_scale) -> (Tensor(a!), Tensor, Tensor)");
   m.def(
       "blend_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor batch_mean, Tensor batch_var, "
       "float momentum, Tensor? momentum_tensor, Tensor(c!)? nonfinite_skips) -> ()",
@@ -349,11 +549,15 @@ TORCH_LIBRARY_IMPL(adanorm, CPU, m) {
   m.impl("_fused_norm_backward", fused_norm_backward_cpu);
   m.impl("_norm_activation_forward", norm_activation_forward_cpu);
   m.impl("_norm_activation_backward", norm_activation_backward_cpu);
+  m.impl("norm_activation", norm_activation_cpu);
+  m.impl("norm_activation_", norm_activation_inplace_cpu);
 }
 
 TORCH_LIBRARY_IMPL(adanorm, Autograd, m) {
   m.impl("fused_norm", fused_norm_autograd);
   m.impl("native_group_norm", native_group_norm_autograd);
+  m.impl("norm_activation", norm_activation_autograd);
+  m.impl("norm_activation_", norm_activation_inplace_autograd);
 }
 
 TORCH_LIBRARY_IMPL(adanorm, Tracer, m) {

@@ -116,8 +116,8 @@ def normalize(input: Tensor, mode: str, weight: Optional[Tensor], bias: Optional
         return _instance_norm_with_running_stats(input, weight, bias, running_mean, running_var, training,
                                                  momentum, eps, nonfinite_skips, captured)
     if mode == "batch":
-        spatial = _spatial_size(input)
-        _require_several_values(input.shape[0] * spatial, input, "batch", "the batch size or the patch size")
+        spatial = spatial_size(input)
+        require_several_values(input.shape[0] * spatial, input, "batch", "the batch size or the patch size")
         if running_mean is None or running_var is None:
             return _batch_statistics_norm(input, weight, bias, None, None, 0.0, eps, captured)
         batch_mean, batch_var = scratch_statistics(running_mean, running_var)
@@ -126,7 +126,7 @@ def normalize(input: Tensor, mode: str, weight: Optional[Tensor], bias: Optional
         if renorm is not None:  # r and d read the running statistics before this step's update
             output = renormalize_batch_mode(output, renorm, batch_mean, batch_var, input.shape[0] * spatial,
                                             running_mean, running_var, weight, bias, eps)
-        _blend(running_mean, running_var, batch_mean, batch_var, momentum, nonfinite_skips, captured)
+        blend_running_statistics(running_mean, running_var, batch_mean, batch_var, momentum, nonfinite_skips, captured)
         return output
     return _grouped_norm(input, groups_for_mode(mode, input.shape[1], num_groups), weight, bias, eps, captured)
 
@@ -141,8 +141,8 @@ def _batch_statistics_norm(input: Tensor, weight: Optional[Tensor], bias: Option
     return dispatch.batch_kernel(input, captured)(input, weight, bias, running_mean, running_var, momentum, eps)
 
 
-def _blend(running_mean: Tensor, running_var: Tensor, batch_mean: Tensor, batch_var: Tensor, momentum: Union[float, Tensor],
-           nonfinite_skips: Optional[Tensor], captured: bool) -> None:
+def blend_running_statistics(running_mean: Tensor, running_var: Tensor, batch_mean: Tensor, batch_var: Tensor,
+                             momentum: Union[float, Tensor], nonfinite_skips: Optional[Tensor], captured: bool) -> None:
     """``running_stats.blend`` on ``dispatch.blend_kernel``'s kernel; in TorchScript as written."""
     if torch.jit.is_scripting():
         blend(running_mean, running_var, batch_mean, batch_var, momentum, nonfinite_skips)
@@ -190,7 +190,7 @@ def grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias:
 def _grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                   captured: bool) -> Tensor:
     """``grouped_norm`` on non-empty input (or captured code), once the caller has asked ``capturing()``."""
-    _require_several_values(input.shape[1] // num_groups * _spatial_size(input), input, "per-sample",
+    require_several_values(input.shape[1] // num_groups * spatial_size(input), input, "per-sample",
                             "the patch size or num_groups")
     if torch.jit.is_scripting():  # contiguous: native group norm's channels-last backward can crash (dispatch._group_norm)
         return torch.group_norm(input.contiguous(), num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
@@ -205,21 +205,22 @@ def _instance_norm_with_running_stats(input: Tensor, weight: Optional[Tensor], b
     if not training:
         return torch.instance_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps,
                                    torch.backends.cudnn.enabled)
-    _require_several_values(_spatial_size(input), input, "instance", "the patch size")
+    require_several_values(spatial_size(input), input, "instance", "the patch size")
     batch_mean, batch_var = scratch_statistics(running_mean, running_var)
     output = torch.instance_norm(input, weight, bias, batch_mean, batch_var, True, 1.0, eps, torch.backends.cudnn.enabled)
-    _blend(running_mean, running_var, batch_mean, batch_var, momentum, nonfinite_skips, captured)
+    blend_running_statistics(running_mean, running_var, batch_mean, batch_var, momentum, nonfinite_skips, captured)
     return output
 
 
-def _spatial_size(input: Tensor) -> int:
+def spatial_size(input: Tensor) -> int:
+    """The number of positions per channel: the product of the dimensions after the first two."""
     size = 1
     for extent in input.shape[2:]:
         size *= extent
     return size
 
 
-def _require_several_values(values_per_statistic: int, input: Tensor, kind: str, remedy: str) -> None:
+def require_several_values(values_per_statistic: int, input: Tensor, kind: str, remedy: str) -> None:
     """The one-value check of ``F.batch_norm``/``F.group_norm``, done once, here, for every kernel.
 
     Counted without the batch size where the statistic does not depend on it, so that a compiler

@@ -4,9 +4,9 @@ module object over them.
 The operators are defined and implemented in C++ (``csrc/norm_cpu_ops.cpp``, ``TORCH_LIBRARY(adanorm,
 ...)``): ``torch.ops.adanorm.fused_norm``, ``native_group_norm`` and ``blend_running_stats``, with CPU
 and autograd kernels there, and the internal ``_fused_norm_forward`` / ``_fused_norm_backward`` that
-the autograd kernel of ``fused_norm`` runs (they also carry the saved statistics), and
-``_norm_activation_forward`` / ``_norm_activation_backward``, which the fused norm + activation's
-autograd.Function runs (``norm_act``). Their fake kernels,
+the autograd kernel of ``fused_norm`` runs (they also carry the saved statistics), and the fused norm +
+activation ``norm_activation`` / ``norm_activation_`` (in place; ``norm_act`` calls them), whose autograd
+kernel runs the internal ``_norm_activation_forward`` / ``_norm_activation_backward``. Their fake kernels,
 here, give output shapes, dtypes and layouts without running the kernels, so that FakeTensor, dynamo,
 AOTAutograd and torch.export see one operator instead of an opaque call. The library names this
 module (``set_python_module``), so FakeTensor imports it when it first meets an operator.
@@ -72,8 +72,8 @@ def operators() -> ModuleType:
     kernels.fused_norm = torch.ops.adanorm.fused_norm.default
     kernels.native_group_norm = torch.ops.adanorm.native_group_norm.default
     kernels.blend_running_stats = torch.ops.adanorm.blend_running_stats.default
-    kernels.norm_activation_forward = torch.ops.adanorm._norm_activation_forward.default
-    kernels.norm_activation_backward = torch.ops.adanorm._norm_activation_backward.default
+    kernels.norm_activation = torch.ops.adanorm.norm_activation.default
+    kernels.norm_activation_ = torch.ops.adanorm.norm_activation_.default
     return kernels
 
 
@@ -112,8 +112,21 @@ def _fake_norm_activation_forward(input, weight, bias, groups, eps, activation, 
 
 
 def _fake_norm_activation_backward(grad_output, output, weight, bias, rstd, groups, activation, parameter,
-                                   parameter_weight, need_input):
-    return _fake_fused_norm_backward(grad_output, output, weight, rstd, rstd, groups, need_input)
+                                   parameter_weight, input, mean, need_input, need_parameter_weight):
+    grad_slopes = torch.empty_like(parameter_weight) if need_parameter_weight else None
+    return (*_fake_fused_norm_backward(grad_output, output, weight, rstd, rstd, groups, need_input), grad_slopes)
+
+
+def _fake_norm_activation(input, weight, bias, parameter_weight, groups, eps, activation, parameter,
+                          max_shift_per_scale):
+    vector = input.new_empty((input.shape[1],))  # batch mean, unbiased variance, in the input's dtype
+    return torch.empty_like(input, memory_format=_dense_format(input)), vector, torch.empty_like(vector)
+
+
+def _fake_norm_activation_inplace(input, weight, bias, parameter_weight, groups, eps, activation, parameter,
+                                  max_shift_per_scale):
+    vector = input.new_empty((input.shape[1],))
+    return input, vector, torch.empty_like(vector)
 
 
 def _fake_native_group_norm(input, weight, bias, groups, eps):
@@ -131,6 +144,8 @@ _FAKE_KERNELS = {
     "adanorm::_fused_norm_backward": _fake_fused_norm_backward,
     "adanorm::_norm_activation_forward": _fake_norm_activation_forward,
     "adanorm::_norm_activation_backward": _fake_norm_activation_backward,
+    "adanorm::norm_activation": _fake_norm_activation,
+    "adanorm::norm_activation_": _fake_norm_activation_inplace,
     "adanorm::native_group_norm": _fake_native_group_norm,
     "adanorm::blend_running_stats": _fake_blend_running_stats,
 }

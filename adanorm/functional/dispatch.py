@@ -127,7 +127,7 @@ def prefer_fused_cpu(input: Tensor, num_groups: Optional[int]) -> bool:
 
 def norm_activation_backend(input: Tensor) -> str:
     """Which kernels run a fused norm + activation step (``norm_act``) on ``input``: "cpu" (the compiled
-    operators: every CPU input outside autocast, since the step is one call either way and no size favours the
+    operator ``adanorm::norm_activation``: every CPU input outside autocast, since the step is one call either way and no size favours the
     tensor operations), "triton" (CUDA input where triton imports, unless ``ADANORM_TRITON=0``; any input
     ``triton_norm.triton_available`` takes with ``ADANORM_TRITON=1``, which is how the interpreter tests run),
     else "tensor_ops" (the same algebra as tensor operations)."""

@@ -12,12 +12,14 @@ With ŷ = γ·x̂ + β = z, the gradient needs x̂ only where it multiplies a su
     dx = rstd·(γ·dz − mean_S(γ·dz) − x̂·mean_S(dz·(z − β))),   dγ = Σ dz·(z − β)/γ,   dβ = Σ dz,
 
 so γ divides one coefficient per channel, never an element. Where a channel's |γ| is small against |β|,
-(z − β)/γ would amplify the rounding of z: such a step is not fused (``fusable``), and saves what the
-native ops save. Captured code (compile, export, tracing) and TorchScript run the unfused native ops.
+(z − β)/γ would amplify the rounding of z: such a step keeps its input as the native ops do, and backward
+is the plain norm's (the compiled operator decides this per step; the other forms run the native ops).
+Captured code (compile, export, tracing) and TorchScript run the unfused native ops.
 
-On the CPU the step runs the compiled operators ``adanorm::_norm_activation_forward`` / ``_backward``
-(``csrc/norm_cpu_kernels.cpp``: one read pass for the statistics and one read+write pass forward; backward
-reads the output and dy twice and writes dx once); on CUDA the Triton kernels with the same passes
+On the CPU the step is the compiled operator ``adanorm::norm_activation`` (or ``norm_activation_``, in place),
+with its autograd in C++ (``csrc/norm_cpu_ops.cpp``; a Python autograd.Function costs more per call than a small
+layer's kernels): one read pass for the statistics and one read+write pass forward; backward reads the output
+and dy twice and writes dx once. On CUDA the Triton kernels with the same passes
 (``adanorm::triton_norm_activation``); elsewhere the same algebra as tensor operations.
 """
 from __future__ import annotations
@@ -27,9 +29,9 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from adanorm.functional import cpu_ops, dispatch
+from adanorm.functional import dispatch
 from adanorm.functional.activation import activate, invertible, pre_activation
-from adanorm.functional.api import _blend, _require_several_values, _spatial_size, groups_for_mode, normalize
+from adanorm.functional.api import blend_running_statistics, groups_for_mode, normalize, require_several_values, spatial_size
 from adanorm.functional.renorm import RenormClip
 
 FUSED_DTYPES = (torch.float32, torch.float64)
@@ -51,15 +53,28 @@ def normalize_activate(input: Tensor, mode: str, weight: Optional[Tensor], bias:
     unfused step applies the activation in place on the norm's own output either way."""
     if fusable(input, mode, weight, bias, running_mean, training, renorm, captured, activation, negative_slope, alpha,
                prelu_weight):
-        groups = 0 if mode == "batch" else groups_for_mode(mode, input.shape[1], num_groups)
-        values = input.shape[0] * _spatial_size(input) if groups == 0 else input.shape[1] // groups * _spatial_size(input)
-        _require_several_values(values, input, mode, "the batch size or the patch size")
-        write_into_input = inplace and _may_write_into(input)
-        output, batch_mean, batch_var = _FusedNormActivation.apply(
-            input, weight, bias, prelu_weight, groups, eps, activation, negative_slope, alpha, write_into_input)
-        if running_mean is not None and running_var is not None and groups == 0:
-            _blend(running_mean, running_var, batch_mean, batch_var, momentum, nonfinite_skips, captured)
-        return output
+        backend = dispatch.norm_activation_backend(input)
+        # The compiled operator checks the affine map itself and keeps the input where it cannot be inverted;
+        # the other forms check it first (one host sync on a GPU) and keep the native ops there.
+        if backend == "cpu" or _affine_invertible(weight, bias):
+            groups = 0 if mode == "batch" else groups_for_mode(mode, input.shape[1], num_groups)
+            per_statistic = input.shape[0] if groups == 0 else input.shape[1] // groups
+            require_several_values(per_statistic * spatial_size(input), input, mode, "the batch size or the patch size")
+            write_into_input = inplace and _may_write_into(input)
+            code, parameter = _kernel_activation(activation, negative_slope, alpha)
+            if backend == "cpu":
+                kernels = dispatch.cpu_kernels()
+                operator = kernels.norm_activation_ if write_into_input else kernels.norm_activation
+                output, batch_mean, batch_var = operator(input, weight, bias, prelu_weight, groups, eps, code, parameter,
+                                                         MAX_SHIFT_PER_SCALE)
+            else:
+                output, batch_mean, batch_var = _FusedNormActivation.apply(
+                    input, weight, bias, prelu_weight, groups, eps, activation, negative_slope, alpha, write_into_input,
+                    backend)
+            if running_mean is not None and running_var is not None and groups == 0:
+                blend_running_statistics(running_mean, running_var, batch_mean, batch_var, momentum, nonfinite_skips,
+                                         captured)
+            return output
     output = normalize(input, mode, weight, bias, running_mean, running_var, training, momentum, eps, num_groups,
                        nonfinite_skips, renorm, captured)
     return activate(output, activation, negative_slope, alpha, prelu_weight, inplace=output is not input)
@@ -69,7 +84,8 @@ def fusable(input: Tensor, mode: str, weight: Optional[Tensor], bias: Optional[T
             training: bool, renorm: Optional[RenormClip], captured: bool, activation: str, negative_slope: float,
             alpha: float, prelu_weight: Optional[Tensor]) -> bool:
     """Whether the fused step runs: a training step with the input's own statistics that autograd will
-    differentiate, in eager code, on float32/float64 input, with an invertible activation and affine map.
+    differentiate, in eager code, on float32/float64 input, with an invertible activation. (Whether the affine
+    map can be inverted as well is the kernels' check: ``normalize_activate``.)
 
     Everything else (eval, no grad, identity mode, renorm, instance statistics with running statistics,
     captured code, TorchScript, half precision) saves nothing a fused step would spare, or is rare enough
@@ -82,7 +98,7 @@ def fusable(input: Tensor, mode: str, weight: Optional[Tensor], bias: Optional[T
         return False
     if not (input.requires_grad or _requires_grad(weight) or _requires_grad(bias) or _requires_grad(prelu_weight)):
         return False
-    return invertible(activation, negative_slope, alpha, prelu_weight) and _affine_invertible(weight, bias)
+    return invertible(activation, negative_slope, alpha, prelu_weight)
 
 
 def _requires_grad(tensor: Optional[Tensor]) -> bool:
@@ -90,7 +106,8 @@ def _requires_grad(tensor: Optional[Tensor]) -> bool:
 
 
 def _affine_invertible(weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
-    """Every channel's γ is a normal float and |β| ≤ ``MAX_SHIFT_PER_SCALE``·|γ| (one host sync on a GPU)."""
+    """Every channel's γ is a normal float and |β| ≤ ``MAX_SHIFT_PER_SCALE``·|γ| (one host sync on a GPU; the
+    compiled CPU operator makes the same check, ``affine_invertible`` in csrc/norm_cpu_kernels.cpp)."""
     if weight is None:
         return True
     scale = weight.detach().abs()
@@ -156,18 +173,18 @@ def _prelu_weight_grad(output: Tensor, grad_output: Tensor, prelu_weight: Tensor
 
 
 class _FusedNormActivation(torch.autograd.Function):
-    """y = act(γ·(x − μ)·rstd + β), saving y, γ, β, the PReLU slopes and rstd; ``groups`` 0 for batch
-    statistics. Also returns the batch mean and unbiased variance (batch statistics) for the running
-    statistics, as non-differentiable outputs. The kernels are ``dispatch.norm_activation_backend``'s choice:
-    the compiled CPU operators, the Triton ones, or tensor operations; all compute the same algebra."""
+    """y = act(γ·(x − μ)·rstd + β) on the Triton kernels or as tensor operations (``backend``), saving y, γ, β,
+    the PReLU slopes and rstd; ``groups`` 0 for batch statistics. Also returns the batch mean and unbiased
+    variance (batch statistics) for the running statistics, as non-differentiable outputs. The compiled CPU
+    operator ``adanorm::norm_activation`` is the same step with its autograd in C++."""
 
     @staticmethod
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], prelu_weight: Optional[Tensor],
-                groups: int, eps: float, activation: str, negative_slope: float, alpha: float,
-                write_into_input: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        ctx.backend = dispatch.norm_activation_backend(input)
+                groups: int, eps: float, activation: str, negative_slope: float, alpha: float, write_into_input: bool,
+                backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+        ctx.backend = backend
         ctx.groups, ctx.activation, ctx.negative_slope, ctx.alpha = groups, activation, negative_slope, alpha
-        forward = {"cpu": _forward_compiled, "triton": _forward_triton, "tensor_ops": _forward_tensor_ops}[ctx.backend]
+        forward = _forward_triton if backend == "triton" else _forward_tensor_ops
         output, rstd, mean, unbiased_var, in_place = forward(ctx, input, weight, bias, prelu_weight, groups, eps,
                                                              write_into_input)
         if in_place:
@@ -184,23 +201,19 @@ class _FusedNormActivation(torch.autograd.Function):
         if ctx.backend == "tensor_ops":
             grads = _backward_tensor_ops(ctx, grad_output, output, weight, bias, prelu_weight, rstd)
         else:
-            code, parameter = _kernel_activation(ctx.activation, ctx.negative_slope, ctx.alpha)
-            if ctx.backend == "cpu":
-                grad_input, grad_weight, grad_bias = cpu_ops.operators().norm_activation_backward(
-                    grad_output, output, weight, bias, rstd, ctx.groups, code, parameter, prelu_weight, need[0])
-            else:
-                from adanorm.functional import triton_norm
+            from adanorm.functional import triton_norm
 
-                grad_input, grad_weight, grad_bias = triton_norm.triton_norm_activation_backward(
-                    grad_output, output, weight, bias, rstd, ctx.groups or None, code,
-                    _parameter_vector(output, ctx.activation, parameter, prelu_weight), need[0])
+            code, parameter = _kernel_activation(ctx.activation, ctx.negative_slope, ctx.alpha)
+            grad_input, grad_weight, grad_bias = triton_norm.triton_norm_activation_backward(
+                grad_output, output, weight, bias, rstd, ctx.groups or None, code,
+                _parameter_vector(output, ctx.activation, parameter, prelu_weight), need[0])
             grad_prelu = None
             if prelu_weight is not None and need[3]:
                 grad_prelu = _prelu_weight_grad(output, grad_output, prelu_weight)
             grads = (grad_input if need[0] else None,
                      grad_weight.to(weight.dtype) if weight is not None and need[1] else None,
                      grad_bias.to(bias.dtype) if bias is not None and need[2] else None, grad_prelu)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _parameter_vector(input: Tensor, activation: str, parameter: float, prelu_weight: Optional[Tensor]) -> Optional[Tensor]:
@@ -213,20 +226,9 @@ def _parameter_vector(input: Tensor, activation: str, parameter: float, prelu_we
     return torch.full((input.shape[1],), parameter, dtype=dtype, device=input.device)
 
 
-def _forward_compiled(ctx, input, weight, bias, prelu_weight, groups, eps, write_into_input):
-    """The compiled CPU operators: (output, rstd (N, C), batch mean, unbiased batch variance, written in place)."""
-    layout = cpu_ops._dense_format(input)
-    in_place = write_into_input and input.is_contiguous(memory_format=layout)
-    output = input if in_place else torch.empty_like(input, memory_format=layout)
-    code, parameter = _kernel_activation(ctx.activation, ctx.negative_slope, ctx.alpha)
-    _, rstd, mean, unbiased_var = cpu_ops.operators().norm_activation_forward(
-        input, weight, bias, groups, eps, code, parameter, prelu_weight, output)
-    return output, rstd, mean.to(input.dtype), unbiased_var.to(input.dtype), in_place
-
-
 def _forward_triton(ctx, input, weight, bias, prelu_weight, groups, eps, write_into_input):
-    """The Triton kernels, as ``_forward_compiled``; the input is overwritten only where it is already dense in a
-    layout the kernels address (contiguous or channels-last)."""
+    """The Triton kernels: (output, rstd (N, C), batch mean, unbiased batch variance, written in place); the input
+    is overwritten only where it is already dense in a layout the kernels address (contiguous or channels-last)."""
     from adanorm.functional import triton_norm
 
     dense = triton_norm._kernel_layout(input)

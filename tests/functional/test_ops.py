@@ -26,6 +26,9 @@ LAYOUTS = ["contiguous", "channels_last"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 OPCHECK_TESTS = ["test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static",
                  "test_aot_dispatch_dynamic"]
+EAGER_OPCHECK_TESTS = ["test_schema", "test_autograd_registration", "test_faketensor"]
+"""For the operators only eager code calls (``norm_activation``: captured code runs the native pair instead), whose
+autograd kernel reads γ and β to choose what to save."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -120,25 +123,36 @@ def test_opcheck_internal_operators(layout):
 @pytest.mark.parametrize("activation,parameter,per_channel", [(0, 1.0, False), (1, 0.01, False), (1, 0.25, True),
                                                               (2, 1.0, False)], ids=["identity", "leaky", "prelu", "elu"])
 def test_opcheck_norm_activation_operators(layout, activation, parameter, per_channel):
-    """The fused norm + activation's operators (functional/norm_act.py runs them in its autograd.Function):
-    the forward writing into a given output or into its own input (declared mutation), and the backward from
-    the output, with and without the input gradient."""
+    """The fused norm + activation's operators (functional/norm_act.py calls them): ``norm_activation`` and its
+    in-place form with their C++ autograd, with an affine map that backward inverts and one it cannot (γ = 0 in
+    a channel: the input is kept); and the internal forward writing into a given output or into its own input
+    (declared mutation) and backward from the output or the kept input."""
     x = _input((2, 4, 3, 4, 5), layout=layout)
     weight, bias = _parameters(4)
     slopes = torch.full((4,), parameter) if per_channel else None
     for groups in (0, 2):
+        for gamma in (weight, weight.clone().index_fill_(0, torch.tensor([1]), 0.0)):
+            arguments = (x.clone().requires_grad_(), gamma.clone().requires_grad_(), bias.clone().requires_grad_(),
+                         None if slopes is None else slopes.clone().requires_grad_(), groups, 1e-5, activation,
+                         parameter, 8.0)
+            torch.library.opcheck(torch.ops.adanorm.norm_activation.default, arguments, test_utils=EAGER_OPCHECK_TESTS)
+            own = x.clone(memory_format=torch.preserve_format)
+            torch.library.opcheck(torch.ops.adanorm.norm_activation_.default, (own,) + arguments[1:],
+                                  test_utils=EAGER_OPCHECK_TESTS)
         out = torch.empty_like(x)
         torch.library.opcheck(torch.ops.adanorm._norm_activation_forward.default,
                               (x, weight, bias, groups, 1e-5, activation, parameter, slopes, out), test_utils=OPCHECK_TESTS)
         own = x.clone(memory_format=torch.preserve_format)
         torch.library.opcheck(torch.ops.adanorm._norm_activation_forward.default,
                               (own, weight, bias, groups, 1e-5, activation, parameter, slopes, own), test_utils=OPCHECK_TESTS)
-    _, rstd, _, _ = torch.ops.adanorm._norm_activation_forward(x, weight, bias, 2, 1e-5, activation, parameter, slopes, out)
+    mean, rstd, _, _ = torch.ops.adanorm._norm_activation_forward(x, weight, bias, 2, 1e-5, activation, parameter, slopes,
+                                                                  out)
     dy = torch.randn_like(x)
     for need_input in (True, False):
-        torch.library.opcheck(torch.ops.adanorm._norm_activation_backward.default,
-                              (dy, out, weight, bias, rstd, 2, activation, parameter, slopes, need_input),
-                              test_utils=OPCHECK_TESTS)
+        for kept_input, kept_mean in ((None, None), (x, mean)):
+            torch.library.opcheck(torch.ops.adanorm._norm_activation_backward.default,
+                                  (dy, out, weight, bias, rstd, 2, activation, parameter, slopes, kept_input, kept_mean,
+                                   need_input, per_channel), test_utils=OPCHECK_TESTS)
 
 
 BLEND_CASES = [  # (dtype, factor: a float or a 0-dim tensor, batch statistics hold NaN/Inf)

@@ -17,7 +17,7 @@ from torch import nn
 
 import adanorm
 from adanorm.functional import cpu_ops, dispatch
-from adanorm.functional.norm_act import fusable, normalize_activate
+from adanorm.functional.norm_act import normalize_activate
 
 MODES = ("batch", "instance", "group", "layer")
 ACTIVATIONS = ("leaky_relu", "elu", "prelu", "identity")
@@ -40,8 +40,9 @@ def fused_backend(name):
     assert kernels is not None, "the compiled CPU kernels must build here"
     assert dispatch.norm_activation_backend(torch.ones(1)) == "cpu"
     calls = []
-    forward = kernels.norm_activation_forward
-    with mock.patch.object(kernels, "norm_activation_forward", lambda *args: calls.append(1) or forward(*args)):
+    counted = {name: (lambda operator: lambda *args: calls.append(1) or operator(*args))(getattr(kernels, name))
+               for name in ("norm_activation", "norm_activation_")}
+    with mock.patch.multiple(kernels, **counted):
         yield
     assert calls, "the compiled operator ran"
 
@@ -211,18 +212,40 @@ def test_inplace_step_writes_into_a_fresh_input_and_never_into_a_leaf_a_view_or_
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("mode", ["batch", "group"])
+@pytest.mark.parametrize("activation", ["leaky_relu", "prelu", "elu"])
 @pytest.mark.parametrize("weight_values", [[0.0, 1.0, 1.0, 1.0], [1e-6, 1.0, 1.0, 1.0]], ids=["zero", "tiny_vs_shift"])
-def test_small_gamma_is_not_inverted_and_gradients_stay_native(weight_values):
-    """A channel with γ = 0 erases x̂, and one with |γ| ≪ |β| amplifies the output's rounding: such a step runs
-    the native ops (docs/fused.md), so the gradients stay the native ones."""
+def test_small_gamma_keeps_the_input_and_gradients_stay_native(weight_values, activation, mode, backend):
+    """A channel with γ = 0 erases x̂, and one with |γ| ≪ |β| amplifies the output's rounding: such a step keeps
+    its input, as the native ops do (the compiled operator then runs the plain norm's backward from it; the other
+    forms run the native ops; docs/fused.md), so the gradients stay the native ones, also when asked to work in
+    place."""
     weight = torch.tensor(weight_values * 2, requires_grad=True)
     bias = torch.full((8,), 0.5, requires_grad=True)
+    prelu = torch.full((8,), 0.25, requires_grad=True)
     x = torch.randn(2, 8, 4, 4, 4, requires_grad=True)
-    assert not fusable(x, "batch", weight, bias, None, True, None, False, "leaky_relu", 0.01, 1.0, None)
-    got = torch.autograd.grad(fused_step(x * 1.0, "batch", weight, bias, None, "leaky_relu").sum(), [x, weight, bias])
-    expected = torch.autograd.grad(native_pair(x * 1.0, "batch", weight, bias, None, "leaky_relu").sum(), [x, weight, bias])
+    conv_output = x * 1.0
+    output, total, _ = saved_storages(lambda: fused_step(conv_output, mode, weight, bias, prelu, activation, inplace=True))
+    assert total >= 2 * output.nbytes, "the input is kept besides the output"
+    leaves = [x, weight, bias] + ([prelu] if activation == "prelu" else [])
+    grad_output = torch.randn_like(output)
+    got = torch.autograd.grad(output, leaves, grad_output)
+    expected = torch.autograd.grad(native_pair(x * 1.0, mode, weight, bias, prelu, activation), leaves, grad_output)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+def test_double_backward_raises_where_it_is_attempted_with_the_fix(backend):
+    """The fused step keeps no input to differentiate its gradients with: create_graph=True still gives the
+    first-order gradients, and only differentiating them again raises, naming the unfused layers."""
+    x = torch.randn(2, 8, 4, 4, 4, requires_grad=True)
+    weight, bias = torch.ones(8, requires_grad=True), torch.zeros(8, requires_grad=True)
+    output = fused_step(x * 1.0, "group", weight, bias, None, "leaky_relu")
+    grad, = torch.autograd.grad(output.pow(2).sum(), x, create_graph=True)
+    expected, = torch.autograd.grad(native_pair(x * 1.0, "group", weight, bias, None, "leaky_relu").pow(2).sum(), x)
+    torch.testing.assert_close(grad, expected)
+    with pytest.raises(RuntimeError, match="differentiate(d)? twice"):
+        grad.sum().backward()
 
 
 def test_layer_trains_and_evaluates_as_the_adaptive_layer_followed_by_the_activation():
