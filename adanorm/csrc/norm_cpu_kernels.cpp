@@ -776,10 +776,16 @@ std::vector<at::Tensor> norm_activation_forward(const at::Tensor& x, const c10::
     forward_pass<EluOutput>(x, gamma, beta, slope_or_alpha, groups, eps, channels_last, out, mean, rstd, batch_mean,
                             batch_unbiased_var);
   }
-  const auto vector_options = x.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous);
+  // In x's dtype, as the running statistics they are blended into: a conversion per call costs more than a
+  // small layer's passes.
+  const auto vector_options = x.options().memory_format(at::MemoryFormat::Contiguous);
   auto batch_mean_tensor = at::empty({x.size(1)}, vector_options), batch_var_tensor = at::empty({x.size(1)}, vector_options);
-  std::copy(batch_mean.begin(), batch_mean.end(), batch_mean_tensor.data_ptr<double>());
-  std::copy(batch_unbiased_var.begin(), batch_unbiased_var.end(), batch_var_tensor.data_ptr<double>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adanorm_batch_statistics", [&] {
+    std::transform(batch_mean.begin(), batch_mean.end(), batch_mean_tensor.data_ptr<scalar_t>(),
+                   [](double value) { return static_cast<scalar_t>(value); });
+    std::transform(batch_unbiased_var.begin(), batch_unbiased_var.end(), batch_var_tensor.data_ptr<scalar_t>(),
+                   [](double value) { return static_cast<scalar_t>(value); });
+  });
   return {mean, rstd, batch_mean_tensor, batch_var_tensor};
 }
 

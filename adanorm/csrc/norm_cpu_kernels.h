@@ -45,7 +45,7 @@ constexpr int64_t kIdentity = 0, kSlope = 1, kElu = 2;
 
 // norm_forward with groups, no running statistics, and act after the affine map, written into `out` (x's
 // shape, dense in x's layout; x itself to overwrite the input). Returns (mean, rstd) as (N, C) float64 tables
-// and the batch mean and unbiased variance per channel (float64, meaningful for groups == 0).
+// and the batch mean and unbiased variance per channel (in x's dtype, meaningful for groups == 0).
 std::vector<at::Tensor> norm_activation_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                                                 const c10::optional<at::Tensor>& bias, int64_t groups, double eps,
                                                 int64_t activation, double parameter,

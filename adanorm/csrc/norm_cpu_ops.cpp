@@ -332,8 +332,6 @@ NormActivationStep norm_activation_step(const at::Tensor& input, const OptionalT
     input.copy_(step.output);
     step.output = input;
   }
-  step.batch_mean = step.batch_mean.to(input.scalar_type());
-  step.batch_var = step.batch_var.to(input.scalar_type());
   return step;
 }
 
@@ -514,7 +512,7 @@ TORCH_LIBRARY(adanorm, m) {
       {at::Tag::pt2_compliant_tag});
   // The fused norm + activation (norm_cpu_kernels.h, norm_activation_*): activation 0 identity, 1 slope,
   // 2 ELU. The forward writes into `out` and returns the (N, C) float64 mean and rstd tables and the
-  // per-channel batch mean and unbiased variance (float64); the backward reads the output, not the input.
+  // per-channel batch mean and unbiased variance (the input's dtype); the backward reads the output, not the input.
   m.def(
       "_norm_activation_forward(Tensor input, Tensor? weight, Tensor? bias, int groups, float eps, int activation, "
       "float parameter, Tensor? parameter_weight, Tensor(a!) out) -> (Tensor, Tensor, Tensor, Tensor)",

@@ -107,7 +107,7 @@ def _fake_fused_norm_backward(grad_output, input, weight, mean, rstd, groups, ne
 
 def _fake_norm_activation_forward(input, weight, bias, groups, eps, activation, parameter, parameter_weight, out):
     table = input.new_empty((input.shape[0], input.shape[1]), dtype=torch.float64)  # (N, C) mean, rstd
-    vector = input.new_empty((input.shape[1],), dtype=torch.float64)  # batch mean, unbiased variance
+    vector = input.new_empty((input.shape[1],))  # batch mean, unbiased variance, in the input's dtype
     return table, torch.empty_like(table), vector, torch.empty_like(vector)
 
 
