@@ -147,23 +147,27 @@ def step_seconds(network: str, layout: str, size: int, repeats: int) -> Dict[str
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return {**{variant: statistics.median(values[1:]) for variant, values in times.items()},
             "ratio": statistics.median(ratios), "ratio_quartiles": [quartiles[0], quartiles[2]],
-            "outside_convolutions": {variant: seconds_outside_convolutions(models[variant], x)
-                                     for variant in ("adaptive", "fused")}}
+            "outside_convolutions": outside_convolutions(models, x, rounds=max(repeats // 2, 1))}
 
 
-def seconds_outside_convolutions(model: nn.Module, x: torch.Tensor, steps: int = 3) -> float:
-    """CPU seconds per step of every operator but the convolutions (their self time in the profiler): the part of a
-    step that fusing changes. Convolutions take over 90% of a step, so the step's own time varies by more between
-    rounds than fusion changes it; this measure does not carry their variation."""
+def outside_convolutions(models: Dict[str, nn.Module], x: torch.Tensor, rounds: int) -> Dict[str, float]:
+    """Median CPU seconds per step of every operator but the convolutions (their self time in the profiler), for the
+    adaptive and the fused network, profiled one step each per round: the part of a step that fusing changes.
+    Convolutions take over 90% of a step, so the step's own time varies by more between rounds than fusion changes
+    it; this measure does not carry their variation."""
     from torch.profiler import ProfilerActivity, profile
 
-    with warnings.catch_warnings(), profile(activities=[ProfilerActivity.CPU]) as profiler:
+    seconds: Dict[str, List[float]] = {"adaptive": [], "fused": []}
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(steps):
-            model.zero_grad(set_to_none=True)
-            model(x).float().mean().backward()
-    return sum(event.self_cpu_time_total for event in profiler.key_averages()
-               if "convolution" not in event.key) / 1e6 / steps
+        for _ in range(rounds):
+            for variant in seconds:
+                models[variant].zero_grad(set_to_none=True)
+                with profile(activities=[ProfilerActivity.CPU]) as profiler:
+                    models[variant](x).float().mean().backward()
+                seconds[variant].append(sum(event.self_cpu_time_total for event in profiler.key_averages()
+                                            if "convolution" not in event.key) / 1e6)
+    return {variant: statistics.median(values) for variant, values in seconds.items()}
 
 
 def measure(case: dict) -> dict:
@@ -252,7 +256,7 @@ def main(argv=None) -> int:
     if timed:
         lines += [f"Step time at {args.time_size}³ (forward + backward), medians of {args.repeats} rounds in rotating order; "
                   "fused / adaptive is the median of the per-round ratios, with their quartiles; outside convolutions: "
-                  "CPU time per step of every other operator (profiler self time, 3 steps):", "",
+                  "CPU time per step of every other operator (profiler self time, median of interleaved steps):", "",
                   "| network | layout | native | adaptive | fused | fused / adaptive (quartiles) | fused / native "
                   "| outside convolutions: adaptive | fused | fused / adaptive |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
