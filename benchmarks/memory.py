@@ -1,7 +1,8 @@
 """Activation memory of one training step: native norms, adaptive norms, and adaptive norms fused with their
 activation (``convert(fuse_activation=True)``), on four 3D segmentation networks in both memory layouts.
 
-    python -m benchmarks.memory                 # batch 2, 64³ patches, both layouts (about 10 minutes on 2 cores)
+    python -m benchmarks.memory --size 96 --repeats 0   # issue #22's size, memory only (about an hour on 2 cores)
+    python -m benchmarks.memory                 # batch 2, 64³ patches, both layouts
     python -m benchmarks.memory --quick         # 32³, contiguous only (a few minutes)
     python -m benchmarks.memory --budget-gib 8  # the largest cubic patch whose saved activations fit 8 GiB
     python -m benchmarks.memory --time-only --time-size 48 --networks DynUNet,UNet   # step times alone
@@ -23,10 +24,11 @@ The largest patch: saved bytes are linear in the patch's voxels at a fixed netwo
 a feature map), so two sizes give the line, solved for the budget and rounded down to the network's
 downsampling factor.
 
-Targets (issue #22): fused saves at most 2/3 of native on every network and layout; the fused step's peak is not
-above native's; the largest patch under the budget grows; the fused step is not measurably slower than the unfused
-adaptive one (the lower quartile of their per-round ratios at most 1) and its time outside the convolutions is at most
-the unfused one's (both layouts).
+Targets (issue #22): on DynUNet and PlainConvUNet (``TARGETED``) fused saves at most 0.65× native's bytes and peaks
+at most 0.75× native's step, in both layouts, and its largest patch under the budget has at least 1.15× native's
+edge; on the others it saves less than native, peaks no higher and fits a larger patch. The fused step is not
+measurably slower than the unfused adaptive one (the lower quartile of their per-round ratios at most 1), and its
+time outside the convolutions is at most the unfused one's (both layouts).
 """
 from __future__ import annotations
 
@@ -85,6 +87,11 @@ NETWORKS: Dict[str, Tuple[Callable[[], nn.Module], int]] = {
     "nnU-Net PlainConvUNet (LeakyReLU)": (lambda: _nnunet("PlainConvUNet"), 16),
     "nnU-Net ResidualEncoderUNet (LeakyReLU)": (lambda: _nnunet("ResidualEncoderUNet"), 16),
 }
+
+
+TARGETED = ("MONAI DynUNet (LeakyReLU)", "nnU-Net PlainConvUNet (LeakyReLU)")
+"""The networks issue #22 sets memory figures for: saved ≤ 0.65× and peak ≤ 0.75× native's (at 96³, where the
+convolutions' weights no longer dominate the saved bytes)."""
 
 
 def build(network: str, variant: str, layout: str) -> nn.Module:
@@ -293,7 +300,11 @@ def memory_tables(results: List[dict], networks: List[str], layouts: List[str], 
         for layout in layouts:
             row = {v: step[(network, layout, v)] for v in VARIANTS}
             ratio = row["fused"]["saved"] / row["native"]["saved"]
-            verdicts += [ratio <= 2 / 3, row["fused"]["peak"] <= row["native"]["peak"] * 1.02]
+            peak_ratio = row["fused"]["peak"] / row["native"]["peak"]
+            if network in TARGETED:
+                verdicts += [ratio <= 0.65, peak_ratio <= 0.75]
+            else:  # no figure set: fusing must still save, and must not raise the peak
+                verdicts += [ratio < 1.0, peak_ratio <= 1.02]
             lines.append(f"| {network} | {layout} | " + " | ".join(f"{row[v]['saved'] / MIB:.0f} MiB" for v in VARIANTS)
                          + f" | {ratio:.2f} | " + " | ".join(f"{row[v]['peak'] / MIB:.0f} MiB" for v in VARIANTS) + " |")
     budget = int(budget_gib * (1 << 30))
@@ -304,7 +315,8 @@ def memory_tables(results: List[dict], networks: List[str], layouts: List[str], 
         factor = NETWORKS[network][1]
         patches = {v: largest_patch(fit[(network, v, fit_sizes[0])], fit[(network, v, fit_sizes[1])], *fit_sizes,
                                     factor, budget) for v in ("native", "fused")}
-        verdicts.append(patches["fused"] > patches["native"])
+        growth = patches["fused"] / patches["native"]
+        verdicts.append(growth >= 1.15 if network in TARGETED else growth > 1.0)
         lines.append(f"| {network} | {patches['native']}³ | {patches['fused']}³ |")
     return lines + [""]
 
