@@ -206,6 +206,8 @@ def run_network(cases: List[dict]) -> List[dict]:
 def _run_worker(cases: List[dict], env: Dict[str, str]) -> List[dict]:
     process = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--_worker", json.dumps(cases)], env=env,
                              capture_output=True, text=True, cwd=str(Path(__file__).resolve().parent.parent))
+    if process.returncode in (-9, 137):  # SIGKILL: the kernel's out-of-memory killer, in practice
+        raise RuntimeError(f"{cases[0]['network']}: its worker was killed, most likely out of memory at this patch size")
     if process.returncode != 0:
         raise RuntimeError(f"{cases[0]['network']}: {process.stderr[-2000:]}")
     return json.loads(process.stdout.strip().splitlines()[-1])
@@ -252,11 +254,19 @@ def main(argv=None) -> int:
     if args.repeats > 0:
         cases += [dict(network=n, layout=layout, size=args.time_size, repeats=args.repeats) for n in networks
                   for layout in layouts]
-    results = [result for network in tqdm(networks, desc="networks", unit="network")
-               for result in run_network([case for case in cases if case["network"] == network])]
+    results: List[dict] = []
+    not_measured: Dict[str, str] = {}
+    for network in tqdm(networks, desc="networks", unit="network"):
+        try:
+            results += run_network([case for case in cases if case["network"] == network])
+        except RuntimeError as error:  # one network that does not fit the machine must not cost the others' results
+            not_measured[network] = str(error)
+            print(f"benchmarks.memory: {error}", file=sys.stderr)
+    networks = [network for network in networks if network not in not_measured]
 
     lines = [f"Batch 2, one training step; {machine_info()}.", ""]
-    verdicts: List[bool] = []
+    lines += [f"Not measured: {reason}" for reason in not_measured.values()] + ([""] if not_measured else [])
+    verdicts: List[bool] = [False] * len(not_measured)
     if not args.time_only:
         lines += memory_tables(results, networks, layouts, size, fit_sizes, args.budget_gib, verdicts)
     timed = [r for r in results if r.get("repeats")]
