@@ -868,7 +868,7 @@ at::Tensor activation_input_gradient(const at::Tensor& grad_output, const at::Te
   at::Tensor grad_z = at::empty_like(y, layout_format(y, channels_last));
   const Geometry g(y, channels_last);
   const ChannelParameter slope_or_alpha(parameter_weight, parameter);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "adanorm_activation_gradient", [&] {
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "adanorm_activation_gradient", [&] {  // the fused step takes float32/64
     using acc_t = at::opmath_type<scalar_t>;
     // dz = 1·dv + 0·v + 0 with (v, dv) recovered from (y, dy): the backward's epilogue with unit coefficients.
     std::vector<acc_t> ones(g.N * g.C, acc_t(1)), zeros(g.N * g.C, acc_t(0)), values(g.N * g.C);
@@ -894,7 +894,7 @@ at::Tensor slope_gradient(const at::Tensor& grad_output, const at::Tensor& y, co
   check_input(grad_output, y, channels_last, "grad_output");
   const Geometry g(y, channels_last);
   std::vector<double> negative_side(g.N * g.C, 0.0), unused(g.N * g.C, 0.0), zeros(g.N * g.C, 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "adanorm_slope_gradient", [&] {
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "adanorm_slope_gradient", [&] {  // the fused step takes float32/64
     channel_sums<scalar_t, NegativeSideTerms>(y.const_data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
                                               zeros.data(), zeros.data(), g, Unit{0, g.N, 1}, negative_side.data(),
                                               unused.data());

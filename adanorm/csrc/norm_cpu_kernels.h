@@ -66,13 +66,14 @@ std::vector<at::Tensor> norm_activation_backward(const at::Tensor& grad_output, 
 bool affine_invertible(const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                        double max_shift_per_scale);
 
-// dz = dy·act'(z) from the activation's output y = act(z) (grad_output itself for identity), in y's layout.
+// dz = dy·act'(z) from the activation's output y = act(z) (grad_output itself for identity), in y's layout;
+// float32/float64 y (the dtypes a fused step takes).
 at::Tensor activation_input_gradient(const at::Tensor& grad_output, const at::Tensor& y, int64_t activation,
                                      double parameter, const c10::optional<at::Tensor>& parameter_weight,
                                      bool channels_last);
 
 // A PReLU's slope gradient Σdy·z over z ≤ 0, from its output y = s·z there: one read pass of y and dy.
-// `slopes` holds one slope or one per channel; the gradient has its shape and dtype.
+// `slopes` holds one slope or one per channel; the gradient has its shape and dtype. float32/float64 y.
 at::Tensor slope_gradient(const at::Tensor& grad_output, const at::Tensor& y, const at::Tensor& slopes,
                           bool channels_last);
 

@@ -191,7 +191,7 @@ def _grouped_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias
                   captured: bool) -> Tensor:
     """``grouped_norm`` on non-empty input (or captured code), once the caller has asked ``capturing()``."""
     require_several_values(input.shape[1] // num_groups * spatial_size(input), input, "per-sample",
-                            "the patch size or num_groups")
+                           "the patch size or num_groups")
     if torch.jit.is_scripting():  # contiguous: native group norm's channels-last backward can crash (dispatch._group_norm)
         return torch.group_norm(input.contiguous(), num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
     return dispatch.grouped_kernel(input, num_groups, captured)(input, num_groups, weight, bias, eps)
