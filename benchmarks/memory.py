@@ -160,8 +160,8 @@ def step_seconds(network: str, layout: str, size: int, repeats: int) -> Dict[str
 def outside_convolutions(models: Dict[str, nn.Module], x: torch.Tensor, rounds: int) -> Dict[str, float]:
     """Median CPU seconds per step of every operator but the convolutions (their self time in the profiler), for the
     adaptive and the fused network, profiled one step each per round: the part of a step that fusing changes.
-    Convolutions take over 90% of a step, so the step's own time varies by more between rounds than fusion changes
-    it; this measure does not carry their variation."""
+    Convolutions take most of a step (63–96% in BENCHMARKS.md's networks), so the step's own time varies by about
+    as much between rounds as fusion changes it; this measure does not carry their variation."""
     from torch.profiler import ProfilerActivity, profile
 
     seconds: Dict[str, List[float]] = {"adaptive": [], "fused": []}
