@@ -311,6 +311,9 @@ def test_prelu_slopes_that_turn_non_positive_keep_the_native_ops():
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck(mode, activation, channels_last, backend):
+    if backend == "tensor_ops" and channels_last:
+        pytest.skip("the tensor-op form reads no layout (every op is elementwise or a reduction over named dims); "
+                    "its channels-last results are checked against native by the hypothesis test")
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 8, 3, 3, 3, dtype=torch.float64, generator=generator)
     x = (x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x).requires_grad_()
