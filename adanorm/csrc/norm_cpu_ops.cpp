@@ -155,13 +155,16 @@ const c10::TypedOperatorHandle<FusedNormBackwardSignature>& fused_norm_backward_
   return op;
 }
 
-// Which of (input, weight, bias) the backward must return: absent optional arguments have no graph
-// edge, so edge indices skip them.
-std::array<bool, 3> needed_gradients(torch::autograd::AutogradContext* ctx, const at::Tensor& weight,
-                                     const at::Tensor& bias) {
-  const int64_t weight_edge = 1, bias_edge = weight.defined() ? 2 : 1;
-  return {ctx->needs_input_grad(0), weight.defined() && ctx->needs_input_grad(weight_edge),
-          bias.defined() && ctx->needs_input_grad(bias_edge)};
+// Which of a Function's leading tensor arguments (the input first, then optional ones, undefined where absent)
+// backward must differentiate: absent optional arguments have no graph edge, so edge indices skip them.
+template <size_t N>
+std::array<bool, N> needed_gradients(torch::autograd::AutogradContext* ctx,
+                                     const std::array<const at::Tensor*, N>& arguments) {
+  std::array<bool, N> need{};
+  for (size_t i = 0, edge = 0; i < N; ++i) {
+    if (i == 0 || arguments[i]->defined()) need[i] = ctx->needs_input_grad(edge++);
+  }
+  return need;
 }
 
 // What FusedNorm and NativeGroupNorm both keep from forward for backward: the arguments a native op
@@ -183,7 +186,7 @@ struct SavedNorm {
 
   static SavedNorm load(torch::autograd::AutogradContext* ctx) {
     auto saved = ctx->get_saved_variables();
-    const auto need = needed_gradients(ctx, saved[1], saved[2]);
+    const auto need = needed_gradients<3>(ctx, {&saved[0], &saved[1], &saved[2]});
     return {std::move(saved[0]),
             std::move(saved[1]),
             std::move(saved[2]),
@@ -335,17 +338,6 @@ NormActivationStep norm_activation_step(const at::Tensor& input, const OptionalT
   return step;
 }
 
-// Which of (input, weight, bias, parameter_weight) backward must differentiate: absent optional arguments
-// have no graph edge, so edge indices skip them.
-std::array<bool, 4> needed_activation_gradients(torch::autograd::AutogradContext* ctx,
-                                                const std::array<const at::Tensor*, 4>& arguments) {
-  std::array<bool, 4> need{};
-  for (size_t i = 0, edge = 0; i < arguments.size(); ++i) {
-    if (i == 0 || arguments[i]->defined()) need[i] = ctx->needs_input_grad(edge++);
-  }
-  return need;
-}
-
 // Saves the output, γ, β, the PReLU slopes and the rstd table; the input and its mean table too where the
 // affine map cannot be inverted (affine_invertible), and then backward is the plain norm's from the input.
 struct NormActivation : public torch::autograd::Function<NormActivation> {
@@ -374,7 +366,7 @@ struct NormActivation : public torch::autograd::Function<NormActivation> {
                                                  torch::autograd::variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &output = saved[0], &weight = saved[1], &bias = saved[2], &slopes = saved[3];
-    const auto need = needed_activation_gradients(ctx, {&output, &weight, &bias, &slopes});
+    const auto need = needed_gradients<4>(ctx, {&output, &weight, &bias, &slopes});
     auto [grad_input, grad_weight, grad_bias, grad_slopes] = [&] {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       at::NoGradGuard first_order_only;  // the gradients themselves are not differentiable (below)
