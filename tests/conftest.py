@@ -1,5 +1,19 @@
+import os
+
 import pytest
 import torch
+
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+# pytest-xdist workers share the cores: each takes its share of torch's threads (it would otherwise take them all,
+# and OpenMP threads outnumbering cores wait on each other).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4, since each worker holds 1–2 GB."""
+    return min(CORES, 4)
 
 
 @pytest.fixture(autouse=True)
