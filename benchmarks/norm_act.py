@@ -2,7 +2,7 @@
 training step's forward and backward through the layer alone, where the fusion's cost or gain is not hidden by
 convolutions (``benchmarks.memory`` times whole networks).
 
-    python -m benchmarks.norm_act                       # group and batch statistics, both layouts, leaky ReLU and PReLU
+    python -m benchmarks.norm_act                       # group and batch statistics, both layouts, leaky ReLU, PReLU, ELU
     python -m benchmarks.norm_act --threads 2 --repeats 15
     python -m benchmarks.norm_act --quick               # one shape (seconds)
 
@@ -28,7 +28,7 @@ from benchmarks.norms import machine_info
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
 # (mode, batch, channels, side): group statistics at a 3D network's batch, batch statistics at a video batch.
 SHAPES = (("group", 2, 32, 32), ("group", 2, 16, 64), ("batch", 32, 32, 16))
-ACTIVATIONS = {"leaky_relu": (nn.LeakyReLU, {"negative_slope": 0.01}), "prelu": (nn.PReLU, {})}
+ACTIVATIONS = {"leaky_relu": (nn.LeakyReLU, {"negative_slope": 0.01}), "prelu": (nn.PReLU, {}), "elu": (nn.ELU, {"alpha": 1.0})}
 
 
 def variants(mode: str, channels: int, activation: str) -> Dict[str, nn.Module]:

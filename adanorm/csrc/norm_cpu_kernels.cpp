@@ -28,6 +28,7 @@
 // Measurements behind the design choices below: BENCHMARKS.md, "What makes it fast".
 
 #include "norm_cpu_kernels.h"
+#include "vector_math.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -113,15 +114,17 @@ struct SlopeInverse {  // y = z > 0 ? z : s·z
   }
 };
 
-// ELU's log1p and expm1 are scalar library calls (no vector form without -ffast-math): its passes run at
-// scalar speed.
+// ELU's two sides are selected without a branch and with log1p/expm1 called for every element
+// (vector_math.h's contract), so that its passes vectorize: max(v, 0) + min(0, w) is v where v > 0 and w
+// elsewhere, because w has v's sign (α > 0); NaN in v propagates, NaN or ∞ in the unused w does not. dz's
+// factor is blended with a 0/1 mask, exact on both sides for finite y.
 struct EluInverse {  // y = z > 0 ? z : α·(e^z − 1); y = −α exactly is taken as the smallest z resolved there
   template <typename acc_t>
   static inline void of(acc_t y, acc_t dy, acc_t alpha, acc_t& z, acc_t& dz) {
-    const bool positive = y > acc_t(0);
     const acc_t ratio = std::max(y / alpha, acc_t(-1) + std::numeric_limits<acc_t>::epsilon() / 2);
-    z = positive ? y : std::log1p(ratio);
-    dz = positive ? dy : dy * (y + alpha);
+    z = std::max(y, acc_t(0)) + std::min(acc_t(0), vector_log1p(ratio));
+    const acc_t positive = y > acc_t(0) ? acc_t(1) : acc_t(0);
+    dz = dy * (positive + (acc_t(1) - positive) * (y + alpha));
   }
 };
 
@@ -165,7 +168,7 @@ struct EluOutput {  // y = act(a·x + b), act(z) = z > 0 ? z : α·(e^z − 1)
   template <typename acc_t>
   static inline acc_t apply(acc_t x, acc_t /*dy*/, acc_t a, acc_t b, acc_t /*c*/, acc_t alpha) {
     const acc_t z = a * x + b;
-    return z > acc_t(0) ? z : alpha * std::expm1(z);
+    return std::max(z, acc_t(0)) + std::min(acc_t(0), alpha * vector_expm1(z));  // as EluInverse's z
   }
 };
 

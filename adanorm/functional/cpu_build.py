@@ -27,8 +27,9 @@ except ImportError:  # not POSIX: only torch's own lock file serializes builds
     fcntl = None
 
 _SOURCE_DIRECTORY = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = (_SOURCE_DIRECTORY / "norm_cpu_kernels.cpp", _SOURCE_DIRECTORY / "norm_cpu_ops.cpp")
-"""Translation units of the library; ``norm_cpu_kernels.h``, which both include, is tracked by ninja."""
+SOURCES = (_SOURCE_DIRECTORY / "norm_cpu_kernels.cpp", _SOURCE_DIRECTORY / "norm_cpu_ops.cpp",
+           _SOURCE_DIRECTORY / "vector_math.cpp")
+"""Translation units of the library; the headers they include are tracked by ninja."""
 # Instruction-set flags follow the vector level PyTorch itself dispatches to, never -march=native: a
 # build cached in a shared home directory must also run on the other nodes of a cluster. The level
 # is part of the extension's name, so nodes with different levels keep separate builds.

@@ -151,6 +151,22 @@ def test_single_value_statistics_raise_as_natively():
         fused_step(x * 1.0, "batch", None, None, None, "leaky_relu")
 
 
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last_3d"])
+@pytest.mark.parametrize("activation", ["leaky_relu", "elu"])
+def test_non_finite_values_spread_as_natively(activation, channels_last, backend):
+    """A NaN or ∞ in one (sample, group) poisons its statistics: output and input gradient are NaN exactly where
+    the native pair's are, and equal elsewhere (the compiled kernels pick the activation's sides without branches)."""
+    x, weight, bias, prelu, grad_output = sample((2, 8, 3, 4, 5), seed=2)
+    x[0, 0, 1, 2, 3], x[1, 5, 0, 0, 0] = float("nan"), float("inf")
+    native = run(native_pair, x, weight, bias, prelu, grad_output, torch.float32, channels_last, "group",
+                 activation=activation)
+    fused = run(fused_step, x, weight, bias, prelu, grad_output, torch.float32, channels_last, "group",
+                activation=activation)
+    for index in (0, 1):  # output, input gradient
+        assert torch.equal(fused[index].isnan(), native[index].isnan()), index
+        torch.testing.assert_close(fused[index], native[index], equal_nan=True, rtol=1e-4, atol=1e-4)
+
 def saved_storages(step):
     """Bytes of every distinct storage autograd keeps for backward while ``step()`` runs: (total, largest)."""
     storages = {}

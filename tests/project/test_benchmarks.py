@@ -54,7 +54,7 @@ def test_threshold_benchmark_leaves_the_dispatch_thresholds_as_they_were():
 def test_fused_layer_benchmark_times_every_case(tmp_path):
     _run("benchmarks.norm_act", "--quick", "--repeats", "1", "--out", str(tmp_path))
     rows = [line for line in (tmp_path / "norm_act.md").read_text().splitlines() if line.startswith("| group")]
-    assert len(rows) == 2 * 2  # layouts x activations
+    assert len(rows) == 2 * 3  # layouts x activations
     assert all(" ms | " in row for row in rows)
 
 
