@@ -11,6 +11,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     torch.set_num_threads(max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest without xdist (`-p no:xdist`) knows no such hook
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per core, at most 4, since each worker holds 1–2 GB."""
     return min(CORES, 4)
