@@ -8,23 +8,17 @@
 // Results are within 1 ULP (SLEEF's u10 and the C library alike).
 #pragma once
 
+#if defined(__AVX2__)
+#define ADANORM_VECTOR_FUNCTION _Pragma("omp declare simd notinbranch")
+#else
+#define ADANORM_VECTOR_FUNCTION
+#endif
+
 extern "C" {
-#if defined(__AVX2__)
-#pragma omp declare simd notinbranch
-#endif
-float adanorm_expm1f(float) __attribute__((const));
-#if defined(__AVX2__)
-#pragma omp declare simd notinbranch
-#endif
-double adanorm_expm1(double) __attribute__((const));
-#if defined(__AVX2__)
-#pragma omp declare simd notinbranch
-#endif
-float adanorm_log1pf(float) __attribute__((const));
-#if defined(__AVX2__)
-#pragma omp declare simd notinbranch
-#endif
-double adanorm_log1p(double) __attribute__((const));
+ADANORM_VECTOR_FUNCTION float adanorm_expm1f(float) __attribute__((const));
+ADANORM_VECTOR_FUNCTION double adanorm_expm1(double) __attribute__((const));
+ADANORM_VECTOR_FUNCTION float adanorm_log1pf(float) __attribute__((const));
+ADANORM_VECTOR_FUNCTION double adanorm_log1p(double) __attribute__((const));
 }
 
 namespace adanorm {
