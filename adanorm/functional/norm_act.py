@@ -184,29 +184,34 @@ class _FusedNormActivation(torch.autograd.Function):
                 backend: str) -> Tuple[Tensor, Tensor, Tensor]:
         ctx.backend = backend
         ctx.groups, ctx.activation, ctx.negative_slope, ctx.alpha = groups, activation, negative_slope, alpha
-        forward = _forward_triton if backend == "triton" else _forward_tensor_ops
-        output, rstd, mean, unbiased_var, in_place = forward(ctx, input, weight, bias, prelu_weight, groups, eps,
-                                                             write_into_input)
+        if backend == "triton":
+            # The kernels read the activation's parameter per channel: built once, read by both directions.
+            ctx.code, parameter = _kernel_activation(activation, negative_slope, alpha)
+            parameters = _parameter_vector(input, activation, parameter, prelu_weight)
+            output, rstd, mean, unbiased_var, in_place = _forward_triton(input, weight, bias, groups, eps, ctx.code,
+                                                                         parameters, write_into_input)
+        else:
+            parameters = None
+            output, rstd, mean, unbiased_var, in_place = _forward_tensor_ops(ctx, input, weight, bias, prelu_weight,
+                                                                             groups, eps, write_into_input)
         if in_place:
             ctx.mark_dirty(input)
         ctx.mark_non_differentiable(mean, unbiased_var)
-        ctx.save_for_backward(output, weight, bias, prelu_weight, rstd)
+        ctx.save_for_backward(output, weight, bias, prelu_weight, rstd, parameters)
         return output, mean, unbiased_var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor, _grad_mean: Tensor, _grad_var: Tensor):
-        output, weight, bias, prelu_weight, rstd = ctx.saved_tensors
+        output, weight, bias, prelu_weight, rstd, parameters = ctx.saved_tensors
         need = ctx.needs_input_grad
         if ctx.backend == "tensor_ops":
             grads = _backward_tensor_ops(ctx, grad_output, output, weight, bias, prelu_weight, rstd)
         else:
             from adanorm.functional import triton_norm
 
-            code, parameter = _kernel_activation(ctx.activation, ctx.negative_slope, ctx.alpha)
             grad_input, grad_weight, grad_bias = triton_norm.triton_norm_activation_backward(
-                grad_output, output, weight, bias, rstd, ctx.groups or None, code,
-                _parameter_vector(output, ctx.activation, parameter, prelu_weight), need[0])
+                grad_output, output, weight, bias, rstd, ctx.groups or None, ctx.code, parameters, need[0])
             grad_prelu = None
             if prelu_weight is not None and need[3]:
                 grad_prelu = _prelu_weight_grad(output, grad_output, prelu_weight)
@@ -226,7 +231,7 @@ def _parameter_vector(input: Tensor, activation: str, parameter: float, prelu_we
     return torch.full((input.shape[1],), parameter, dtype=dtype, device=input.device)
 
 
-def _forward_triton(ctx, input, weight, bias, prelu_weight, groups, eps, write_into_input):
+def _forward_triton(input, weight, bias, groups, eps, code, parameters, write_into_input):
     """The Triton kernels: (output, rstd (N, C), batch mean, unbiased batch variance, written in place); the input
     is overwritten only where it is already dense in a layout the kernels address (contiguous or channels-last)."""
     from adanorm.functional import triton_norm
@@ -234,10 +239,8 @@ def _forward_triton(ctx, input, weight, bias, prelu_weight, groups, eps, write_i
     dense = triton_norm._kernel_layout(input)
     in_place = write_into_input and dense is input
     output = input if in_place else torch.empty_like(dense)
-    code, parameter = _kernel_activation(ctx.activation, ctx.negative_slope, ctx.alpha)
-    rstd, mean, unbiased_var = triton_norm.triton_norm_activation(
-        input, weight, bias, groups or None, eps, code, _parameter_vector(input, ctx.activation, parameter, prelu_weight),
-        output)
+    rstd, mean, unbiased_var = triton_norm.triton_norm_activation(input, weight, bias, groups or None, eps, code,
+                                                                  parameters, output)
     return output, rstd, mean.to(input.dtype), unbiased_var.to(input.dtype), in_place
 
 
