@@ -151,7 +151,6 @@ def test_single_value_statistics_raise_as_natively():
         fused_step(x * 1.0, "batch", None, None, None, "leaky_relu")
 
 
-
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last_3d"])
 @pytest.mark.parametrize("activation", ["leaky_relu", "elu"])
 def test_non_finite_values_spread_as_natively(activation, channels_last, backend):
@@ -166,6 +165,7 @@ def test_non_finite_values_spread_as_natively(activation, channels_last, backend
     for index in (0, 1):  # output, input gradient
         assert torch.equal(fused[index].isnan(), native[index].isnan()), index
         torch.testing.assert_close(fused[index], native[index], equal_nan=True, rtol=1e-4, atol=1e-4)
+
 
 def saved_storages(step):
     """Bytes of every distinct storage autograd keeps for backward while ``step()`` runs: (total, largest)."""
